@@ -1,0 +1,9 @@
+"""bmd_d2: vertebral bone mineral density from routine CT as a Detectron2 project.
+
+``import bmd_d2`` registers every component in Detectron2's registries (backbone ``MFEFPN``, ROI heads ``BMDHead``,
+mask head ``MultiScaleFusionMaskHead``) and exposes ``add_bmd_config``.
+"""
+from .config import add_bmd_config
+from .errors import BMDError
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""``add_bmd_config``: every config key bmd_d2 adds to Detectron2's, with its default and meaning.
+
+Call it on a fresh ``get_cfg()`` before ``merge_from_file`` (yacs rejects unknown keys). Units: HU for CT numbers,
+mg/cm³ for bone mineral density, mm for lengths.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_bmd_config(cfg):
+    """Add bmd_d2's keys (``MODEL.MFEFPN``, ``MODEL.ROI_BMD_HEAD``, ``INPUT.DICOM``, ...) to ``cfg`` in place."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # MFEFPN backbone: ResNet bottom-up + multi-scale feature enhancement (MFE) + dense top-down pathway.
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.MODEL.MFEFPN = CN()
+    # ResNet stages fed to the MFE modules (C2..C5). C1 (the stem) is taken as well, for MFE(2).
+    _C.MODEL.MFEFPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Channels of every output level p2..p6.
+    _C.MODEL.MFEFPN.OUT_CHANNELS = 256
+    # Norm in the MFE and top-down convs: "" (none), "GN", "BN", "SyncBN".
+    _C.MODEL.MFEFPN.NORM = ""
+    # How MFE(i) merges C(i-1), C(i), C(i+1): "cat" (concatenate, then 1x1) or "add" (element-wise sum).
+    _C.MODEL.MFEFPN.FUSE_TYPE = "cat"
+    # 2x downsampling of C(i-1) in MFE(i): "pool" (2x2 max pool) or "conv" (3x3 stride-2 conv).
+    _C.MODEL.MFEFPN.DOWNSAMPLE = "pool"
+    # Dense top-down: P(i) uses up2(P(i+1)) and up4(P(i+2)); False uses only up2(P(i+1)).
+    _C.MODEL.MFEFPN.DENSE_TOP_DOWN = True
+    # P6 from P5: "pool" (stride-2 max pool) or "conv" (3x3 stride-2 conv).
+    _C.MODEL.MFEFPN.P6_DOWNSAMPLE = "pool"
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Multi-scale fusion ROI heads (ROI_HEADS.NAME = "BMDHead").
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.MODEL.ROI_FUSION = CN()
+    # Feature levels pooled for every proposal (all of them, not one level per box).
+    _C.MODEL.ROI_FUSION.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Mask branch pooled sizes: P2,P3 -> 56 (max-fused), P4,P5 -> 28 (max-fused), P6 -> 14.
+    _C.MODEL.ROI_FUSION.MASK_POOLER_RESOLUTIONS = [56, 56, 28, 28, 14]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # BMD branch: truncation -> stacked erosion -> masked fused features -> estimator.
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.MODEL.BMD_ON = True
+    _C.MODEL.ROI_BMD_HEAD = CN()
+    # Estimator registered in bmd_d2's ROI_BMD_HEAD_REGISTRY.
+    _C.MODEL.ROI_BMD_HEAD.NAME = "BMDErosionEstimator"
+    # Truncation threshold on mask probability -> binary mask.
+    _C.MODEL.ROI_BMD_HEAD.MASK_THRESHOLD = 0.5
+    # Number K of stacked 3x3 stride-1 min-pool erosions (each removes one 56x56-grid pixel of border).
+    _C.MODEL.ROI_BMD_HEAD.EROSION_ITERS = 3
+    # Estimator: 3x3 conv channels, then FC layers.
+    _C.MODEL.ROI_BMD_HEAD.CONV_DIM = 64
+    _C.MODEL.ROI_BMD_HEAD.FC_DIM = 1024
+    _C.MODEL.ROI_BMD_HEAD.NUM_FC = 2
+    # Spatial size the masked features are pooled to before flattening (56 keeps full resolution).
+    _C.MODEL.ROI_BMD_HEAD.POOL_SIZE = 14
+    # Targets are normalised as (bmd - MEAN) / STD (mg/cm³) for the loss; predictions are de-normalised.
+    _C.MODEL.ROI_BMD_HEAD.BMD_MEAN = 140.0
+    _C.MODEL.ROI_BMD_HEAD.BMD_STD = 50.0
+    # "smooth_l1" or "l1" on normalised targets.
+    _C.MODEL.ROI_BMD_HEAD.LOSS_TYPE = "smooth_l1"
+    _C.MODEL.ROI_BMD_HEAD.SMOOTH_L1_BETA = 0.1
+    _C.MODEL.ROI_BMD_HEAD.LOSS_WEIGHT = 1.0
+    # Mask fed to the BMD branch in training: "pred" (method's mode 1) or "gt" (mode 2). Inference always uses pred.
+    _C.MODEL.ROI_BMD_HEAD.MASK_SOURCE = "gt"
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Training schedule.
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.SOLVER.ALTERNATING = CN()
+    # "joint" (end-to-end) or "alternating" (4 steps: RPN; heads; RPN with frozen backbone; heads with frozen
+    # backbone). STEP_ITERS are the iteration counts of the 4 steps (their sum should equal SOLVER.MAX_ITER).
+    _C.SOLVER.ALTERNATING.MODE = "joint"
+    _C.SOLVER.ALTERNATING.STEP_ITERS = [0, 0, 0, 0]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # DICOM/NIfTI input -> 3-slice sagittal image.
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.INPUT.DICOM = CN()
+    # CT window (HU): width 1000, level 350 maps -150..850 HU to 0..255.
+    _C.INPUT.DICOM.WINDOW_WIDTH = 1000.0
+    _C.INPUT.DICOM.WINDOW_LEVEL = 350.0
+    # In-plane pixel size (mm) of the resampled sagittal image; also the distance between the 3 slices.
+    _C.INPUT.DICOM.SAGITTAL_SPACING = 1.0
+    # Side of the square model image (pixels): centre crop / zero pad to it, never cutting a vertebra off.
+    _C.INPUT.DICOM.IMAGE_SIZE = 512
+    # Number of consecutive sagittal slices stacked as channels (the mid-sagittal plane in the middle).
+    _C.INPUT.DICOM.NUM_SLICES = 3
+    # When a folder holds several CT series: "" picks by the documented rule (most slices); else the
+    # SeriesInstanceUID to use.
+    _C.INPUT.DICOM.SERIES_UID = ""
+    # Folder for cached sagittal images (keyed by series content); "" = <dataset root>/cache.
+    _C.INPUT.DICOM.CACHE_DIR = ""
+
+    # Training-time augmentation of sagittal images.
+    _C.INPUT.BMD_AUG = CN()
+    _C.INPUT.BMD_AUG.ENABLED = True
+    # Random rotation range (degrees) in the sagittal plane.
+    _C.INPUT.BMD_AUG.ROTATION = 5.0
+    # Random intensity scale/offset on the 0..255 image and additive Gaussian noise std (0..255 units).
+    _C.INPUT.BMD_AUG.INTENSITY_SCALE = 0.05
+    _C.INPUT.BMD_AUG.INTENSITY_SHIFT = 5.0
+    _C.INPUT.BMD_AUG.NOISE_STD = 3.0
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Measurement (tools/measure_bmd.py, bmd_d2.measure).
+    # ---------------------------------------------------------------------------------------------------------------
+    _C.MEASURE = CN()
+    # Minimum detection score for a vertebra to be reported.
+    _C.MEASURE.SCORE_THRESHOLD = 0.5
+    # Linear HU -> BMD calibration used by the classical measurement: BMD = (HU - INTERCEPT) / SLOPE.
+    # A user phantom calibration file (JSON) overrides it.
+    _C.MEASURE.CALIBRATION_SLOPE = 1.0
+    _C.MEASURE.CALIBRATION_INTERCEPT = 0.0
+    _C.MEASURE.CALIBRATION_FILE = ""
+    return cfg
