@@ -3,7 +3,7 @@
 ``import bmd_d2`` registers every component in Detectron2's registries (backbone ``MFEFPN``, ROI heads ``BMDHead``,
 mask head ``MultiScaleFusionMaskHead``) and exposes ``add_bmd_config``.
 """
-from .config import add_bmd_config
+from .config import add_bmd_config, get_bmd_cfg
 from .errors import BMDError
 
 __version__ = "0.1.0"

@@ -115,3 +115,50 @@ def add_bmd_config(cfg):
     _C.MEASURE.CALIBRATION_INTERCEPT = 0.0
     _C.MEASURE.CALIBRATION_FILE = ""
     return cfg
+
+
+def get_bmd_cfg(config_file: str = "", opts=None, *, freeze: bool = True):
+    """Build a config: ``get_cfg()`` + ``add_bmd_config`` + ``config_file`` + ``opts`` (a flat key/value list).
+
+    Problems a user can fix (missing file, unknown key, bad value, missing weights file) raise ``BMDError`` with one
+    line naming the file and the key, instead of yacs' traceback.
+
+    Args:
+        config_file: path of a YAML config; "" keeps the defaults.
+        opts: e.g. ``["MODEL.WEIGHTS", "model.pth"]``.
+        freeze: freeze the returned config.
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    from .errors import BMDError
+
+    cfg = add_bmd_config(get_cfg())
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise BMDError("config file not found", path=config_file)
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise BMDError(f"invalid config: {_one_line(e)}", path=config_file) from e
+        except Exception as e:  # yaml parse errors and the like
+            raise BMDError(f"cannot read config ({type(e).__name__}): {_one_line(e)}", path=config_file) from e
+    if opts:
+        if len(opts) % 2:
+            raise BMDError(f"config overrides must be KEY VALUE pairs, got an odd number: {' '.join(map(str, opts))}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise BMDError(f"invalid config override: {_one_line(e)}") from e
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise BMDError("model weights file not found (MODEL.WEIGHTS)", path=weights)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    return " ".join(text.strip("'\"").split())
