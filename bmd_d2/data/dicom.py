@@ -1,0 +1,918 @@
+"""CT series ingestion: DICOM (folder, file list or one multi-frame file) or NIfTI → HU ``Volume`` with its geometry.
+
+This module imports no detectron2. Everything a user can get wrong raises :class:`bmd_d2.errors.BMDError` with a one-line
+message naming the file or series; everything that is odd but still measurable is reported in ``Volume.warnings``.
+
+Rules (documented contract):
+
+* **Discovery.** A folder is searched recursively; files that are not DICOM (README, DICOMDIR, zero-byte, truncated
+  headers) and DICOM objects without pixel data are skipped and counted in the warnings.
+* **Grouping.** Images are grouped by SeriesInstanceUID. Localizers (``ImageType`` contains ``LOCALIZER``) and non-CT
+  objects are never chosen. When several CT series remain, the one with the most slices is chosen and the others are
+  listed in the warnings; if two series tie for most slices the choice is ambiguous and a ``BMDError`` lists them.
+  Pass ``series_uid=`` (config ``INPUT.DICOM.SERIES_UID``) to choose explicitly; :func:`list_series` lists them.
+* **Sorting.** Slices are ordered by ImagePositionPatient projected on the slice normal (row × column direction of
+  ImageOrientationPatient), never by file name or InstanceNumber.
+* **HU.** Every slice gets its own RescaleSlope/RescaleIntercept (missing → 1/0 with a warning); signed/unsigned
+  storage and BitsStored < BitsAllocated are honoured.
+* **Geometry checks.** Inconsistent orientation, pixel spacing or matrix size inside the chosen series → error.
+  Duplicate positions → duplicates dropped (warning). Uneven spacing or missing slices → resampled linearly onto a
+  uniform grid at the median spacing (warning). Gantry tilt → the slice step vector is kept in the affine (a sheared
+  but exact grid; warning). Non-axial or oblique orientation → kept exactly in the affine (warning).
+
+Speed: headers are parsed by a minimal element walker on the first 64 KiB of each file (falling back to pydicom for
+anything unusual), uncompressed little-endian pixel bytes are read with ``readinto`` straight into one preallocated
+array at the Pixel Data offset, and compressed frames are decoded with pydicom's pixel handlers in a thread pool.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import BMDError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Volume",
+    "SeriesInfo",
+    "find_dicom_files",
+    "list_series",
+    "load_series",
+    "load_nifti",
+    "load_volume",
+]
+
+PathLike = Union[str, os.PathLike]
+
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_RAW_SYNTAXES = (_IMPLICIT_LE, _EXPLICIT_LE)
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+_CT_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
+
+_POS_TOL_MM = 0.01  # slices closer than this along the normal are duplicates
+_SPACING_RTOL = 0.02  # relative deviation of a slice gap from the median that counts as uneven
+_TILT_TOL_DEG = 0.1
+_AXIAL_TOL_DEG = 30.0  # slice normal within this angle of the patient z axis counts as axial
+_HEADER_CHUNK = 1 << 16
+
+# Tags read from every file: tag -> (keyword, kind). kind: s=string, m=multi-valued string, f=decimal list,
+# i=integer string, u=unsigned short.
+_TAGS: Dict[int, Tuple[str, str]] = {
+    0x00020010: ("TransferSyntaxUID", "s"),
+    0x00020002: ("MediaStorageSOPClassUID", "s"),
+    0x00080008: ("ImageType", "m"),
+    0x00080016: ("SOPClassUID", "s"),
+    0x00080018: ("SOPInstanceUID", "s"),
+    0x00080060: ("Modality", "s"),
+    0x00080070: ("Manufacturer", "s"),
+    0x0008103E: ("SeriesDescription", "s"),
+    0x00180050: ("SliceThickness", "f"),
+    0x00180060: ("KVP", "f"),
+    0x00181120: ("GantryDetectorTilt", "f"),
+    0x00185100: ("PatientPosition", "s"),
+    0x0020000D: ("StudyInstanceUID", "s"),
+    0x0020000E: ("SeriesInstanceUID", "s"),
+    0x00200011: ("SeriesNumber", "i"),
+    0x00200013: ("InstanceNumber", "i"),
+    0x00200032: ("ImagePositionPatient", "f"),
+    0x00200037: ("ImageOrientationPatient", "f"),
+    0x00200052: ("FrameOfReferenceUID", "s"),
+    0x00280002: ("SamplesPerPixel", "u"),
+    0x00280004: ("PhotometricInterpretation", "s"),
+    0x00280008: ("NumberOfFrames", "i"),
+    0x00280010: ("Rows", "u"),
+    0x00280011: ("Columns", "u"),
+    0x00280030: ("PixelSpacing", "f"),
+    0x00280100: ("BitsAllocated", "u"),
+    0x00280101: ("BitsStored", "u"),
+    0x00280103: ("PixelRepresentation", "u"),
+    0x00281052: ("RescaleIntercept", "f"),
+    0x00281053: ("RescaleSlope", "f"),
+    0x52009229: ("SharedFunctionalGroupsSequence", "q"),
+    0x52009230: ("PerFrameFunctionalGroupsSequence", "q"),
+}
+_PIXEL_TAG = 0x7FE00010
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public data types
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Volume:
+    """A 3-D image on a regular grid in DICOM patient coordinates (LPS, mm).
+
+    Attributes:
+        data: float32 array ``(K, J, I)`` = (slice, row, column): HU for CT, label values for label volumes.
+        affine: float64 ``(4, 4)`` mapping voxel index ``(i, j, k, 1)`` (column, row, slice) to LPS ``(x, y, z, 1)`` mm.
+        meta: identifiers and acquisition facts: ``StudyInstanceUID``, ``SeriesInstanceUID``, ``FrameOfReferenceUID``,
+            ``SOPClassUID``, ``SOPInstanceUIDs`` (one per slice, in slice order), ``Modality``, ``KVP``,
+            ``Manufacturer``, ``SeriesDescription``, ``source`` (path), ``files`` (per slice) ...
+        warnings: one-line strings describing anything odd (uneven spacing, tilt, skipped files, ...).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    meta: dict = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(K, J, I)`` voxel counts."""
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """Voxel size ``(dk, dj, di)`` in mm, array-axis order (length of the affine's columns)."""
+        n = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(n[2]), float(n[1]), float(n[0])
+
+    @property
+    def origin(self) -> np.ndarray:
+        """LPS position (mm) of voxel (0, 0, 0), float64 ``(3,)``."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit direction cosines of the i, j, k axes as columns, float64 ``(3, 3)``."""
+        m = self.affine[:3, :3]
+        return m / np.linalg.norm(m, axis=0, keepdims=True)
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Map voxel indices ``(..., 3)`` in (i, j, k) order to LPS mm ``(..., 3)``."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def lps_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """Map LPS points ``(..., 3)`` mm to continuous voxel indices ``(..., 3)`` in (i, j, k) order."""
+        inv = np.linalg.inv(self.affine)
+        xyz = np.asarray(xyz, dtype=np.float64)
+        return xyz @ inv[:3, :3].T + inv[:3, 3]
+
+
+@dataclass
+class SeriesInfo:
+    """One series found under a source, as listed by :func:`list_series`."""
+
+    series_uid: str
+    modality: str
+    description: str
+    num_images: int
+    is_localizer: bool
+    matrix: Tuple[int, int]
+    files: List[str]
+
+    def __str__(self) -> str:
+        loc = ", localizer" if self.is_localizer else ""
+        return (f"{self.series_uid} ({self.modality}{loc}, {self.num_images} images, "
+                f"{self.matrix[0]}x{self.matrix[1]}, '{self.description}')")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Header parsing
+# ----------------------------------------------------------------------------------------------------------------------
+class _Unsupported(Exception):
+    """The fast header walker cannot handle this file; use pydicom instead."""
+
+
+class _NeedMore(Exception):
+    """The header runs beyond the bytes read so far."""
+
+
+def _convert(raw: bytes, kind: str):
+    if kind == "u":
+        return struct.unpack_from("<H", raw)[0] if len(raw) >= 2 else None
+    text = raw.decode("latin-1").strip("\x00 ")
+    if kind == "s":
+        return text
+    if kind == "m":
+        return [p.strip() for p in text.split("\\")]
+    if not text:
+        return None
+    try:
+        if kind == "f":
+            return [float(p) for p in text.split("\\") if p.strip()]
+        if kind == "i":
+            return int(float(text.split("\\")[0]))
+    except ValueError:
+        return None
+    return text
+
+
+def _skip_items(buf: bytes, pos: int, explicit: bool) -> int:
+    """Skip the items of an undefined-length sequence starting at ``pos``; return the position after its delimiter."""
+    n = len(buf)
+    while True:
+        if pos + 8 > n:
+            raise _NeedMore
+        g, e, length = struct.unpack_from("<HHI", buf, pos)
+        tag = (g << 16) | e
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unsupported("bad sequence item")
+        if length == 0xFFFFFFFF:
+            pos = _walk(buf, pos, explicit, None, nested=True)
+        else:
+            pos += length
+
+
+def _walk(buf: bytes, pos: int, explicit: bool, out: Optional[dict], nested: bool = False) -> int:
+    """Walk data elements from ``pos``; fill ``out`` with wanted tags; return the Pixel Data element position.
+
+    In ``nested`` mode, walk one undefined-length item and return the position after its delimiter.
+    """
+    n = len(buf)
+    while True:
+        if pos + 8 > n:
+            raise _NeedMore
+        g, e = struct.unpack_from("<HH", buf, pos)
+        tag = (g << 16) | e
+        if nested and tag == _ITEM_END:
+            return pos + 8
+        if not nested and tag >= _PIXEL_TAG and g != 0xFFFE:
+            if tag == _PIXEL_TAG:
+                return pos
+            raise _Unsupported("no pixel data")
+        if g == 0xFFFE:  # stray item/delimiter at top level
+            raise _Unsupported("unexpected delimiter")
+        if explicit:
+            vr = buf[pos + 4:pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > n:
+                    raise _NeedMore
+                length = struct.unpack_from("<I", buf, pos + 8)[0]
+                start = pos + 12
+            else:
+                length = struct.unpack_from("<H", buf, pos + 6)[0]
+                start = pos + 8
+        else:
+            vr = None
+            length = struct.unpack_from("<I", buf, pos + 4)[0]
+            start = pos + 8
+        if length == 0xFFFFFFFF:
+            pos = _skip_items(buf, start, explicit and vr != b"UN")
+            if out is not None and tag in _TAGS and _TAGS[tag][1] == "q":
+                out[_TAGS[tag][0]] = True
+            continue
+        end = start + length
+        if out is not None and not nested and tag in _TAGS:
+            if end > n:
+                raise _NeedMore
+            kw, kind = _TAGS[tag]
+            out[kw] = True if kind == "q" else _convert(buf[start:end], kind)
+        pos = end
+
+
+def _fast_header(path: str) -> dict:
+    """Parse the tags of ``_TAGS`` and the Pixel Data offset without pydicom.
+
+    Raises:
+        _Unsupported: anything but a Part-10 file in implicit/explicit little endian (or an encapsulated syntax).
+    """
+    with open(path, "rb") as f:
+        buf = f.read(_HEADER_CHUNK)
+        size = os.fstat(f.fileno()).st_size
+        while True:
+            try:
+                return _parse_buffer(buf, size)
+            except _NeedMore:
+                if len(buf) >= size:
+                    raise _Unsupported("truncated header")
+                buf += f.read(max(len(buf), _HEADER_CHUNK))
+
+
+def _parse_buffer(buf: bytes, size: int) -> dict:
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        raise _Unsupported("no preamble")
+    h: dict = {}
+    # File meta (group 0002): always explicit VR little endian.
+    pos = 132
+    n = len(buf)
+    while pos + 8 <= n:
+        g, e = struct.unpack_from("<HH", buf, pos)
+        if g != 0x0002:
+            break
+        vr = buf[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", buf, pos + 6)[0]
+            start = pos + 8
+        tag = (g << 16) | e
+        if tag in _TAGS:
+            h[_TAGS[tag][0]] = _convert(buf[start:start + length], _TAGS[tag][1])
+        pos = start + length
+    ts = h.get("TransferSyntaxUID", "")
+    if ts in (_DEFLATED_LE, _EXPLICIT_BE) or not ts:
+        raise _Unsupported("transfer syntax")
+    explicit = ts != _IMPLICIT_LE
+    ppos = _walk(buf, pos, explicit, h)
+    if explicit:
+        vr = buf[ppos + 4:ppos + 6]
+        length = struct.unpack_from("<I", buf, ppos + 8)[0] if vr in _LONG_VRS else struct.unpack_from(
+            "<H", buf, ppos + 6)[0]
+        start = ppos + (12 if vr in _LONG_VRS else 8)
+    else:
+        length = struct.unpack_from("<I", buf, ppos + 4)[0]
+        start = ppos + 8
+    h["_pixel_offset"] = start
+    h["_pixel_length"] = None if length == 0xFFFFFFFF else length
+    h["_file_size"] = size
+    h["_has_pixels"] = True
+    return h
+
+
+def _pydicom_header(path: str) -> dict:
+    """Header via pydicom (fallback); same keys as :func:`_fast_header` (no pixel offset)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, struct.error, KeyError, TypeError) as ex:
+        raise BMDError(f"not a readable DICOM file ({type(ex).__name__})", path=path) from None
+    h = _dataset_header(ds)
+    h["TransferSyntaxUID"] = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    h["MediaStorageSOPClassUID"] = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    h["_has_pixels"] = None  # unknown until decoded (stop_before_pixels drops it)
+    h["_pixel_offset"] = None
+    return h
+
+
+def _dataset_header(ds) -> dict:
+    h: dict = {}
+    for kw, kind in _TAGS.values():
+        if kw in ("TransferSyntaxUID", "MediaStorageSOPClassUID"):
+            continue
+        v = ds.get(kw, None)
+        if v is None or v == "":
+            continue
+        if kind == "q":
+            h[kw] = True
+        elif kind == "m":
+            h[kw] = [str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__")
+                                       and not isinstance(v, str) else [v])]
+        elif kind == "f":
+            try:
+                h[kw] = [float(x) for x in v] if hasattr(v, "__iter__") and not isinstance(v, str) else [float(v)]
+            except (TypeError, ValueError):
+                pass
+        elif kind in ("i", "u"):
+            try:
+                h[kw] = int(v)
+            except (TypeError, ValueError):
+                pass
+        else:
+            h[kw] = str(v)
+    if "PixelData" in ds or "FloatPixelData" in ds:
+        h["_has_pixels"] = True
+    return h
+
+
+def _read_header(path: str) -> dict:
+    try:
+        h = _fast_header(path)
+    except _Unsupported:
+        h = _pydicom_header(path)
+    except (OSError, struct.error) as ex:
+        raise BMDError(f"cannot read file ({type(ex).__name__}: {ex})", path=path) from None
+    h["_path"] = path
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Discovery and grouping
+# ----------------------------------------------------------------------------------------------------------------------
+def find_dicom_files(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
+    """Candidate files under ``source``: a folder (recursive, hidden files skipped), one file, or a list of files.
+
+    Raises:
+        BMDError: the path does not exist, cannot be read, or the folder holds no files.
+    """
+    if isinstance(source, (list, tuple)):
+        files = [str(p) for p in source]
+        for p in files:
+            if not os.path.isfile(p):
+                raise BMDError("file not found", path=p)
+        if not files:
+            raise BMDError("empty list of DICOM files")
+        return files
+    src = str(source)
+    if os.path.isfile(src):
+        return [src]
+    if not os.path.isdir(src):
+        raise BMDError("no such file or folder", path=src)
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise BMDError("folder is not readable (permissions)", path=src)
+    files: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    if not files:
+        raise BMDError("folder holds no files", path=src)
+    return files
+
+
+def _scan(source) -> Tuple[List[dict], List[str]]:
+    """Read the headers of every image file under ``source``. Returns (headers, skip notes)."""
+    files = find_dicom_files(source)
+    explicit_list = isinstance(source, (list, tuple)) or os.path.isfile(str(source))
+    headers, skipped = [], []
+    for path in files:
+        try:
+            if os.path.getsize(path) == 0:
+                raise BMDError("zero-byte file", path=path)
+            if not os.access(path, os.R_OK):
+                raise BMDError("file is not readable (permissions)", path=path)
+            h = _read_header(path)
+        except BMDError as ex:
+            if explicit_list:
+                raise
+            skipped.append(str(ex))
+            continue
+        if h.get("MediaStorageSOPClassUID") == _DICOMDIR_CLASS:
+            continue
+        if not h.get("Rows") or not h.get("Columns"):
+            if explicit_list:
+                raise BMDError("DICOM object without an image (no Rows/Columns/Pixel Data)", path=path)
+            skipped.append(f"{path}: no image")
+            continue
+        headers.append(h)
+    if not headers:
+        where = source if not isinstance(source, (list, tuple)) else f"{len(files)} files"
+        detail = f" ({len(skipped)} skipped, e.g. {skipped[0]})" if skipped else ""
+        raise BMDError(f"no DICOM images found{detail}", path=str(where))
+    return headers, skipped
+
+
+def _is_localizer(h: dict) -> bool:
+    return any(t.upper() == "LOCALIZER" for t in (h.get("ImageType") or []))
+
+
+def _group(headers: List[dict]) -> Dict[str, List[dict]]:
+    groups: Dict[str, List[dict]] = {}
+    for h in headers:
+        groups.setdefault(h.get("SeriesInstanceUID") or "<no SeriesInstanceUID>", []).append(h)
+    return groups
+
+
+def _info(uid: str, hs: List[dict]) -> SeriesInfo:
+    h0 = hs[0]
+    frames = sum(max(1, int(h.get("NumberOfFrames") or 1)) for h in hs)
+    return SeriesInfo(series_uid=uid, modality=h0.get("Modality", "") or "?",
+                      description=h0.get("SeriesDescription", "") or "", num_images=frames,
+                      is_localizer=all(_is_localizer(h) for h in hs),
+                      matrix=(int(h0.get("Rows") or 0), int(h0.get("Columns") or 0)),
+                      files=[h["_path"] for h in hs])
+
+
+def list_series(source: Union[PathLike, Sequence[PathLike]]) -> List[SeriesInfo]:
+    """List the image series under ``source`` (folder, file or list of files), largest first."""
+    headers, _ = _scan(source)
+    infos = [_info(uid, hs) for uid, hs in _group(headers).items()]
+    return sorted(infos, key=lambda s: (-s.num_images, s.series_uid))
+
+
+def _choose_series(groups: Dict[str, List[dict]], series_uid: Optional[str], source: str,
+                   warnings: List[str]) -> Tuple[str, List[dict]]:
+    infos = {uid: _info(uid, hs) for uid, hs in groups.items()}
+    if series_uid:
+        if series_uid not in groups:
+            raise BMDError(f"series {series_uid} not found; available: "
+                           + "; ".join(str(i) for i in infos.values()), path=source)
+        return series_uid, groups[series_uid]
+    ct = [i for i in infos.values() if i.modality == "CT" and not i.is_localizer]
+    if not ct:
+        mods = sorted({f"{i.modality}{' localizer' if i.is_localizer else ''}" for i in infos.values()})
+        raise BMDError(f"no CT image series (found: {', '.join(mods)})", path=source)
+    ct.sort(key=lambda i: -i.num_images)
+    if len(ct) > 1:
+        if ct[0].num_images == ct[1].num_images:
+            tied = [str(i) for i in ct if i.num_images == ct[0].num_images]
+            raise BMDError(f"{len(tied)} CT series with {ct[0].num_images} images each, choose one with series_uid "
+                           f"(INPUT.DICOM.SERIES_UID): " + "; ".join(tied), path=source)
+        warnings.append(f"{len(ct)} CT series found; using the one with the most images {ct[0].series_uid}; "
+                        f"others: " + "; ".join(str(i) for i in ct[1:]))
+    others = [i for i in infos.values() if i.modality != "CT" or i.is_localizer]
+    if others:
+        warnings.append("ignored non-CT/localizer series: " + "; ".join(str(i) for i in others))
+    return ct[0].series_uid, groups[ct[0].series_uid]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Frames, geometry and pixels
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    path: str
+    frame: Optional[int]  # index inside a multi-frame file, None for single-frame
+    ipp: np.ndarray
+    iop: np.ndarray
+    pixel_spacing: Tuple[float, float]  # (row spacing, column spacing) mm
+    slope: float
+    intercept: float
+    sop_uid: str
+    header: dict
+
+
+def _fg_value(item, seq_kw: str, kw: str):
+    seq = item.get(seq_kw) if item is not None else None
+    if seq and len(seq) and kw in seq[0]:
+        return seq[0][kw].value
+    return None
+
+
+def _multiframe_frames(h: dict, warnings: List[str]) -> Tuple[List[_Frame], np.ndarray]:
+    """Frames and stored pixels ``(F, R, C)`` of an (enhanced) multi-frame file via pydicom."""
+    import pydicom
+
+    path = h["_path"]
+    try:
+        ds = pydicom.dcmread(path)
+        pix = ds.pixel_array
+    except Exception as ex:  # pydicom raises many types for broken pixel data
+        raise BMDError(f"cannot decode multi-frame pixel data ({type(ex).__name__}: {ex})", path=path) from None
+    nf = int(ds.get("NumberOfFrames", 1) or 1)
+    pix = pix.reshape((nf,) + pix.shape[-2:]) if pix.ndim >= 2 else pix
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is None or len(per) != nf:
+        raise BMDError("multi-frame file without per-frame functional groups (ImagePositionPatient per frame)",
+                       path=path)
+    frames = []
+    for f in range(nf):
+        item = per[f]
+
+        def get(seq_kw, kw, default=None):
+            v = _fg_value(item, seq_kw, kw)
+            if v is None:
+                v = _fg_value(shared, seq_kw, kw)
+            if v is None:
+                v = ds.get(kw, None)
+                v = v if v not in ("", None) else None
+            return default if v is None else v
+
+        ipp = get("PlanePositionSequence", "ImagePositionPatient")
+        iop = get("PlaneOrientationSequence", "ImageOrientationPatient")
+        ps = get("PixelMeasuresSequence", "PixelSpacing")
+        if ipp is None or iop is None or ps is None:
+            raise BMDError(f"frame {f + 1} lacks ImagePositionPatient/ImageOrientationPatient/PixelSpacing", path=path)
+        slope = get("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = get("PixelValueTransformationSequence", "RescaleIntercept")
+        if slope is None or intercept is None:
+            if f == 0:
+                warnings.append(f"{path}: no RescaleSlope/Intercept; stored values used as HU")
+            slope, intercept = 1.0, 0.0
+        thick = get("PixelMeasuresSequence", "SliceThickness")
+        fh = dict(h)
+        if thick is not None:
+            fh["SliceThickness"] = [float(thick)]
+        frames.append(_Frame(path=path, frame=f, ipp=np.array([float(v) for v in ipp]),
+                             iop=np.array([float(v) for v in iop]),
+                             pixel_spacing=(float(ps[0]), float(ps[1])), slope=float(slope),
+                             intercept=float(intercept), sop_uid=h.get("SOPInstanceUID", ""), header=fh))
+    return frames, pix
+
+
+def _single_frame(h: dict, warnings_once: set) -> _Frame:
+    path = h["_path"]
+    ipp, iop = h.get("ImagePositionPatient"), h.get("ImageOrientationPatient")
+    if not ipp or len(ipp) != 3 or not iop or len(iop) != 6:
+        raise BMDError("missing or malformed ImagePositionPatient/ImageOrientationPatient", path=path)
+    ps = h.get("PixelSpacing")
+    if not ps or len(ps) != 2 or min(ps) <= 0:
+        raise BMDError("missing or invalid PixelSpacing", path=path)
+    slope, intercept = h.get("RescaleSlope"), h.get("RescaleIntercept")
+    if not slope or not intercept:
+        warnings_once.add("RescaleSlope/RescaleIntercept missing; stored values used as HU")
+        slope, intercept = slope or [1.0], intercept or [0.0]
+    return _Frame(path=path, frame=None, ipp=np.array(ipp, dtype=np.float64), iop=np.array(iop, dtype=np.float64),
+                  pixel_spacing=(float(ps[0]), float(ps[1])), slope=float(slope[0]), intercept=float(intercept[0]),
+                  sop_uid=h.get("SOPInstanceUID", ""), header=h)
+
+
+def _check_image_format(h: dict, source: str):
+    path = h["_path"]
+    spp = int(h.get("SamplesPerPixel") or 1)
+    photo = (h.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    if spp != 1 or photo not in ("MONOCHROME1", "MONOCHROME2"):
+        raise BMDError(f"not a grey-scale CT image (SamplesPerPixel={spp}, PhotometricInterpretation={photo})",
+                       path=path)
+    bits = int(h.get("BitsAllocated") or 16)
+    if bits not in (8, 16, 32):
+        raise BMDError(f"unsupported BitsAllocated={bits}", path=path)
+
+
+def _raw_dtype(h: dict) -> np.dtype:
+    bits = int(h.get("BitsAllocated") or 16)
+    signed = int(h.get("PixelRepresentation") or 0) == 1
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+
+
+def _fix_bits(raw: np.ndarray, h: dict) -> None:
+    """In place: sign-extend / mask when BitsStored < BitsAllocated (e.g. 12-bit data in 16-bit words)."""
+    bits = int(h.get("BitsAllocated") or 16)
+    stored = int(h.get("BitsStored") or bits)
+    if stored >= bits:
+        return
+    if raw.dtype.kind == "i":
+        shift = bits - stored
+        np.left_shift(raw, shift, out=raw)
+        np.right_shift(raw, shift, out=raw)
+    else:
+        np.bitwise_and(raw, raw.dtype.type((1 << stored) - 1), out=raw)
+
+
+def _read_raw_into(fr: _Frame, dst: np.ndarray) -> None:
+    """Read uncompressed little-endian pixel bytes of one single-frame file into ``dst`` (R, C) in place."""
+    h = fr.header
+    need = dst.nbytes
+    length = h.get("_pixel_length")
+    if length is not None and length < need:
+        raise BMDError(f"pixel data too short ({length} of {need} bytes)", path=fr.path)
+    with open(fr.path, "rb") as f:
+        f.seek(h["_pixel_offset"])
+        got = f.readinto(memoryview(dst.reshape(-1)).cast("B"))
+    if got != need:
+        raise BMDError(f"truncated pixel data ({got} of {need} bytes)", path=fr.path)
+    if dst.dtype.byteorder == ">":
+        dst.byteswap(inplace=True)
+    _fix_bits(dst, h)
+
+
+def _decode_pydicom(fr: _Frame) -> np.ndarray:
+    """Decode one single-frame file's pixels (stored values, any transfer syntax) with pydicom's handlers."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(fr.path)
+        if "PixelData" not in ds:
+            raise BMDError("no Pixel Data", path=fr.path)
+        arr = ds.pixel_array
+    except BMDError:
+        raise
+    except Exception as ex:  # decoder errors come in many types
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
+        raise BMDError(f"cannot decode pixel data (transfer syntax {ts}: {type(ex).__name__}: {ex})",
+                       path=fr.path) from None
+    if arr.ndim != 2:
+        raise BMDError(f"unexpected pixel array shape {arr.shape}", path=fr.path)
+    return arr
+
+
+def _normal(iop: np.ndarray) -> np.ndarray:
+    n = np.cross(iop[:3], iop[3:])
+    return n / np.linalg.norm(n)
+
+
+def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, warnings: List[str],
+              workers: int) -> Tuple[np.ndarray, np.ndarray, List[_Frame]]:
+    """Check geometry, sort, read pixels, rescale → (HU (K, J, I) float32, affine (4, 4), frames in order)."""
+    f0 = frames[0]
+    rows, cols = int(f0.header.get("Rows")), int(f0.header.get("Columns"))
+    sizes = {(int(f.header.get("Rows")), int(f.header.get("Columns"))) for f in frames}
+    if len(sizes) > 1:
+        raise BMDError(f"mixed matrix sizes in one series: {sorted(sizes)}", path=source)
+    for f in frames:
+        if np.abs(f.iop - f0.iop).max() > 1e-4:
+            raise BMDError(f"inconsistent ImageOrientationPatient within the series ({f.path})", path=source)
+        if abs(f.pixel_spacing[0] - f0.pixel_spacing[0]) > 1e-4 or abs(f.pixel_spacing[1] - f0.pixel_spacing[1]) > 1e-4:
+            raise BMDError(f"inconsistent PixelSpacing within the series ({f.path})", path=source)
+    r, c = f0.iop[:3] / np.linalg.norm(f0.iop[:3]), f0.iop[3:] / np.linalg.norm(f0.iop[3:])
+    if abs(float(np.dot(r, c))) > 1e-3:
+        raise BMDError("ImageOrientationPatient row/column directions are not orthogonal", path=source)
+    n = _normal(f0.iop)
+    s = np.array([float(np.dot(f.ipp, n)) for f in frames])
+    order = np.argsort(s, kind="stable")
+    frames = [frames[i] for i in order]
+    s = s[order]
+    # Duplicates
+    keep = [0]
+    dup_same = dup_diff = 0
+    for i in range(1, len(frames)):
+        if s[i] - s[keep[-1]] < _POS_TOL_MM:
+            if frames[i].sop_uid and frames[i].sop_uid == frames[keep[-1]].sop_uid:
+                dup_same += 1
+            else:
+                dup_diff += 1
+            continue
+        keep.append(i)
+    if dup_same or dup_diff:
+        warnings.append(f"duplicate slice positions: dropped {dup_same + dup_diff} slice(s) "
+                        f"({dup_same} repeated SOPInstanceUID, {dup_diff} different images at the same position)")
+        frames = [frames[i] for i in keep]
+        s = s[keep]
+    K = len(frames)
+    # Orientation
+    angle_axial = float(np.degrees(np.arccos(min(1.0, abs(n[2])))))
+    if angle_axial > _AXIAL_TOL_DEG:
+        plane = "sagittal" if abs(n[0]) >= abs(n[1]) else "coronal"
+        warnings.append(f"non-axial acquisition ({plane}-like, slice normal {angle_axial:.0f} deg from the "
+                        f"cranio-caudal axis); geometry kept exactly in the affine")
+    elif angle_axial > 1.0:
+        warnings.append(f"oblique axial slices (normal {angle_axial:.1f} deg from the cranio-caudal axis)")
+    # Spacing, gaps, tilt
+    affine = np.eye(4)
+    affine[:3, 0] = r * f0.pixel_spacing[1]
+    affine[:3, 1] = c * f0.pixel_spacing[0]
+    affine[:3, 3] = frames[0].ipp
+    resample_to = None
+    if K >= 2:
+        d = np.diff(s)
+        dk = float(np.median(d))
+        uneven = np.abs(d - dk) > _SPACING_RTOL * dk + 1e-3
+        if uneven.any():
+            ratio = d / dk
+            missing = int(np.sum(np.maximum(np.round(ratio[ratio > 1.5]) - 1, 0)))
+            desc = f"{missing} missing slice(s)" if missing else "uneven slice spacing"
+            warnings.append(f"{desc}: gaps {d.min():.3g}..{d.max():.3g} mm (median {dk:.3g} mm); resampled linearly "
+                            f"onto a uniform {dk:.3g} mm grid")
+            resample_to = dk
+        step = (frames[-1].ipp - frames[0].ipp) / (s[-1] - s[0]) * (dk if resample_to else (s[-1] - s[0]) / (K - 1))
+        cosang = abs(float(np.dot(step, n))) / max(np.linalg.norm(step), 1e-9)
+        tilt = float(np.degrees(np.arccos(min(1.0, cosang))))
+        tag_tilt = (f0.header.get("GantryDetectorTilt") or [0.0])[0]
+        if tilt > _TILT_TOL_DEG or abs(tag_tilt) > _TILT_TOL_DEG:
+            warnings.append(f"gantry tilt {max(tilt, abs(tag_tilt)):.1f} deg; sheared slice geometry kept exactly in "
+                            f"the affine")
+        # Positions must lie on one line (else the series is not one stack)
+        line = frames[0].ipp + np.outer((s - s[0]) / max(s[-1] - s[0], 1e-9), frames[-1].ipp - frames[0].ipp)
+        if np.abs(line - np.array([f.ipp for f in frames])).max() > max(0.5, 0.25 * dk):
+            raise BMDError("slice positions do not lie on one line (several stacks in one series?)", path=source)
+        affine[:3, 2] = step
+    else:
+        thick = (f0.header.get("SliceThickness") or [1.0])[0] or 1.0
+        affine[:3, 2] = n * float(thick)
+        warnings.append("single-slice series")
+
+    # Pixels
+    hu = np.empty((K, rows, cols), dtype=np.float32)
+    h0 = f0.header
+    raw_ok = all(f.frame is None and f.header.get("TransferSyntaxUID") in _RAW_SYNTAXES
+                 and f.header.get("_pixel_offset") is not None for f in frames)
+    slopes = np.array([f.slope for f in frames], dtype=np.float32)
+    inter = np.array([f.intercept for f in frames], dtype=np.float32)
+    if raw_ok and len({(_raw_dtype(f.header), f.header.get("BitsStored")) for f in frames}) == 1:
+        raw = np.empty((K, rows, cols), dtype=_raw_dtype(h0))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda k: _read_raw_into(frames[k], raw[k]), range(K)))
+        np.multiply(raw, slopes[:, None, None], out=hu, casting="unsafe")
+        hu += inter[:, None, None]
+    else:
+        def one(k):
+            fr = frames[k]
+            arr = pixels[id(fr)] if id(fr) in pixels else _decode_pydicom(fr)
+            if arr.shape != (rows, cols):
+                raise BMDError(f"pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}", path=fr.path)
+            np.multiply(arr, slopes[k], out=hu[k], casting="unsafe")
+            hu[k] += inter[k]
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(K)))
+
+    if resample_to is not None:
+        hu, frames_pos = _resample_uniform(hu, s, resample_to)
+    return hu, affine, frames
+
+
+def _resample_uniform(hu: np.ndarray, s: np.ndarray, dk: float):
+    """Linear interpolation along k from positions ``s`` (K,) onto ``s[0] + m * dk``."""
+    m = int(round((s[-1] - s[0]) / dk)) + 1
+    t = s[0] + np.arange(m) * dk
+    t = np.minimum(t, s[-1])
+    idx = np.clip(np.searchsorted(s, t, side="right") - 1, 0, len(s) - 2)
+    w = ((t - s[idx]) / (s[idx + 1] - s[idx])).astype(np.float32)
+    out = np.empty((m,) + hu.shape[1:], dtype=np.float32)
+    for q in range(m):
+        a, b = hu[idx[q]], hu[idx[q] + 1]
+        np.multiply(a, 1.0 - w[q], out=out[q])
+        out[q] += w[q] * b
+    return out, t
+
+
+def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optional[str] = None, *,
+                workers: int = 4) -> Volume:
+    """Load one CT series as an HU volume.
+
+    Args:
+        source: a folder (searched recursively), one DICOM file (single- or multi-frame), or a list of files.
+        series_uid: SeriesInstanceUID to load; None applies the rule in the module docstring (most slices).
+        workers: threads for reading/decoding pixel data.
+
+    Returns:
+        Volume: ``data`` float32 ``(K, J, I)`` HU sorted along the slice normal, ``affine`` (4, 4) index → LPS mm,
+        ``meta`` identifiers (SOPInstanceUIDs in slice order), ``warnings``.
+
+    Raises:
+        BMDError: nothing loadable, non-CT modality, ambiguous series, inconsistent geometry, undecodable pixels.
+    """
+    src = str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} files"
+    headers, skipped = _scan(source)
+    warnings: List[str] = []
+    if skipped:
+        warnings.append(f"skipped {len(skipped)} unreadable/non-image file(s), e.g. {skipped[0]}")
+    uid, hs = _choose_series(_group(headers), series_uid, src, warnings)
+    modality = hs[0].get("Modality", "")
+    if modality != "CT":
+        raise BMDError(f"series {uid} has modality {modality or 'unknown'}, not CT", path=src)
+    loc = [h for h in hs if _is_localizer(h)]
+    if loc and len(loc) < len(hs):
+        warnings.append(f"dropped {len(loc)} localizer image(s) from series {uid}")
+        hs = [h for h in hs if not _is_localizer(h)]
+    frames: List[_Frame] = []
+    pixels: Dict[int, np.ndarray] = {}
+    notes: set = set()
+    for h in hs:
+        _check_image_format(h, src)
+        if int(h.get("NumberOfFrames") or 1) > 1 or h.get("PerFrameFunctionalGroupsSequence"):
+            fr, pix = _multiframe_frames(h, warnings)
+            for i, f in enumerate(fr):
+                pixels[id(f)] = pix[i]
+            frames.extend(fr)
+        else:
+            frames.append(_single_frame(h, notes))
+    warnings.extend(sorted(notes))
+    if (hs[0].get("PhotometricInterpretation") or "").upper() == "MONOCHROME1":
+        warnings.append("PhotometricInterpretation MONOCHROME1 (display inverted); HU from the rescale are unaffected")
+    hu, affine, frames = _assemble(frames, pixels, src, warnings, workers)
+    h0 = hs[0]
+    meta = {
+        "source": src,
+        "StudyInstanceUID": h0.get("StudyInstanceUID", ""),
+        "SeriesInstanceUID": uid,
+        "FrameOfReferenceUID": h0.get("FrameOfReferenceUID", ""),
+        "SOPClassUID": h0.get("SOPClassUID", ""),
+        "SOPInstanceUIDs": [f.sop_uid for f in frames],
+        "files": [f.path for f in frames],
+        "Modality": modality,
+        "KVP": (h0.get("KVP") or [None])[0],
+        "Manufacturer": h0.get("Manufacturer", ""),
+        "SeriesDescription": h0.get("SeriesDescription", ""),
+        "SeriesNumber": h0.get("SeriesNumber"),
+        "SliceThickness": (h0.get("SliceThickness") or [None])[0],
+        "PatientPosition": h0.get("PatientPosition", ""),
+        "TransferSyntaxUID": h0.get("TransferSyntaxUID", ""),
+    }
+    if hu.shape[0] != len(frames):
+        meta["SOPInstanceUIDs_note"] = "slices were resampled; SOPInstanceUIDs are the source slices in order"
+    for w in warnings:
+        logger.warning("%s: %s", uid, w)
+    return Volume(data=hu, affine=affine, meta=meta, warnings=warnings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NIfTI and dispatch
+# ----------------------------------------------------------------------------------------------------------------------
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_nifti(path: PathLike, dtype=np.float32) -> Volume:
+    """Load a NIfTI volume (.nii / .nii.gz) in the ``Volume`` convention.
+
+    NIfTI's RAS world coordinates are converted to LPS (x and y negated); the array is transposed from nibabel's
+    ``(i, j, k)`` to ``(K, J, I)``, so NIfTI axis 0 is the column index ``i``. Values are cast to ``dtype``
+    (float32 by default; e.g. ``np.int16`` for label volumes). Scaling (scl_slope/inter) is applied.
+
+    Raises:
+        BMDError: missing/unreadable file or not a 3-D image.
+    """
+    import nibabel as nib
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BMDError("no such NIfTI file", path=path)
+    try:
+        img = nib.load(path)
+        arr = np.asanyarray(img.dataobj)
+    except Exception as ex:  # nibabel raises several types for broken files
+        raise BMDError(f"cannot read NIfTI ({type(ex).__name__}: {ex})", path=path) from None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise BMDError(f"expected a 3-D volume, got shape {arr.shape}", path=path)
+    data = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)), dtype=dtype)
+    affine = _RAS_TO_LPS @ img.affine.astype(np.float64)
+    return Volume(data=data, affine=affine, meta={"source": path, "format": "nifti"}, warnings=[])
+
+
+def load_volume(source: Union[PathLike, Sequence[PathLike]], series_uid: Optional[str] = None, **kwargs) -> Volume:
+    """Load a CT volume from a NIfTI file (``.nii``/``.nii.gz``) or DICOM (anything else); see :func:`load_series`."""
+    if not isinstance(source, (list, tuple)) and str(source).lower().endswith((".nii", ".nii.gz")):
+        return load_nifti(source)
+    return load_series(source, series_uid=series_uid, **kwargs)
