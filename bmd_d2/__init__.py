@@ -5,5 +5,7 @@ mask head ``MultiScaleFusionMaskHead``) and exposes ``add_bmd_config``.
 """
 from .config import add_bmd_config, get_bmd_cfg
 from .errors import BMDError
+from . import modeling  # noqa: F401  (registers MFEFPN, BMDHead, MultiScaleFusionMaskHead, BMDErosionEstimator)
+from . import engine  # noqa: F401  (alternating schedule hooks)
 
 __version__ = "0.1.0"

@@ -33,10 +33,14 @@ def add_bmd_config(cfg):
     # Multi-scale fusion ROI heads (ROI_HEADS.NAME = "BMDHead").
     # ---------------------------------------------------------------------------------------------------------------
     _C.MODEL.ROI_FUSION = CN()
-    # Feature levels pooled for every proposal (all of them, not one level per box).
-    _C.MODEL.ROI_FUSION.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    # Mask branch pooled sizes: P2,P3 -> 56 (max-fused), P4,P5 -> 28 (max-fused), P6 -> 14.
+    # Every proposal is ROIAligned on ALL levels of MODEL.ROI_HEADS.IN_FEATURES (p2..p6), not one level per box.
+    # Box branch: ROI_BOX_HEAD.POOLER_RESOLUTION (7) on every level, summed.
+    # Mask branch: one pooled size per ROI_HEADS.IN_FEATURES level; equal sizes are max-fused, then fused coarse to
+    # fine (3x3 conv + 2x up + add): P2,P3 -> 56, P4,P5 -> 28, P6 -> 14 gives fused 56x56 features.
     _C.MODEL.ROI_FUSION.MASK_POOLER_RESOLUTIONS = [56, 56, 28, 28, 14]
+    # Bilinear upsampling of the mask logits after the conv module (3x3, 1x1): 2 -> 112x112 masks. The BMD branch
+    # averages the probabilities back to the fused size (56) before truncation.
+    _C.MODEL.ROI_FUSION.MASK_UPSAMPLE_FACTOR = 2
 
     # ---------------------------------------------------------------------------------------------------------------
     # BMD branch: truncation -> stacked erosion -> masked fused features -> estimator.
@@ -47,12 +51,14 @@ def add_bmd_config(cfg):
     _C.MODEL.ROI_BMD_HEAD.NAME = "BMDErosionEstimator"
     # Truncation threshold on mask probability -> binary mask.
     _C.MODEL.ROI_BMD_HEAD.MASK_THRESHOLD = 0.5
-    # Number K of stacked 3x3 stride-1 min-pool erosions (each removes one 56x56-grid pixel of border).
+    # Number K of stacked 3x3 stride-1 min-pool erosions (each removes one 56x56-grid pixel of border; outside the
+    # ROI counts as background; objects thinner than 2K+1 pixels vanish).
     _C.MODEL.ROI_BMD_HEAD.EROSION_ITERS = 3
-    # Estimator: 3x3 conv channels, then FC layers.
+    # Estimator: 3x3 conv (CONV_DIM channels) -> average pool to POOL_SIZE^2 -> flatten -> NUM_FC hidden FC layers of
+    # FC_DIM units (+ReLU) -> FC -> 1 (method: "3x3 conv, flatten, FC, FC->1", i.e. NUM_FC = 1).
     _C.MODEL.ROI_BMD_HEAD.CONV_DIM = 64
     _C.MODEL.ROI_BMD_HEAD.FC_DIM = 1024
-    _C.MODEL.ROI_BMD_HEAD.NUM_FC = 2
+    _C.MODEL.ROI_BMD_HEAD.NUM_FC = 1
     # Spatial size the masked features are pooled to before flattening (56 keeps full resolution).
     _C.MODEL.ROI_BMD_HEAD.POOL_SIZE = 14
     # Targets are normalised as (bmd - MEAN) / STD (mg/cm³) for the loss; predictions are de-normalised.
@@ -72,6 +78,10 @@ def add_bmd_config(cfg):
     # "joint" (end-to-end) or "alternating" (4 steps: RPN; heads; RPN with frozen backbone; heads with frozen
     # backbone). STEP_ITERS are the iteration counts of the 4 steps (their sum should equal SOLVER.MAX_ITER).
     _C.SOLVER.ALTERNATING.MODE = "joint"
+    # Step i runs from sum(STEP_ITERS[:i]) to sum(STEP_ITERS[:i+1]); iterations after the sum stay in step 4.
+    # A step freezes parameters (requires_grad=False: no update, no weight decay, no momentum) and detaches the
+    # losses of the frozen part: 1 RPN+backbone (heads frozen, head losses off); 2 heads+backbone (RPN frozen, RPN
+    # losses off); 3 RPN only (backbone and heads frozen); 4 heads only (backbone and RPN frozen).
     _C.SOLVER.ALTERNATING.STEP_ITERS = [0, 0, 0, 0]
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -114,6 +124,34 @@ def add_bmd_config(cfg):
     _C.MEASURE.CALIBRATION_SLOPE = 1.0
     _C.MEASURE.CALIBRATION_INTERCEPT = 0.0
     _C.MEASURE.CALIBRATION_FILE = ""
+    # Internal air/fat reference: measure air and fat in the scan and correct the HU scale to these nominal values
+    # before the calibration (scanner drift correction; see bmd_d2/measure/classical.py).
+    _C.MEASURE.INTERNAL_REFERENCE = False
+    _C.MEASURE.REFERENCE_AIR_HU = -1000.0
+    _C.MEASURE.REFERENCE_FAT_HU = -100.0
+    # Erosion (mm, disk radius) of the sagittal vertebral mask before averaging HU: removes the cortical shell.
+    _C.MEASURE.EROSION_MM = 3.0
+    # Minimum pixels of the eroded ROI in one sagittal slice; fewer gives no classical value (flag roi_too_small).
+    _C.MEASURE.MIN_ROI_PIXELS = 20
+    # 3-D core: the eroded ROI extruded +-HALF_WIDTH mm perpendicular to the sagittal plane, sampled in the volume;
+    # not computed when the volume's largest voxel spacing exceeds CORE_MAX_SPACING_MM (mm).
+    _C.MEASURE.CORE_HALF_WIDTH_MM = 5.0
+    _C.MEASURE.CORE_MAX_SPACING_MM = 3.5
+    # Plausible mean trabecular HU of bone (HU): below the low end the detection is rejected as not bone; above
+    # the high end (metal, sclerosis) BMD is withheld (flag implausible_hu).
+    _C.MEASURE.PLAUSIBLE_HU = [-100.0, 800.0]
+    # Plausible sagittal mask area of a vertebral body (mm^2); outside it the detection is rejected. The sacrum
+    # is checked against the lower bound only.
+    _C.MEASURE.MIN_AREA_MM2 = 100.0
+    _C.MEASURE.MAX_AREA_MM2 = 3000.0
+    # Which BMD gives the reported value and categories: "learned" (model pred_bmd) or "classical" (HU + calibration).
+    _C.MEASURE.PRIMARY_BMD = "learned"
+    # Flag large_learned_classical_difference when |learned - classical| exceeds this (mg/cm^3).
+    _C.MEASURE.MAX_BMD_DIFFERENCE = 30.0
+    # Level labels without a detected sacrum: "lowest_is_L5" (documented fallback, flagged) or "none".
+    _C.MEASURE.UNANCHORED_LEVEL_RULE = "lowest_is_L5"
+    # Evaluation: minimum mask IoU for a detection to match a ground-truth vertebra.
+    _C.MEASURE.EVAL_MATCH_IOU = 0.5
     return cfg
 
 
