@@ -1,0 +1,489 @@
+"""HU volume → the model's 3-slice sagittal image, with the exact transform back to patient space. No detectron2.
+
+Mid-sagittal plane (``find_midsagittal_plane``)
+-----------------------------------------------
+1. The volume is resampled onto an LPS-aligned grid of ``coarse_mm`` (2 mm) voxels (trilinear), so the method is the
+   same for axial, oblique or non-axial acquisitions.
+2. Bone = ``bone_hu`` ≤ HU ≤ 2000 (metal excluded). Projected along z over the whole scan, the spine is the densest
+   column of bone; its smoothed peak is the prior centre. The scan is then cut into slabs of ``slab_mm`` (30 mm ≈ one
+   vertebra) along z; in each slab the peak of the smoothed bone projection within ``search_mm`` of the prior gives the
+   spine centre of that slab (this follows an off-centre spine and lordosis).
+3. Around each slab centre, the slab-mean axial image (HU clipped to −100…1000) is tested for left-right mirror
+   symmetry: for every rotation θ about the cranio-caudal axis (−30…30°, 1° steps) and every lateral offset of the
+   mirror line, the normalised correlation between the image and its mirror image is computed; the best (θ, offset)
+   gives the slab's symmetry axis — the line through vertebral body, canal and spinous process. This follows a spine
+   rotated about its long axis (patient rotation, rotated vertebrae).
+4. One plane for the whole spine: its in-plane lateral direction is the median θ of confident slabs; its lateral
+   position as a function of z is a line ``u = a + b·z`` through the slab centres (Theil-Sen, then least squares on the
+   slabs within max(15 mm, 3·MAD); rejected slabs, e.g. an iliac wing picked in a pelvic slab, are counted), so a spine that is inclined in the coronal plane is followed too. Normal ``n ∝ (cos θ, sin θ, 0) − b·e_z``.
+5. Scoliosis: a single plane cannot contain a laterally curved spine. The plane is the least-squares fit through the
+   curved centreline; ``info["max_lateral_deviation_mm"]`` records how far the curve leaves the plane and a warning is
+   added above 10 mm (vertebrae at the apex are then cut off-centre — their sagittal area shrinks, so measurements there
+   are flagged rather than trusted). A curved planar reformation would be needed to follow such a curve; it is not done.
+
+Sagittal image (``make_sagittal``)
+----------------------------------
+Pixels are square, ``spacing`` mm (1 mm by default); rows run head → feet, columns anterior → posterior; channel 1 is
+the plane, channels 0 and 2 the parallel planes at −/+ ``spacing`` mm along the normal (normal points to patient left,
++x). Window W/L (1000/350 HU) maps to 0…255. The image is unified to ``size``² around the spine: the spine's extent
+(bone within ±70 mm of the spine centre, plus a margin) is always kept; if it does not fit at ``spacing``, the pixel
+size is increased (``info["scale"] < 1``) rather than cutting a vertebra off; outside the volume is padded with
+−1024 HU. ``transform`` maps ``(col, row, channel − 1, 1)`` → LPS mm exactly, so masks can go back to the volume
+(``sagittal_mask_to_volume``) and label volumes can be sampled into the image (``sample_volume_to_sagittal``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import BMDError
+from .dicom import Volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SagittalPlane",
+    "SagittalImage",
+    "find_midsagittal_plane",
+    "make_sagittal",
+    "window_hu",
+    "sample_volume_to_sagittal",
+    "sagittal_mask_to_volume",
+]
+
+_AIR_HU = -1024.0
+
+
+@dataclass
+class SagittalPlane:
+    """The mid-sagittal plane in LPS mm.
+
+    Attributes:
+        point: float64 (3,), a point of the plane at the spine centre.
+        normal: float64 (3,), unit normal, pointing to patient left (+x side).
+        col_dir: float64 (3,), unit in-plane direction anterior → posterior.
+        row_dir: float64 (3,), unit in-plane direction head → feet.
+        info: method details: per-slab centreline, angles, fit residuals, warnings.
+    """
+
+    point: np.ndarray
+    normal: np.ndarray
+    col_dir: np.ndarray
+    row_dir: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class SagittalImage:
+    """The model's 3-slice sagittal image and its geometry.
+
+    Attributes:
+        image: uint8 (H, W, 3) windowed HU; channel 1 = the mid-sagittal plane, 0/2 = neighbours at -/+ ``spacing``.
+        hu: float32 (3, H, W) HU before windowing.
+        transform: float64 (4, 4) mapping ``(col, row, channel - 1, 1)`` to LPS ``(x, y, z, 1)`` mm.
+        spacing: in-plane pixel size in mm (square pixels).
+        info: plane fit, crop/pad, ``scale``, ``cut`` (whether any spine bone lies outside the image), warnings.
+    """
+
+    image: np.ndarray
+    hu: np.ndarray
+    transform: np.ndarray
+    spacing: float
+    info: dict = field(default_factory=dict)
+
+    def pixel_to_lps(self, cols, rows, channel: float = 1.0) -> np.ndarray:
+        """LPS mm ``(..., 3)`` of pixel positions (float col/row arrays of equal shape) in ``channel``."""
+        cols, rows = np.broadcast_arrays(np.asarray(cols, float), np.asarray(rows, float))
+        pts = np.stack([cols, rows, np.full_like(cols, channel - 1.0)], -1)
+        return pts @ self.transform[:3, :3].T + self.transform[:3, 3]
+
+    def lps_to_pixel(self, xyz) -> np.ndarray:
+        """``(col, row, channel)`` float ``(..., 3)`` of LPS points ``(..., 3)``; channel 1 is the plane."""
+        inv = np.linalg.inv(self.transform)
+        out = np.asarray(xyz, float) @ inv[:3, :3].T + inv[:3, 3]
+        out[..., 2] += 1.0
+        return out
+
+
+def window_hu(hu: np.ndarray, width: float = 1000.0, level: float = 350.0) -> np.ndarray:
+    """Window HU to uint8: ``level - width/2`` → 0, ``level + width/2`` → 255 (clipped, rounded)."""
+    lo = level - width / 2.0
+    out = (np.asarray(hu, np.float32) - lo) * (255.0 / width)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _sample(volume: Volume, pts: np.ndarray, order: int = 1, cval: float = _AIR_HU) -> np.ndarray:
+    """Sample ``volume.data`` at LPS points ``(..., 3)``; returns the values with the points' leading shape."""
+    ijk = volume.lps_to_index(pts.reshape(-1, 3))
+    coords = np.stack([ijk[:, 2], ijk[:, 1], ijk[:, 0]])
+    if order == 0:
+        idx = np.rint(coords).astype(np.int64)
+        shape = np.array(volume.data.shape)[:, None]
+        ok = np.all((idx >= 0) & (idx < shape), axis=0)
+        out = np.full(idx.shape[1], cval, dtype=volume.data.dtype)
+        out[ok] = volume.data[idx[0, ok], idx[1, ok], idx[2, ok]]
+    else:
+        out = ndimage.map_coordinates(volume.data, coords, order=order, mode="constant", cval=cval,
+                                      prefilter=False)
+    return out.reshape(pts.shape[:-1])
+
+
+def _coarse_lps(volume: Volume, coarse_mm: float):
+    """Resample to an LPS-aligned grid: returns (C (Z, Y, X) float32, origin (3,) LPS of C[0,0,0], step mm)."""
+    K, J, I = volume.data.shape
+    corners = np.array([[i, j, k] for i in (0, I - 1) for j in (0, J - 1) for k in (0, K - 1)], float)
+    lps = volume.index_to_lps(corners)
+    lo, hi = lps.min(0), lps.max(0)
+    # Pre-reduce the volume by block averaging so trilinear sampling at coarse_mm is not aliased.
+    dk, dj, di = volume.spacing
+    f = [max(1, int(coarse_mm // d)) for d in (dk, dj, di)]
+    data = volume.data
+    if max(f) > 1:
+        Kc, Jc, Ic = K // f[0] * f[0], J // f[1] * f[1], I // f[2] * f[2]
+        if min(Kc, Jc, Ic) > 0:
+            data = data[:Kc, :Jc, :Ic].reshape(Kc // f[0], f[0], Jc // f[1], f[1], Ic // f[2], f[2]).mean((1, 3, 5))
+            aff = volume.affine.copy()
+            aff[:3, 0] *= f[2]
+            aff[:3, 1] *= f[1]
+            aff[:3, 2] *= f[0]
+            aff[:3, 3] = volume.index_to_lps(np.array([(f[2] - 1) / 2, (f[1] - 1) / 2, (f[0] - 1) / 2]))
+            volume = Volume(data=data.astype(np.float32), affine=aff)
+    n = np.maximum(np.floor((hi - lo) / coarse_mm).astype(int) + 1, 1)
+    xs, ys, zs = (lo[a] + np.arange(n[a]) * coarse_mm for a in range(3))
+    Z, Y, X = np.meshgrid(zs, ys, xs, indexing="ij")
+    pts = np.stack([X, Y, Z], -1)
+    C = _sample(volume, pts, order=1).astype(np.float32)
+    return C, lo, coarse_mm
+
+
+def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, angles_deg: np.ndarray,
+              max_shift_px: int):
+    """Best mirror axis of the axial image ``img`` (Y, X) around ``centre_yx``.
+
+    Returns (theta_deg, lateral offset px, score): the axis runs along e_v = (-sin θ, cos θ) (x, y) through
+    centre + offset·e_u, e_u = (cos θ, sin θ).
+    """
+    t = np.arange(-half_px, half_px + 1, dtype=float)
+    V, U = np.meshgrid(t, t, indexing="ij")  # rows = v (AP), cols = u (lateral)
+    best = (0.0, 0.0, -np.inf)
+    cy, cx = centre_yx
+    for a in angles_deg:
+        th = np.radians(a)
+        x = cx + U * np.cos(th) - V * np.sin(th)
+        y = cy + U * np.sin(th) + V * np.cos(th)
+        S = ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")
+        F = S[:, ::-1]
+        for m in range(-max_shift_px, max_shift_px + 1):
+            # S(u) == F(u - m) for a mirror line at u = m/2
+            if m >= 0:
+                a1, b1 = S[:, m:], F[:, :S.shape[1] - m]
+            else:
+                a1, b1 = S[:, :m], F[:, -m:]
+            a1 = a1 - a1.mean()
+            b1 = b1 - b1.mean()
+            den = np.sqrt((a1 * a1).sum() * (b1 * b1).sum())
+            if den <= 0:
+                continue
+            score = float((a1 * b1).sum() / den)
+            if score > best[2]:
+                best = (float(a), m / 2.0, score)
+    return best
+
+
+def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm: float = 2.0,
+                           slab_mm: float = 30.0, search_mm: float = 30.0, max_angle_deg: float = 30.0) -> SagittalPlane:
+    """Find the spine's mid-sagittal plane (method in the module docstring).
+
+    Args:
+        volume: HU volume.
+        bone_hu: HU threshold for bone in the spine-centre search.
+        coarse_mm: grid step (mm) of the LPS-aligned working grid.
+        slab_mm: cranio-caudal thickness (mm) of the slabs analysed separately.
+        search_mm: how far (mm) a slab's spine centre may lie from the whole-scan prior.
+        max_angle_deg: largest rotation about the cranio-caudal axis searched.
+
+    Returns:
+        SagittalPlane. ``info["method"]`` is ``"symmetry"`` or ``"fallback"`` (no spine found: plane through the
+        volume centre, normal along patient x, with a warning).
+    """
+    C, lo, step = _coarse_lps(volume, coarse_mm)
+    Z, Y, X = C.shape
+    warnings = []
+    bone = (C >= bone_hu) & (C <= 2000.0)
+    sig = 8.0 / step
+    prior = ndimage.gaussian_filter(bone.sum(0).astype(np.float32), sig)
+    info = {"coarse_mm": step, "bone_hu": bone_hu, "slab_mm": slab_mm}
+
+    def fallback(reason):
+        centre = volume.index_to_lps(np.array(volume.data.shape[::-1], float) / 2.0 - 0.5)
+        warnings.append(f"mid-sagittal plane not found ({reason}); using the volume's central sagittal plane")
+        info.update(method="fallback", warnings=warnings)
+        return SagittalPlane(point=centre, normal=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
+                             row_dir=np.array([0, 0, -1.0]), info=info)
+
+    if prior.max() <= 0 or Z * step < 10.0:
+        return fallback("no bone in view" if prior.max() <= 0 else "volume too thin")
+    py, px = np.unravel_index(np.argmax(prior), prior.shape)
+    ns = max(1, int(round(slab_mm / step)))
+    yy, xx = np.mgrid[0:Y, 0:X]
+    near = np.hypot(yy - py, xx - px) * step <= search_mm
+    img_all = np.clip(C, -100.0, 1000.0)
+    half = int(round(48.0 / step))
+    max_shift = int(round(2 * 20.0 / step))  # the mirror line may lie up to 20 mm from the bone peak
+    slabs = []
+    for z0 in range(0, Z, ns):
+        z1 = min(Z, z0 + ns)
+        if (z1 - z0) * step < slab_mm / 3:
+            continue
+        P = ndimage.gaussian_filter(bone[z0:z1].sum(0).astype(np.float32), sig)
+        P[~near] = 0
+        if P.max() <= 0:
+            continue
+        cy, cx = np.unravel_index(np.argmax(P), P.shape)
+        strength = float(P[cy, cx]) / (z1 - z0)
+        img = img_all[z0:z1].mean(0)
+        th, off, score = _symmetry(img, (cy, cx), half, np.arange(-max_angle_deg, max_angle_deg + 0.5, 2.0), max_shift)
+        # refine the angle at 0.5 deg around the best
+        th, off, score = _symmetry(img, (cy, cx), half, np.arange(th - 1.5, th + 1.6, 0.5), max_shift)
+        e_u = np.array([np.cos(np.radians(th)), np.sin(np.radians(th))])
+        xy = lo[:2] + step * (np.array([cx, cy], float) + off * e_u)
+        zc = lo[2] + step * ((z0 + z1 - 1) / 2.0)
+        slabs.append(dict(z=float(zc), x=float(xy[0]), y=float(xy[1]), theta=th, score=score, strength=strength))
+    if not slabs:
+        return fallback("no spine-like bone column")
+    smax = max(s["strength"] for s in slabs)
+    good = [s for s in slabs if s["strength"] >= 0.25 * smax and s["score"] >= 0.3]
+    if len(good) < 1:
+        return fallback("no symmetric bone column")
+    theta = float(np.median([s["theta"] for s in good]))
+    th = np.radians(theta)
+    e_u = np.array([np.cos(th), np.sin(th), 0.0])
+    e_v = np.array([-np.sin(th), np.cos(th), 0.0])
+    pts = np.array([[s["x"], s["y"], s["z"]] for s in good])
+    u = pts @ e_u
+    z = pts[:, 2]
+    inliers = np.ones(len(z), bool)
+    if len(good) >= 3 and np.ptp(z) > 0:
+        # Theil-Sen line, then least squares on the inliers (rejects e.g. an iliac wing picked in a pelvic slab).
+        i, j = np.triu_indices(len(z), 1)
+        dz = z[j] - z[i]
+        ok = np.abs(dz) > 1e-6
+        b = float(np.median((u[j] - u[i])[ok] / dz[ok]))
+        a = float(np.median(u - b * z))
+        res = u - (a + b * z)
+        mad = float(np.median(np.abs(res))) * 1.4826
+        inliers = np.abs(res) <= max(15.0, 3.0 * mad)
+        if inliers.sum() >= 2:
+            A = np.stack([np.ones_like(z), z], 1)
+            a, b = (float(c) for c in np.linalg.lstsq(A[inliers], u[inliers], rcond=None)[0])
+    else:
+        a, b = float(np.mean(u)), 0.0
+    pts, u, z = pts[inliers], u[inliers], z[inliers]
+    good = [s for s, k in zip(good, inliers) if k]
+    b = float(np.clip(b, -0.5, 0.5))
+    res = u - (a + b * z)
+    normal = e_u - b * np.array([0, 0, 1.0])
+    normal /= np.linalg.norm(normal)
+    row = np.array([0, 0, -1.0]) - np.dot([0, 0, -1.0], normal) * normal
+    row /= np.linalg.norm(row)
+    zc = float(np.mean(z))
+    vc = float(np.mean(pts @ e_v))
+    point = (a + b * zc) * e_u + vc * e_v + zc * np.array([0, 0, 1.0])
+    point = point - np.dot(point - ((a + b * zc) * e_u + zc * np.array([0, 0, 1.0])), normal) * normal
+    max_dev = float(np.max(np.abs(res))) if len(res) else 0.0
+    if max_dev > 10.0:
+        warnings.append(f"spine leaves the mid-sagittal plane by up to {max_dev:.0f} mm (scoliosis?); off-plane "
+                        f"vertebrae are cut off-centre")
+    info.update(method="symmetry", theta_deg=theta, coronal_tilt_deg=float(np.degrees(np.arctan(b))),
+                lateral_rms_mm=float(np.sqrt(np.mean(res ** 2))) if len(res) else 0.0,
+                max_lateral_deviation_mm=max_dev, n_slabs=len(slabs), n_used=len(good),
+                n_outliers=int((~inliers).sum()),
+                centreline=[[round(s["x"], 2), round(s["y"], 2), round(s["z"], 2)] for s in good],
+                warnings=warnings)
+    return SagittalPlane(point=point, normal=normal, col_dir=e_v, row_dir=row, info=info)
+
+
+def _grid_points(origin, col_dir, row_dir, normal, spacing, size_rc, channel_offsets):
+    rows, cols = size_rc
+    r = np.arange(rows) * spacing
+    c = np.arange(cols) * spacing
+    R, Cc = np.meshgrid(r, c, indexing="ij")
+    base = origin + R[..., None] * row_dir + Cc[..., None] * col_dir
+    return np.stack([base + o * normal for o in channel_offsets])  # (C, rows, cols, 3)
+
+
+def make_sagittal(volume: Volume, *, spacing: float = 1.0, size: int = 512, num_slices: int = 3,
+                  window_width: float = 1000.0, window_level: float = 350.0, plane: Optional[SagittalPlane] = None,
+                  bone_hu: float = 180.0, margin_mm: float = 8.0) -> SagittalImage:
+    """Build the windowed multi-slice sagittal image of the spine.
+
+    Args:
+        volume: HU volume (``Volume``).
+        spacing: in-plane pixel size (mm) and distance between the slices.
+        size: output side (pixels); the image is ``size`` × ``size``.
+        num_slices: number of parallel planes (odd), stacked as channels, the mid-sagittal one in the middle.
+        window_width, window_level: HU window mapped to 0…255.
+        plane: a precomputed plane; None finds it with :func:`find_midsagittal_plane`.
+        bone_hu: HU threshold used to find the spine's extent (what must not be cut off).
+        margin_mm: margin kept around the spine's extent.
+
+    Returns:
+        SagittalImage with ``image`` uint8 (size, size, num_slices), ``hu`` float32 (num_slices, size, size).
+
+    Raises:
+        BMDError: the volume is not 3-D or ``num_slices`` is even.
+    """
+    if volume.data.ndim != 3 or min(volume.data.shape) < 1:
+        raise BMDError(f"expected a 3-D volume, got shape {volume.data.shape}", path=volume.meta.get("source"))
+    if num_slices % 2 != 1:
+        raise BMDError(f"NUM_SLICES must be odd, got {num_slices}")
+    if plane is None:
+        plane = find_midsagittal_plane(volume, bone_hu=bone_hu)
+    n, cd, rd, p0 = plane.normal, plane.col_dir, plane.row_dir, plane.point
+    # Extent of the volume in plane coordinates (mm from p0).
+    K, J, I = volume.data.shape
+    corners = volume.index_to_lps(np.array([[i, j, k] for i in (-0.5, I - 0.5) for j in (-0.5, J - 0.5)
+                                            for k in (-0.5, K - 0.5)], float))
+    cc, rr = (corners - p0) @ cd, (corners - p0) @ rd
+    c_lo, c_hi, r_lo, r_hi = cc.min(), cc.max(), rr.min(), rr.max()
+    # Spine extent from the mid-plane at a 2 mm preview.
+    ps = 2.0
+    nr, nc = int((r_hi - r_lo) / ps) + 1, int((c_hi - c_lo) / ps) + 1
+    prev = _sample(volume, _grid_points(p0 + r_lo * rd + c_lo * cd, cd, rd, n, ps, (nr, nc), [0.0])[0])
+    cgrid = c_lo + np.arange(nc) * ps
+    band = np.abs(cgrid) <= 70.0
+    bone = (prev >= bone_hu) & (prev <= 2000.0) & band[None, :]
+    bone = ndimage.binary_opening(bone, iterations=1) if bone.sum() > 20 else bone
+    if bone.any():
+        rows_any = np.where(bone.any(1))[0]
+        cols_any = np.where(bone.any(0))[0]
+        sb = (r_lo + rows_any[0] * ps - margin_mm, r_lo + rows_any[-1] * ps + margin_mm,
+              c_lo + cols_any[0] * ps - margin_mm, c_lo + cols_any[-1] * ps + margin_mm)
+    else:
+        sb = (r_lo, r_hi, -60.0, 60.0)
+    need = max(sb[1] - sb[0], sb[3] - sb[2])
+    sp = spacing if need <= size * spacing else need / size
+    L = size * sp
+
+    def place(a0, a1, b0, b1):
+        if a1 - a0 <= L:
+            return (a0 + a1) / 2 - L / 2
+        start = (b0 + b1) / 2 - L / 2
+        start = min(max(start, a0), a1 - L)
+        return min(max(start, b1 - L), b0)
+
+    r_start = place(r_lo, r_hi, sb[0], sb[1])
+    c_start = place(c_lo, c_hi, sb[2], sb[3])
+    origin = p0 + r_start * rd + c_start * cd
+    offsets = (np.arange(num_slices) - num_slices // 2) * spacing
+    pts = _grid_points(origin, cd, rd, n, sp, (size, size), offsets)
+    hu = _sample(volume, pts).astype(np.float32)
+    image = window_hu(hu, window_width, window_level).transpose(1, 2, 0).copy()
+    T = np.eye(4)
+    T[:3, 0] = cd * sp
+    T[:3, 1] = rd * sp
+    T[:3, 2] = n * spacing
+    T[:3, 3] = origin
+    cut = bool(sb[0] < r_start - 1e-6 or sb[1] > r_start + L + 1e-6 or sb[2] < c_start - 1e-6
+               or sb[3] > c_start + L + 1e-6)
+    warnings = list(plane.info.get("warnings", []))
+    if sp != spacing:
+        warnings.append(f"spine extent {need:.0f} mm does not fit {size} px at {spacing} mm; scaled to {sp:.3f} mm/px")
+    if cut:
+        warnings.append("part of the spine lies outside the sagittal image")
+    info = {
+        "plane": {k: v for k, v in plane.info.items() if k != "warnings"},
+        "plane_point": plane.point.tolist(), "plane_normal": plane.normal.tolist(),
+        "requested_spacing": spacing, "spacing": sp, "scale": spacing / sp, "channel_spacing": spacing,
+        "window": [window_width, window_level],
+        "crop_mm": {"row_start": float(r_start), "col_start": float(c_start), "length": float(L)},
+        "volume_extent_mm": {"row": [float(r_lo), float(r_hi)], "col": [float(c_lo), float(c_hi)]},
+        "spine_extent_mm": {"row": [float(sb[0]), float(sb[1])], "col": [float(sb[2]), float(sb[3])]},
+        "pad_px": {"top": max(0, int(round((r_lo - r_start) / sp))),
+                   "bottom": max(0, int(round((r_start + L - r_hi) / sp))),
+                   "anterior": max(0, int(round((c_lo - c_start) / sp))),
+                   "posterior": max(0, int(round((c_start + L - c_hi) / sp)))},
+        "cut": cut,
+        "warnings": warnings,
+    }
+    for w in warnings:
+        logger.warning("%s: %s", volume.meta.get("SeriesInstanceUID", volume.meta.get("source", "volume")), w)
+    return SagittalImage(image=image, hu=hu, transform=T, spacing=float(sp), info=info)
+
+
+def sample_volume_to_sagittal(sag: SagittalImage, volume: Volume, *, order: int = 0, cval: float = 0.0) -> np.ndarray:
+    """Sample a volume (e.g. a label volume) at the sagittal pixels.
+
+    Args:
+        sag: the sagittal image whose grid is used.
+        volume: any ``Volume`` in the same patient space (its own affine is used, so a label file stored with flipped
+            axes aligns correctly).
+        order: 0 = nearest neighbour (labels), 1 = trilinear.
+        cval: value outside the volume.
+
+    Returns:
+        array (C, H, W) with ``volume.data``'s dtype for order 0 (float32 otherwise).
+    """
+    C = sag.hu.shape[0]
+    H, W = sag.hu.shape[1:]
+    R, Cc = np.meshgrid(np.arange(H, dtype=float), np.arange(W, dtype=float), indexing="ij")
+    out = []
+    for ch in range(C):
+        pts = sag.pixel_to_lps(Cc, R, channel=ch)
+        out.append(_sample(volume, pts, order=order, cval=cval))
+    return np.stack(out)
+
+
+def sagittal_mask_to_volume(sag: SagittalImage, mask: np.ndarray, volume_shape: Tuple[int, int, int],
+                            volume_affine: np.ndarray, *, thickness_mm: Optional[float] = None) -> np.ndarray:
+    """Put a sagittal mask / label image back into a volume grid (nearest neighbour).
+
+    A voxel gets the value of the pixel its centre projects to when its distance from the mid-sagittal plane is at most
+    ``thickness_mm / 2``.
+
+    Args:
+        sag: the sagittal image the mask belongs to.
+        mask: (H, W) bool or integer labels.
+        volume_shape: ``(K, J, I)`` of the target grid.
+        volume_affine: (4, 4) index → LPS of the target grid.
+        thickness_mm: slab thickness; default ``info["channel_spacing"]`` (one slice, 1 mm).
+
+    Returns:
+        array ``volume_shape`` with ``mask``'s dtype (0 outside the slab).
+    """
+    mask = np.asarray(mask)
+    if mask.shape != sag.hu.shape[1:]:
+        raise BMDError(f"mask shape {mask.shape} does not match the sagittal image {sag.hu.shape[1:]}")
+    out = np.zeros(volume_shape, dtype=mask.dtype)
+    nz = np.argwhere(mask)
+    if len(nz) == 0:
+        return out
+    half = (thickness_mm if thickness_mm is not None else sag.info.get("channel_spacing", sag.spacing)) / 2.0
+    ch_mm = float(np.linalg.norm(sag.transform[:3, 2]))
+    (r0, c0), (r1, c1) = nz.min(0), nz.max(0)
+    corners = np.array([[c, r, 1 + s * half / ch_mm] for c in (c0 - 1, c1 + 1) for r in (r0 - 1, r1 + 1)
+                        for s in (-1, 1)], float)
+    lps = np.stack([sag.pixel_to_lps(c[0], c[1], c[2]) for c in corners])
+    inv_v = np.linalg.inv(volume_affine)
+    ijk = lps @ inv_v[:3, :3].T + inv_v[:3, 3]
+    lo = np.maximum(np.floor(ijk.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(ijk.max(0)).astype(int) + 2, np.array(volume_shape[::-1]))
+    if np.any(hi <= lo):
+        return out
+    kk, jj, ii = np.meshgrid(np.arange(lo[2], hi[2]), np.arange(lo[1], hi[1]), np.arange(lo[0], hi[0]),
+                             indexing="ij")
+    vox = np.stack([ii, jj, kk], -1).reshape(-1, 3).astype(float)
+    xyz = vox @ volume_affine[:3, :3].T + volume_affine[:3, 3]
+    pix = sag.lps_to_pixel(xyz)
+    col, row = np.rint(pix[:, 0]).astype(int), np.rint(pix[:, 1]).astype(int)
+    dist = np.abs(pix[:, 2] - 1.0) * ch_mm
+    H, W = mask.shape
+    ok = (dist <= half + 1e-6) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    vals = np.zeros(len(vox), dtype=mask.dtype)
+    vals[ok] = mask[row[ok], col[ok]]
+    out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = vals.reshape(kk.shape)
+    return out
