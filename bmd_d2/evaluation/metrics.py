@@ -1,0 +1,146 @@
+"""Pure metric functions for BMD evaluation: small, NumPy-only, checkable by hand.
+
+Every function takes plain sequences/arrays and returns Python floats (``nan`` when a value is undefined, e.g. the
+Pearson r of fewer than two pairs or of a constant sequence), so the results serialise to JSON directly.
+BMD values are in mg/cm³; differences are ``pred - truth``.
+"""
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "mae", "rmse", "bias", "pearson_r", "bland_altman", "regression_summary", "accuracy", "confusion_matrix",
+    "dice", "mask_iou_matrix", "match_greedy",
+]
+
+
+def _pairs(pred, truth) -> Tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(truth, dtype=np.float64).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and truth differ in length: {p.size} vs {t.size}")
+    return p, t
+
+
+def mae(pred: Sequence[float], truth: Sequence[float]) -> float:
+    """Mean absolute error ``mean(|pred - truth|)``; ``nan`` for no pairs."""
+    p, t = _pairs(pred, truth)
+    return float(np.mean(np.abs(p - t))) if p.size else math.nan
+
+
+def rmse(pred: Sequence[float], truth: Sequence[float]) -> float:
+    """Root mean squared error ``sqrt(mean((pred - truth)^2))``; ``nan`` for no pairs."""
+    p, t = _pairs(pred, truth)
+    return float(np.sqrt(np.mean((p - t) ** 2))) if p.size else math.nan
+
+
+def bias(pred: Sequence[float], truth: Sequence[float]) -> float:
+    """Mean signed error ``mean(pred - truth)`` (positive: the prediction over-estimates); ``nan`` for no pairs."""
+    p, t = _pairs(pred, truth)
+    return float(np.mean(p - t)) if p.size else math.nan
+
+
+def pearson_r(pred: Sequence[float], truth: Sequence[float]) -> float:
+    """Pearson correlation coefficient; ``nan`` for fewer than 2 pairs or zero variance in either sequence."""
+    p, t = _pairs(pred, truth)
+    if p.size < 2:
+        return math.nan
+    dp, dt = p - p.mean(), t - t.mean()
+    denom = math.sqrt(float(np.sum(dp * dp)) * float(np.sum(dt * dt)))
+    return float(np.sum(dp * dt) / denom) if denom > 0 else math.nan
+
+
+def bland_altman(pred: Sequence[float], truth: Sequence[float]) -> Dict[str, float]:
+    """Bland–Altman agreement (Bland & Altman, Lancet 1986): bias and 95 % limits of agreement.
+
+    Returns:
+        dict with ``bias`` = mean(pred - truth), ``sd`` = sample SD (ddof=1) of the differences, ``loa_low`` /
+        ``loa_high`` = bias ∓ 1.96·sd, and ``n``. SD and limits are ``nan`` for fewer than 2 pairs.
+    """
+    p, t = _pairs(pred, truth)
+    d = p - t
+    b = float(d.mean()) if d.size else math.nan
+    sd = float(d.std(ddof=1)) if d.size >= 2 else math.nan
+    return {"n": int(d.size), "bias": b, "sd": sd, "loa_low": b - 1.96 * sd, "loa_high": b + 1.96 * sd}
+
+
+def regression_summary(pred: Sequence[float], truth: Sequence[float]) -> Dict[str, float]:
+    """All agreement figures of a set of pairs: n, MAE, RMSE, bias, Pearson r, Bland–Altman SD and limits."""
+    ba = bland_altman(pred, truth)
+    return {"n": ba["n"], "mae": mae(pred, truth), "rmse": rmse(pred, truth), "bias": ba["bias"],
+            "pearson_r": pearson_r(pred, truth), "sd_diff": ba["sd"], "loa_low": ba["loa_low"],
+            "loa_high": ba["loa_high"]}
+
+
+def accuracy(pred: Sequence, truth: Sequence) -> float:
+    """Fraction of equal labels; ``nan`` for no pairs."""
+    pred, truth = list(pred), list(truth)
+    if len(pred) != len(truth):
+        raise ValueError(f"pred and truth differ in length: {len(pred)} vs {len(truth)}")
+    return sum(a == b for a, b in zip(pred, truth)) / len(pred) if pred else math.nan
+
+
+def confusion_matrix(pred: Sequence, truth: Sequence, labels: Sequence) -> List[List[int]]:
+    """Counts ``m[i][j]`` of items whose truth is ``labels[i]`` and prediction ``labels[j]`` (rows = truth).
+
+    Items whose truth or prediction is not in ``labels`` are not counted.
+    """
+    index = {lab: i for i, lab in enumerate(labels)}
+    m = [[0] * len(labels) for _ in labels]
+    for p, t in zip(pred, truth):
+        if p in index and t in index:
+            m[index[t]][index[p]] += 1
+    return m
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two boolean masks of equal shape; 1.0 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
+
+
+def mask_iou_matrix(pred_masks: np.ndarray, gt_masks: np.ndarray) -> np.ndarray:
+    """IoU of every predicted vs every ground-truth mask.
+
+    Args:
+        pred_masks: bool ``(P, H, W)``.
+        gt_masks: bool ``(G, H, W)``.
+
+    Returns:
+        float64 ``(P, G)``.
+    """
+    p = np.asarray(pred_masks, dtype=bool).reshape(len(pred_masks), -1).astype(np.float64)
+    g = np.asarray(gt_masks, dtype=bool).reshape(len(gt_masks), -1).astype(np.float64)
+    if p.shape[0] == 0 or g.shape[0] == 0:
+        return np.zeros((p.shape[0], g.shape[0]))
+    inter = p @ g.T
+    union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def match_greedy(iou: np.ndarray, threshold: float = 0.5) -> List[Tuple[int, int]]:
+    """One-to-one matching of predictions to ground truth by descending IoU (ties: lower indices first).
+
+    Args:
+        iou: ``(P, G)`` overlaps.
+        threshold: minimum IoU of a match.
+
+    Returns:
+        list of ``(pred_index, gt_index)`` pairs, sorted by ``gt_index``.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    pairs = [(float(iou[i, j]), i, j) for i in range(iou.shape[0]) for j in range(iou.shape[1])
+             if iou[i, j] >= threshold]
+    pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
+    used_p, used_g, out = set(), set(), []
+    for _, i, j in pairs:
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            out.append((i, j))
+    return sorted(out, key=lambda x: x[1])

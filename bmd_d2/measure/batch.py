@@ -1,0 +1,255 @@
+"""Measure a folder of many studies: discovery, sharding by rank, failure isolation, resume, summary.
+
+Discovery rule (:func:`discover_studies`), for an input folder:
+
+* ``<input>/studies/`` exists (the dataset layout) → each entry under it is a study;
+* otherwise each non-hidden entry of ``<input>`` is a study: a ``.nii``/``.nii.gz`` file, or a folder (its ``dicom/``
+  subfolder when there is one, else the whole folder, searched recursively for DICOM files).
+
+Output layout (``<out>/``): ``<study_id>/{result.json, vertebrae.csv, overlay.png[, masks.nii.gz]}`` per study,
+``studies.csv`` (one row per study incl. failures), ``all_vertebrae.csv``, ``failures.csv`` (study_id, source,
+reason), ``summary.json``. A study is finished when its ``result.json`` exists (written last, atomically); a rerun
+with resume skips finished studies and retries failed ones. With ``torch.distributed`` (Detectron2 ``launch``),
+rank ``r`` of ``w`` measures the sorted studies ``r, r + w, r + 2w, …``; rank 0 writes the batch-level files after
+all ranks are done.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from bmd_d2.errors import BMDError
+
+from . import report
+
+logger = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID_LEN = 80
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def sanitize_study_id(name: str) -> str:
+    """A file-name-safe study id: only ``[A-Za-z0-9._-]``, no leading dots, at most 80 characters, never empty.
+
+    Anything else (path separators, ``..``, spaces, control characters) becomes ``_``, so an id can never name a
+    path outside the output folder. Over-long names keep a prefix plus a hash of the full name.
+    """
+    s = _SAFE.sub("_", str(name)).strip("._-")
+    s = re.sub(r"\.{2,}", "_", s)
+    if len(s) > MAX_ID_LEN:
+        s = s[:MAX_ID_LEN - 9] + "-" + hashlib.sha1(str(name).encode()).hexdigest()[:8]
+    return s or "study"
+
+
+def study_id_from_path(path: str) -> str:
+    """Study id from a source path: the file name without ``.nii[.gz]``/``.dcm``; for ``…/<id>/dicom`` the ``<id>``."""
+    p = os.path.normpath(str(path))
+    name = os.path.basename(p)
+    low = name.lower()
+    for suf in NIFTI_SUFFIXES + (".dcm",):
+        if low.endswith(suf):
+            name = name[: -len(suf)]
+            break
+    if name.lower() == "dicom" and os.path.basename(os.path.dirname(p)):
+        name = os.path.basename(os.path.dirname(p))
+    return sanitize_study_id(name)
+
+
+def safe_study_dir(out_root: str, study_id: str) -> str:
+    """``<out_root>/<study_id>``, checked to lie inside ``out_root``.
+
+    Raises:
+        BMDError: the id would escape the output folder.
+    """
+    root = os.path.realpath(out_root)
+    path = os.path.realpath(os.path.join(root, study_id))
+    if os.path.dirname(path) != root:
+        raise BMDError(f"study id {study_id!r} would write outside the output folder")
+    return path
+
+
+def _is_nifti(name: str) -> bool:
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def looks_like_single_study(path: str) -> bool:
+    """Whether an input path is one study (a file, a folder holding non-NIfTI files directly, or one with a
+    ``dicom/`` subfolder) rather than a folder of studies."""
+    if os.path.isfile(path):
+        return True
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, "dicom")):
+        return True
+    for e in os.scandir(path):
+        if e.name.startswith("."):
+            continue
+        if e.is_file() and not _is_nifti(e.name):
+            return True
+    return False
+
+
+def discover_studies(root: str, exclude: Tuple[str, ...] = ()) -> List[Tuple[str, str]]:
+    """``(study_id, source)`` pairs under ``root`` by the module's discovery rule, sorted by id; ids made unique.
+
+    Args:
+        root: input folder.
+        exclude: paths to leave out (e.g. the output folder when it lies inside the input).
+
+    Raises:
+        BMDError: ``root`` is not a readable folder or holds no study.
+    """
+    if not os.path.isdir(root):
+        raise BMDError("input folder not found", path=root)
+    base = os.path.join(root, "studies") if os.path.isdir(os.path.join(root, "studies")) else root
+    excl = {os.path.realpath(p) for p in exclude}
+    try:
+        entries = sorted(os.scandir(base), key=lambda e: e.name)
+    except OSError as e:
+        raise BMDError(f"cannot list input folder: {e.strerror}", path=base) from None
+    found = []
+    for e in entries:
+        if e.name.startswith(".") or os.path.realpath(e.path) in excl:
+            continue
+        if e.is_file() and _is_nifti(e.name):
+            found.append((study_id_from_path(e.path), e.path))
+        elif e.is_dir():
+            src = os.path.join(e.path, "dicom") if os.path.isdir(os.path.join(e.path, "dicom")) else e.path
+            found.append((sanitize_study_id(e.name), src))
+    if not found:
+        raise BMDError("no studies found (expected study folders or .nii/.nii.gz files)", path=root)
+    seen: Dict[str, int] = {}
+    out = []
+    for sid, src in found:
+        n = seen.get(sid.lower(), 0)
+        seen[sid.lower()] = n + 1
+        out.append((sid if n == 0 else f"{sid}-{n + 1}", src))
+    return sorted(out)
+
+
+@dataclass
+class StudyOutcome:
+    """What happened to one study in a batch: ``status`` is "ok", "skipped" (already finished) or "failed"."""
+
+    study_id: str
+    source: str
+    status: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchSummary:
+    outcomes: List[StudyOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    def to_dict(self) -> Dict:
+        return {"studies": len(self.outcomes), "measured": self.count("ok"), "skipped": self.count("skipped"),
+                "failed": self.count("failed"), "seconds": round(self.seconds, 3),
+                "failures": [{"study_id": o.study_id, "reason": o.reason} for o in self.outcomes
+                             if o.status == "failed"]}
+
+    def text(self) -> str:
+        d = self.to_dict()
+        return (f"{d['studies']} studies: {d['measured']} measured, {d['skipped']} already done (skipped), "
+                f"{d['failed']} failed in {d['seconds']:.1f} s")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, BMDError) else f"{type(e).__name__}: {msg}"
+
+
+def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, str]], out_root: str, *,
+              overlay: bool = True, masks: bool = False, resume: bool = True, rank: Optional[int] = None,
+              world_size: Optional[int] = None, progress: bool = True) -> BatchSummary:
+    """Measure ``studies`` (this rank's share), writing each study's reports; never stops on one study's failure.
+
+    Args:
+        measure: ``measure(source, study_id) -> StudyResult`` (e.g. a :class:`BMDStudyPredictor`).
+        studies: ``(study_id, source)`` pairs (all ranks pass the same list).
+        out_root: output folder.
+        overlay, masks: which optional reports to write.
+        resume: skip studies whose ``result.json`` exists.
+        rank, world_size: shard; default from ``detectron2.utils.comm``.
+        progress: show a progress bar (tqdm, on stderr) on the main process.
+
+    Returns:
+        The summary over all ranks on rank 0 (after every rank finished); this rank's share elsewhere. Rank 0 also
+        writes ``studies.csv``, ``all_vertebrae.csv``, ``failures.csv`` and ``summary.json``.
+    """
+    from detectron2.utils import comm
+    from tqdm import tqdm
+
+    rank = comm.get_rank() if rank is None else rank
+    world_size = comm.get_world_size() if world_size is None else world_size
+    os.makedirs(out_root, exist_ok=True)
+    shard = studies[rank::world_size]
+    t0 = time.time()
+    outcomes: List[StudyOutcome] = []
+    bar = tqdm(shard, desc=f"measuring (rank {rank})" if world_size > 1 else "measuring", unit="study",
+               disable=not progress or None, position=rank if world_size > 1 else None, leave=rank == 0)
+    for sid, src in bar:
+        t = time.time()
+        try:
+            out_dir = safe_study_dir(out_root, sid)
+            if resume and report.is_finished(out_dir):
+                outcomes.append(StudyOutcome(sid, src, "skipped"))
+                continue
+            result = measure(src, sid)
+            report.write_study(result, out_dir, overlay=overlay, masks=masks)
+            outcomes.append(StudyOutcome(sid, src, "ok", seconds=time.time() - t))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # isolate every study: one bad input must not stop the batch
+            reason = _one_line(e)
+            logger.error("study %s failed: %s", sid, reason)
+            logger.debug("study %s traceback", sid, exc_info=True)
+            outcomes.append(StudyOutcome(sid, src, "failed", reason=reason, seconds=time.time() - t))
+    bar.close()
+
+    gathered = comm.gather(outcomes, dst=0) if world_size > 1 and comm.get_world_size() > 1 else [outcomes]
+    summary = BatchSummary(seconds=time.time() - t0)
+    if rank != 0 or not gathered:
+        summary.outcomes = outcomes
+        return summary
+    summary.outcomes = sorted((o for part in gathered for o in part), key=lambda o: o.study_id)
+    write_batch_files(summary, out_root)
+    return summary
+
+
+def write_batch_files(summary: BatchSummary, out_root: str):
+    """Write ``studies.csv``, ``all_vertebrae.csv``, ``failures.csv`` and ``summary.json`` (atomically)."""
+    study_rows, vert_text = [], []
+    for o in summary.outcomes:
+        if o.status == "failed":
+            study_rows.append(report.study_row({"study_id": o.study_id}, "failed", o.reason))
+            continue
+        d = report.read_result(os.path.join(out_root, o.study_id))
+        if d is None:
+            study_rows.append(report.study_row({"study_id": o.study_id}, "failed", "result.json unreadable"))
+            continue
+        study_rows.append(report.study_row(d, o.status))
+        try:
+            with open(os.path.join(out_root, o.study_id, report.VERTEBRAE_CSV), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            vert_text.extend(lines[1:])
+        except OSError:
+            pass
+    report.atomic_write_text(os.path.join(out_root, "studies.csv"),
+                             report.csv_text(study_rows, report.STUDY_COLUMNS))
+    report.atomic_write_text(os.path.join(out_root, "all_vertebrae.csv"),
+                             "\n".join([",".join(report.VERTEBRA_COLUMNS)] + vert_text) + "\n")
+    fails = [{"study_id": o.study_id, "source": o.source, "reason": o.reason} for o in summary.outcomes
+             if o.status == "failed"]
+    report.atomic_write_text(os.path.join(out_root, "failures.csv"),
+                             report.csv_text(fails, ["study_id", "source", "reason"]))
+    report.atomic_write_text(os.path.join(out_root, "summary.json"), json.dumps(summary.to_dict(), indent=2) + "\n")

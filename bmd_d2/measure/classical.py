@@ -1,0 +1,306 @@
+"""Classical (non-learned) BMD: mean trabecular HU in an eroded vertebral mask, converted by a calibration.
+
+Two measurements per vertebra:
+
+* **Sagittal ROI** (always): the detected sagittal mask eroded by ``MEASURE.EROSION_MM`` (a disk, removing the
+  cortical shell and partial-volume border), mean HU over the 3 sagittal slices (``SagittalImage.hu``).
+* **3-D core** (where the geometry allows): the eroded sagittal ROI extruded ±``MEASURE.CORE_HALF_WIDTH_MM``
+  perpendicular to the sagittal plane and sampled in the original volume (trilinear interpolation at the exact LPS
+  positions given by ``SagittalImage.transform`` and ``Volume.affine``). Not given (``no_3d_core``) when any sample
+  falls outside the scanned volume or the slices are thicker than ``MEASURE.CORE_MAX_SPACING_MM``.
+
+Calibration (``HU = slope · BMD + intercept``, so ``BMD = (HU - intercept) / slope``; BMD in mg/cm³):
+
+* **Linear default**: ``MEASURE.CALIBRATION_SLOPE`` / ``MEASURE.CALIBRATION_INTERCEPT`` (1 HU per mg/cm³, 0 HU
+  offset: a generic approximation for 120 kVp; use a phantom calibration for diagnosis).
+* **Phantom calibration file** (``MEASURE.CALIBRATION_FILE``, JSON): either ``{"slope": s, "intercept": i}`` or
+  ``{"rods": [{"bmd": 0, "hu": 3.1}, {"bmd": 100, "hu": 104.2}, ...]}`` (≥ 2 distinct densities, fitted by least
+  squares), optionally ``"kvp"`` and ``"description"``.
+* **Internal air/fat reference** (``MEASURE.INTERNAL_REFERENCE``): the volume's air (< -850 HU, median) and
+  subcutaneous/visceral fat (histogram mode in [-250, -30] HU) are measured and a linear HU correction maps them to
+  their nominal values (``MEASURE.REFERENCE_AIR_HU``, ``MEASURE.REFERENCE_FAT_HU``) before the calibration: this
+  corrects scanner HU drift; it is not a substitute for a phantom.
+"""
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from bmd_d2.errors import BMDError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Linear HU → BMD calibration with an optional HU correction from an internal reference.
+
+    ``BMD = (hu_gain · HU + hu_offset - intercept) / slope`` (mg/cm³).
+
+    Attributes:
+        slope: HU per mg/cm³.
+        intercept: HU at 0 mg/cm³.
+        source: "default", "file:<name>" or with "+internal" appended.
+        hu_gain, hu_offset: internal-reference correction (identity by default).
+        details: how it was obtained (fit residuals, measured air/fat, ...).
+    """
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    source: str = "default"
+    hu_gain: float = 1.0
+    hu_offset: float = 0.0
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (math.isfinite(self.slope) and math.isfinite(self.intercept)) or abs(self.slope) < 1e-6:
+            raise BMDError(f"invalid calibration: slope={self.slope} intercept={self.intercept} (need a finite, "
+                           "non-zero slope)")
+
+    def correct_hu(self, hu):
+        """Apply the internal-reference HU correction (identity without one)."""
+        return self.hu_gain * np.asarray(hu, dtype=np.float64) + self.hu_offset if not np.isscalar(hu) \
+            else self.hu_gain * float(hu) + self.hu_offset
+
+    def hu_to_bmd(self, hu: Optional[float]) -> Optional[float]:
+        """mg/cm³ from a mean HU; None stays None."""
+        if hu is None or not math.isfinite(hu):
+            return None
+        return (self.correct_hu(float(hu)) - self.intercept) / self.slope
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def load_calibration_file(path: str) -> Calibration:
+    """Read a phantom calibration JSON (format in the module docstring).
+
+    Raises:
+        BMDError: unreadable file, bad JSON, missing keys, fewer than two distinct rod densities.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise BMDError("calibration file not found (MEASURE.CALIBRATION_FILE)", path=path) from None
+    except (OSError, ValueError) as e:
+        raise BMDError(f"cannot read calibration file: {e}", path=path) from None
+    name = f"file:{os.path.basename(path)}"
+    if not isinstance(data, dict):
+        raise BMDError("calibration file must hold a JSON object", path=path)
+    try:
+        if "rods" in data:
+            rods = data["rods"]
+            bmd = np.array([float(r["bmd"]) for r in rods])
+            hu = np.array([float(r["hu"]) for r in rods])
+            if len(np.unique(bmd)) < 2 or not (np.all(np.isfinite(bmd)) and np.all(np.isfinite(hu))):
+                raise BMDError("calibration rods need at least two distinct, finite densities", path=path)
+            slope, intercept = np.polyfit(bmd, hu, 1)
+            resid = hu - (slope * bmd + intercept)
+            details = {"rods": len(rods), "rms_residual_hu": float(np.sqrt(np.mean(resid ** 2)))}
+            cal = Calibration(float(slope), float(intercept), name, details=details)
+        else:
+            cal = Calibration(float(data["slope"]), float(data["intercept"]), name)
+    except BMDError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise BMDError(f"calibration file needs 'slope' and 'intercept' or 'rods' [{{bmd, hu}}, ...] ({e!r})",
+                       path=path) from None
+    for k in ("kvp", "description"):
+        if k in data:
+            cal.details[k] = data[k]
+    return cal
+
+
+def internal_reference(volume_hu: np.ndarray, *, air_hu: float = -1000.0, fat_hu: float = -100.0,
+                       min_voxels: int = 500) -> Tuple[float, float, Dict[str, float]]:
+    """HU correction from the air and fat inside a scan.
+
+    Args:
+        volume_hu: float ``(K, J, I)`` HU.
+        air_hu, fat_hu: nominal HU of air and fat.
+        min_voxels: voxels needed in each reference class.
+
+    Returns:
+        ``(gain, offset, details)`` with ``corrected = gain · HU + offset``.
+
+    Raises:
+        BMDError: no usable air or fat, or an implausible correction (gain outside 0.8–1.25).
+    """
+    v = np.asarray(volume_hu)
+    sample = v.reshape(-1)[:: max(1, v.size // 4_000_000)]  # subsample big volumes
+    air = sample[(sample < -850) & (sample > -1200)]
+    fat = sample[(sample >= -250) & (sample <= -30)]
+    if air.size < min_voxels or fat.size < min_voxels:
+        raise BMDError(f"internal reference: too few air ({air.size}) or fat ({fat.size}) voxels")
+    air_m = float(np.median(air))
+    hist, edges = np.histogram(fat, bins=np.arange(-250, -29, 2.0))
+    hist = ndimage.uniform_filter1d(hist.astype(np.float64), 5)
+    fat_m = float(edges[int(np.argmax(hist))] + 1.0)
+    if fat_m - air_m < 500:
+        raise BMDError(f"internal reference: implausible air {air_m:.0f} HU / fat {fat_m:.0f} HU")
+    gain = (fat_hu - air_hu) / (fat_m - air_m)
+    offset = fat_hu - gain * fat_m
+    if not 0.8 <= gain <= 1.25:
+        raise BMDError(f"internal reference: implausible HU correction gain {gain:.2f}")
+    return gain, offset, {"air_measured_hu": air_m, "fat_measured_hu": fat_m, "air_nominal_hu": air_hu,
+                          "fat_nominal_hu": fat_hu}
+
+
+def calibration_from_cfg(cfg, volume_hu: Optional[np.ndarray] = None) -> Calibration:
+    """The calibration selected by ``cfg.MEASURE`` (file > linear default), with the internal reference if enabled.
+
+    A failed internal reference falls back to no correction and records ``details["internal_reference_failed"]``.
+    """
+    m = cfg.MEASURE
+    if m.CALIBRATION_FILE:
+        cal = load_calibration_file(m.CALIBRATION_FILE)
+    else:
+        cal = Calibration(float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT), "default")
+    if m.INTERNAL_REFERENCE and volume_hu is not None:
+        try:
+            gain, offset, det = internal_reference(volume_hu, air_hu=m.REFERENCE_AIR_HU, fat_hu=m.REFERENCE_FAT_HU)
+            cal.hu_gain, cal.hu_offset = gain, offset
+            cal.source += "+internal"
+            cal.details.update(det)
+        except BMDError as e:
+            logger.warning("%s; default HU scale kept", e)
+            cal.details["internal_reference_failed"] = str(e)
+    return cal
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ROI measurements
+# ---------------------------------------------------------------------------------------------------------------------
+def disk(radius_px: float) -> np.ndarray:
+    """Bool disk structuring element of the given radius (pixels); a single pixel for radius < 1."""
+    r = int(math.floor(radius_px))
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    return (x * x + y * y) <= radius_px * radius_px + 1e-9
+
+
+def erode_mask(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Erode a bool ``(H, W)`` mask with a disk of ``radius_px``; pixels outside the image count as background."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius_px < 1:
+        return mask.copy()
+    return ndimage.binary_erosion(mask, structure=disk(radius_px), border_value=0)
+
+
+def sagittal_roi_hu(hu: np.ndarray, roi: np.ndarray) -> Tuple[Optional[float], Optional[float], int]:
+    """Mean and SD of HU in ``roi`` over all sagittal slices.
+
+    Args:
+        hu: float ``(S, H, W)`` HU of the S (=3) sagittal slices.
+        roi: bool ``(H, W)``.
+
+    Returns:
+        ``(mean_hu, sd_hu, n)``; mean/SD are None for an empty ROI. NaN pixels (outside the volume) are ignored.
+    """
+    hu = np.asarray(hu)
+    if hu.ndim == 2:
+        hu = hu[None]
+    if hu.shape[1:] != roi.shape:
+        raise ValueError(f"HU {hu.shape} and ROI {roi.shape} do not match")
+    vals = hu[:, roi].reshape(-1).astype(np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return None, None, 0
+    return float(vals.mean()), float(vals.std()), int(vals.size)
+
+
+def core_points_lps(transform: np.ndarray, roi: np.ndarray, half_width_mm: float,
+                    step_mm: Optional[float] = None) -> np.ndarray:
+    """LPS positions (mm) of the 3-D core: the ROI pixels repeated at lateral offsets within ±``half_width_mm``.
+
+    Args:
+        transform: 4×4 sagittal transform ``(col, row, channel - 1, 1)`` → LPS.
+        roi: bool ``(H, W)``.
+        half_width_mm: half thickness of the core perpendicular to the sagittal plane.
+        step_mm: lateral sampling step (default: the channel spacing of ``transform``).
+
+    Returns:
+        float64 ``(N, 3)``.
+    """
+    t = np.asarray(transform, dtype=np.float64)
+    ch_mm = float(np.linalg.norm(t[:3, 2]))
+    step = step_mm or ch_mm
+    n_side = int(math.floor(half_width_mm / step + 1e-9))
+    offsets = np.arange(-n_side, n_side + 1) * step / ch_mm  # channel units
+    rows, cols = np.nonzero(roi)
+    pts = np.empty((offsets.size * rows.size, 4))
+    pts[:, 0] = np.tile(cols, offsets.size)
+    pts[:, 1] = np.tile(rows, offsets.size)
+    pts[:, 2] = np.repeat(offsets, rows.size)
+    pts[:, 3] = 1.0
+    return (pts @ t.T)[:, :3]
+
+
+def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: np.ndarray
+               ) -> Tuple[Optional[float], int]:
+    """Mean HU of the volume sampled (trilinear) at ``points_lps``.
+
+    Args:
+        volume_data: float ``(K, J, I)`` HU.
+        volume_affine: 4×4 ``(i, j, k, 1)`` → LPS.
+        points_lps: ``(N, 3)`` mm.
+
+    Returns:
+        ``(mean_hu, n)``; ``(None, 0)`` when there are no points or any point lies outside the volume.
+    """
+    if len(points_lps) == 0:
+        return None, 0
+    inv = np.linalg.inv(np.asarray(volume_affine, dtype=np.float64))
+    ijk = np.c_[points_lps, np.ones(len(points_lps))] @ inv.T
+    shape = np.asarray(volume_data.shape)[::-1]  # (I, J, K)
+    tol = 1e-3
+    if np.any(ijk[:, :3] < -tol) or np.any(ijk[:, :3] > shape - 1 + tol):
+        return None, 0
+    coords = np.clip(ijk[:, [2, 1, 0]].T, 0, (shape[::-1] - 1)[:, None])
+    vals = ndimage.map_coordinates(np.asarray(volume_data, dtype=np.float32), coords, order=1, mode="nearest")
+    return float(np.mean(vals)), int(vals.size)
+
+
+def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_column: bool = True
+                      ) -> Dict[str, Optional[float]]:
+    """Anterior, middle and posterior heights (mm) of a sagittal vertebral-body mask.
+
+    The body's antero-posterior axis is its principal axis closest to the image columns; heights are the extents
+    along the perpendicular axis in bands at 15 %, 50 % and 85 % of the AP extent (band width 10 %).
+
+    Args:
+        mask: bool ``(H, W)``.
+        spacing_mm: pixel size (mm).
+        anterior_is_low_column: whether anterior is toward column 0 (the sagittal image's convention).
+
+    Returns:
+        ``{"anterior": mm, "middle": mm, "posterior": mm}``; values None for masks under 10 pixels.
+    """
+    rows, cols = np.nonzero(mask)
+    if rows.size < 10:
+        return {"anterior": None, "middle": None, "posterior": None}
+    pts = np.c_[cols, rows].astype(np.float64)
+    pts -= pts.mean(0)
+    _, vecs = np.linalg.eigh(np.cov(pts.T))
+    ap = vecs[:, int(np.argmax(np.abs(vecs[0])))]  # eigenvector with the largest column component
+    if ap[0] < 0:
+        ap = -ap
+    if not anterior_is_low_column:
+        ap = -ap
+    si = np.array([-ap[1], ap[0]])
+    a, s = pts @ ap, pts @ si
+    lo, hi = a.min(), a.max()
+    out = {}
+    for name, frac in (("anterior", 0.15), ("middle", 0.5), ("posterior", 0.85)):
+        c = lo + frac * (hi - lo)
+        band = np.abs(a - c) <= max(0.05 * (hi - lo), 0.5)
+        out[name] = float((s[band].max() - s[band].min() + 1.0) * spacing_mm) if band.any() else None
+    return out

@@ -1,0 +1,231 @@
+"""Level labels (T11 … L5, S1) for the vertebral bodies detected in one sagittal image.
+
+The rule (documented in docs/measurement.md):
+
+1. **Anchor on the sacrum.** Detections of class 1 (``sacrum``) are S1. With several, the highest-scoring one is kept
+   (study flag ``multiple_sacrum_detections``). Vertebral bodies whose centre lies caudal to the top of the sacrum
+   box are rejected (``caudal_to_sacrum``: coccyx, pelvis or false positives).
+2. **Order** the remaining vertebral bodies (class 0) along the spine by their centre row (the sagittal row axis runs
+   head → feet). Two centres closer than ``DUPLICATE_FRACTION`` of the vertebral pitch are one vertebra: the
+   lower-scoring one is rejected (``duplicate``).
+3. **Count upward** from the sacrum: the caudal-most body is L5, the next T12 … unless the spacing says a vertebra
+   was missed: the pitch (centre-to-centre distance, mm) is the median of the consecutive distances (with fewer than
+   2 distances, ``HEIGHT_TO_PITCH`` × the median box height), and a distance ``d`` hides
+   ``floor(d / pitch + 0.5) - 1`` undetected vertebrae, which are skipped in the count (vertebra flag
+   ``level_after_gap``, study flag ``level_gap``). Between L5 and the sacrum the expected distance from the L5 centre
+   to the top of the sacrum is ``SACRUM_OFFSET`` pitches.
+4. **No sacrum** (``levels_unanchored``): with ``rule="lowest_is_L5"`` (default) the caudal-most body is called L5
+   *only if* the image continues at least one pitch below it (the sacrum should then have been in view and was
+   missed by the detector); otherwise the field of view ends inside the lumbar spine and no level can be named:
+   every level is None and the study is flagged ``levels_unknown``. ``rule="none"`` never names unanchored levels.
+5. **Never guess silently.** Counting past T11 gives None (``above_labelled_range``). A caudal-most body much shorter
+   than the others (< ``TRANSITIONAL_HEIGHT_RATIO`` × their median height) or almost touching the sacrum suggests a
+   lumbosacral transitional vertebra (``possible_transitional_anatomy``): the labels are still given, flagged.
+   Boxes touching the image edge are ``truncated_by_image_edge``; a study missing any of L1–L4 is
+   ``partial_coverage``.
+
+Sagittal images cannot show ribs, so thoracolumbar transitional anatomy (11 or 13 rib-bearing vertebrae) and
+lumbarisation of S1 cannot be detected here; counting from the sacrum is the convention used in that case.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bmd_d2.data.levels import LEVELS, SACRUM_CLASS
+from bmd_d2.data.levels import VERTEBRAL_BODY_CLASS as VERTEBRA_CLASS
+
+HEIGHT_TO_PITCH = 1.35  # pitch ≈ body height + disc height
+DUPLICATE_FRACTION = 0.45
+SACRUM_OFFSET = 0.6  # expected (top of sacrum - centre of L5) / pitch
+TRANSITIONAL_HEIGHT_RATIO = 0.7
+TRANSITIONAL_MIN_SACRUM_OFFSET = 0.25
+EDGE_MARGIN_PX = 1
+_S1 = LEVELS.index("S1")
+_LUMBAR_REQUIRED = ("L1", "L2", "L3", "L4")
+
+
+@dataclass
+class Detection:
+    """One detected instance in sagittal pixel coordinates.
+
+    Attributes:
+        category: 0 vertebral body, 1 sacrum.
+        score: detection confidence in [0, 1].
+        box: ``(x0, y0, x1, y1)`` pixels (x = column, y = row, rows run head → feet).
+        centroid: ``(x, y)`` pixels of the mask (or box) centre.
+    """
+
+    category: int
+    score: float
+    box: Tuple[float, float, float, float]
+    centroid: Tuple[float, float]
+
+
+@dataclass
+class LevelAssignment:
+    """The outcome of :func:`assign_levels`, indexed like the input detections.
+
+    Attributes:
+        levels: level name or None per detection.
+        flags: QC flags per detection.
+        rejected: detection index → reason, for detections that are not measured at all.
+        order: indices of kept detections, cranial → caudal (sacrum last).
+        study_flags: QC flags of the whole study.
+        anchored: whether the sacrum anchored the count.
+        pitch_mm: vertebral pitch used for gap detection (mm), or None.
+    """
+
+    levels: List[Optional[str]]
+    flags: List[List[str]]
+    rejected: Dict[int, str] = field(default_factory=dict)
+    order: List[int] = field(default_factory=list)
+    study_flags: List[str] = field(default_factory=list)
+    anchored: bool = False
+    pitch_mm: Optional[float] = None
+
+
+def _add(flags: List[str], flag: str):
+    if flag not in flags:
+        flags.append(flag)
+
+
+def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 1.0,
+                  image_shape: Optional[Tuple[int, int]] = None, fov_rows: Optional[Tuple[int, int]] = None,
+                  rule: str = "lowest_is_L5") -> LevelAssignment:
+    """Name the level of every detection by the rule in the module docstring.
+
+    Args:
+        detections: detections above the score threshold, any order.
+        pixel_spacing_mm: sagittal pixel size (mm), isotropic.
+        image_shape: ``(H, W)`` of the sagittal image, for edge checks; None skips them.
+        fov_rows: ``(first, last)`` rows of the image that hold scanned anatomy (not padding); default the whole
+            image height.
+        rule: what to do without a sacrum: "lowest_is_L5" or "none".
+
+    Returns:
+        A :class:`LevelAssignment`.
+    """
+    if rule not in ("lowest_is_L5", "none"):
+        raise ValueError(f"unknown unanchored level rule {rule!r}")
+    n = len(detections)
+    out = LevelAssignment(levels=[None] * n, flags=[[] for _ in range(n)])
+    sp = float(pixel_spacing_mm)
+
+    for i, d in enumerate(detections):
+        if d.category not in (VERTEBRA_CLASS, SACRUM_CLASS):
+            out.rejected[i] = "unknown_class"
+        elif image_shape is not None:
+            h, w = image_shape
+            x0, y0, x1, y1 = d.box
+            if x0 <= EDGE_MARGIN_PX or y0 <= EDGE_MARGIN_PX or x1 >= w - 1 - EDGE_MARGIN_PX \
+                    or y1 >= h - 1 - EDGE_MARGIN_PX:
+                _add(out.flags[i], "truncated_by_image_edge")
+
+    sacra = sorted((i for i in range(n) if detections[i].category == SACRUM_CLASS and i not in out.rejected),
+                   key=lambda i: -detections[i].score)
+    sacrum = sacra[0] if sacra else None
+    for i in sacra[1:]:
+        out.rejected[i] = "duplicate_sacrum"
+        _add(out.study_flags, "multiple_sacrum_detections")
+
+    verts = [i for i in range(n) if detections[i].category == VERTEBRA_CLASS and i not in out.rejected]
+    if sacrum is not None:
+        top = detections[sacrum].box[1]
+        for i in list(verts):
+            if detections[i].centroid[1] >= top:
+                out.rejected[i] = "caudal_to_sacrum"
+                verts.remove(i)
+    verts.sort(key=lambda i: (detections[i].centroid[1], -detections[i].score))
+
+    heights = [detections[i].box[3] - detections[i].box[1] for i in verts]
+    height_pitch = HEIGHT_TO_PITCH * float(np.median(heights)) * sp if heights else None
+
+    # duplicates: centres much closer than a vertebral pitch
+    if height_pitch:
+        kept: List[int] = []
+        for i in verts:
+            if kept and _dist(detections[kept[-1]], detections[i], sp) < DUPLICATE_FRACTION * height_pitch:
+                j = kept[-1]
+                loser, winner = (i, j) if detections[i].score <= detections[j].score else (j, i)
+                out.rejected[loser] = "duplicate"
+                kept[-1] = winner
+            else:
+                kept.append(i)
+        verts = kept
+
+    dists = [_dist(detections[a], detections[b], sp) for a, b in zip(verts[:-1], verts[1:])]
+    if len(dists) >= 2:
+        pitch = float(np.median(dists))
+    else:
+        pitch = height_pitch
+    out.pitch_mm = pitch
+    out.order = verts + ([sacrum] if sacrum is not None else [])
+    if not verts and sacrum is None:
+        _add(out.study_flags, "no_vertebrae_detected")
+        return out
+
+    # missing vertebrae hidden in each gap (between verts[k] and verts[k+1])
+    missing = [max(0, math.floor(d / pitch + 0.5) - 1) if pitch else 0 for d in dists]
+
+    if sacrum is not None:
+        out.anchored = True
+        out.levels[sacrum] = "S1"
+        if not verts:
+            _finish(out, detections)
+            return out
+        low = verts[-1]
+        offset = (detections[sacrum].box[1] - detections[low].centroid[1]) * sp
+        miss_sac = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5)) if pitch else 0
+        if miss_sac:
+            _add(out.flags[low], "level_after_gap")
+            _add(out.study_flags, "level_gap")
+        pos = _S1 - 1 - miss_sac
+        # transitional-anatomy hints
+        others = [detections[i].box[3] - detections[i].box[1] for i in verts[:-1]]
+        low_h = detections[low].box[3] - detections[low].box[1]
+        if (len(others) >= 2 and low_h < TRANSITIONAL_HEIGHT_RATIO * float(np.median(others))) or \
+                (pitch and offset < TRANSITIONAL_MIN_SACRUM_OFFSET * pitch):
+            _add(out.flags[low], "possible_transitional_anatomy")
+            _add(out.study_flags, "possible_transitional_anatomy")
+    else:
+        _add(out.study_flags, "levels_unanchored")
+        low = verts[-1]
+        first, last = fov_rows if fov_rows is not None else (0, (image_shape[0] - 1) if image_shape else None)
+        below_mm = ((last - detections[low].box[3]) * sp) if last is not None else 0.0
+        if rule == "none" or not pitch or below_mm < pitch:
+            _add(out.study_flags, "levels_unknown")
+            for i in verts:
+                _add(out.flags[i], "levels_unanchored")
+            _finish(out, detections)
+            return out
+        pos = _S1 - 1
+        for i in verts:
+            _add(out.flags[i], "levels_unanchored")
+
+    for k in range(len(verts) - 1, -1, -1):
+        i = verts[k]
+        if pos >= 0:
+            out.levels[i] = LEVELS[pos]
+        else:
+            _add(out.flags[i], "above_labelled_range")
+        if k > 0:
+            if missing[k - 1]:
+                _add(out.flags[verts[k - 1]], "level_after_gap")
+                _add(out.study_flags, "level_gap")
+            pos -= 1 + missing[k - 1]
+    _finish(out, detections)
+    return out
+
+
+def _finish(out: LevelAssignment, detections: Sequence[Detection]):
+    named = {lvl for lvl in out.levels if lvl}
+    if any(lvl not in named for lvl in _LUMBAR_REQUIRED):
+        _add(out.study_flags, "partial_coverage")
+    if any("truncated_by_image_edge" in out.flags[i] for i in out.order):
+        _add(out.study_flags, "partial_coverage")
+
+
+def _dist(a: Detection, b: Detection, sp: float) -> float:
+    return math.hypot(a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]) * sp

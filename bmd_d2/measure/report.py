@@ -1,0 +1,329 @@
+"""Study reports: JSON, CSV (one row per vertebra), overlay PNG, optional NIfTI masks — all written atomically.
+
+Every file is written to a temporary name in the same folder and moved into place with ``os.replace``, so a reader
+(or a resumed batch) never sees a half-written file. ``result.json`` is written last: its presence marks a finished
+study (see :func:`is_finished`).
+
+CSV columns (``vertebrae.csv``; empty cell = not available):
+
+==========================  ==========================================================================================
+``study_id``                the study's output name
+``level``                   T11 … L5, S1 (empty when it cannot be named; see qc_flags)
+``structure``               ``vertebral_body`` or ``sacrum`` (detector class)
+``score``                   detection confidence, 0–1
+``bmd_mg_cm3``              reported BMD (MEASURE.PRIMARY_BMD: learned or classical), mg/cm³
+``category``                ACR QCT category of ``bmd_mg_cm3`` for this vertebra alone
+``learned_bmd_mg_cm3``      the model's estimate, mg/cm³
+``classical_bmd_mg_cm3``    from ``trabecular_hu`` through the calibration, mg/cm³
+``classical_bmd_3d_mg_cm3`` from ``trabecular_hu_3d`` through the calibration, mg/cm³
+``bmd_difference_mg_cm3``   learned − classical, mg/cm³
+``trabecular_hu``           mean HU in the eroded mask over the 3 sagittal slices
+``trabecular_hu_sd``        SD of those HU values
+``trabecular_hu_3d``        mean HU in the 3-D core (± CORE_HALF_WIDTH_MM laterally)
+``roi_pixels``              pixels in the sagittal ROI (3 slices together)
+``roi_voxels_3d``           samples in the 3-D core
+``height_{anterior,middle,posterior}_mm``  vertebral heights, mm
+``centroid_{x,y,z}_mm``     mask centre in patient coordinates (DICOM LPS), mm
+``box_{x0,y0,x1,y1}``       box in sagittal pixels
+``qc_flags``                ``;``-separated flags (docs/measurement.md)
+==========================  ==========================================================================================
+
+``studies.csv`` (batch) has one row per study: :data:`STUDY_COLUMNS`.
+"""
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from bmd_d2.data.levels import THING_CLASSES
+
+from .result import StudyResult
+
+logger = logging.getLogger(__name__)
+
+RESULT_JSON = "result.json"
+VERTEBRAE_CSV = "vertebrae.csv"
+OVERLAY_PNG = "overlay.png"
+MASKS_NII = "masks.nii.gz"
+
+VERTEBRA_COLUMNS = [
+    "study_id", "level", "structure", "score", "bmd_mg_cm3", "category", "learned_bmd_mg_cm3",
+    "classical_bmd_mg_cm3", "classical_bmd_3d_mg_cm3", "bmd_difference_mg_cm3", "trabecular_hu", "trabecular_hu_sd",
+    "trabecular_hu_3d", "roi_pixels", "roi_voxels_3d", "height_anterior_mm", "height_middle_mm",
+    "height_posterior_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "box_x0", "box_y0", "box_x1", "box_y1",
+    "qc_flags",
+]
+STUDY_COLUMNS = [
+    "study_id", "status", "n_vertebrae", "levels", "acr_levels", "acr_bmd_mg_cm3", "acr_category",
+    "acr_bmd_classical_mg_cm3", "acr_category_classical", "l1_hu", "hu_category", "qc_flags", "reason",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic files
+# ---------------------------------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to ``path`` (same suffix); on success it replaces ``path``, on error it is removed.
+
+    Example::
+
+        with atomic_path("out/overlay.png") as tmp:
+            fig.savefig(tmp, format="png")
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str):
+    """Write ``text`` (UTF-8) to ``path`` atomically, fsync'ed before the rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return "" if not np.isfinite(x) else f"{x:.6g}"
+    if isinstance(x, (list, tuple)):
+        return ";".join(str(v) for v in x)
+    return str(x)
+
+
+def csv_text(rows: Iterable[Dict], columns: List[str]) -> str:
+    """CSV (header + rows, ``\\n`` line ends) of dicts restricted to ``columns``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_fmt(r.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------------
+def vertebra_rows(result: StudyResult) -> List[Dict]:
+    """One dict per vertebra with the :data:`VERTEBRA_COLUMNS` keys."""
+    rows = []
+    for v in result.vertebrae:
+        d = v.to_dict()
+        c = d.get("centroid_lps") or [None] * 3
+        b = d.get("box_xyxy") or [None] * 4
+        h = d.get("heights_mm") or {}
+        rows.append({
+            "study_id": result.study_id, "level": d["level"],
+            "structure": THING_CLASSES[v.category_id] if 0 <= v.category_id < len(THING_CLASSES) else v.category_id,
+            "score": d["score"], "bmd_mg_cm3": d["bmd"], "category": d["category"],
+            "learned_bmd_mg_cm3": d["learned_bmd"], "classical_bmd_mg_cm3": d["classical_bmd"],
+            "classical_bmd_3d_mg_cm3": d["classical_bmd_3d"], "bmd_difference_mg_cm3": d["bmd_difference"],
+            "trabecular_hu": d["trabecular_hu"], "trabecular_hu_sd": d["trabecular_hu_sd"],
+            "trabecular_hu_3d": d["trabecular_hu_3d"], "roi_pixels": d["roi_pixels"],
+            "roi_voxels_3d": d["roi_voxels_3d"], "height_anterior_mm": h.get("anterior"),
+            "height_middle_mm": h.get("middle"), "height_posterior_mm": h.get("posterior"),
+            "centroid_x_mm": c[0], "centroid_y_mm": c[1], "centroid_z_mm": c[2],
+            "box_x0": b[0], "box_y0": b[1], "box_x1": b[2], "box_y1": b[3], "qc_flags": d["qc_flags"],
+        })
+    return rows
+
+
+def study_row(result_dict: Dict, status: str = "ok", reason: str = "") -> Dict:
+    """One :data:`STUDY_COLUMNS` row from ``StudyResult.to_dict()`` (or a failure with only ``study_id``)."""
+    p = result_dict.get("patient", {})
+    verts = result_dict.get("vertebrae", [])
+    return {
+        "study_id": result_dict.get("study_id"), "status": status, "n_vertebrae": len(verts),
+        "levels": [v["level"] for v in verts if v.get("level")], "acr_levels": p.get("acr_levels") or [],
+        "acr_bmd_mg_cm3": p.get("acr_bmd"), "acr_category": p.get("acr_category"),
+        "acr_bmd_classical_mg_cm3": p.get("acr_bmd_classical"),
+        "acr_category_classical": p.get("acr_category_classical"), "l1_hu": p.get("l1_hu"),
+        "hu_category": p.get("hu_category"), "qc_flags": result_dict.get("qc_flags", []), "reason": reason,
+    }
+
+
+def format_table(result: StudyResult) -> str:
+    """A fixed-width text table of the vertebrae plus the patient-level lines (for the terminal)."""
+    head = f"{'level':<6}{'score':>6}{'BMD':>8}{'learned':>9}{'classic':>9}{'3D':>8}{'HU':>8}{'HU3D':>8}  " \
+           f"{'category':<13}flags"
+    lines = [f"study {result.study_id}: {len(result.vertebrae)} vertebrae (BMD in mg/cm³)", head]
+
+    def f(x, w, p=1):
+        return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+
+    for v in result.vertebrae:
+        lines.append(f"{(v.level or '?'):<6}{f(v.score, 6, 2)}{f(v.bmd, 8)}{f(v.learned_bmd, 9)}"
+                     f"{f(v.classical_bmd, 9)}{f(v.classical_bmd_3d, 8)}{f(v.trabecular_hu, 8)}"
+                     f"{f(v.trabecular_hu_3d, 8)}  {(v.category or '-'):<13}{','.join(v.qc_flags)}")
+    p = result.patient
+    acr = p.get("acr_bmd")
+    lines.append(f"ACR QCT ({'+'.join(p.get('acr_levels') or []) or '-'}): "
+                 f"{'-' if acr is None else f'{acr:.1f} mg/cm³'} -> {p.get('acr_category') or 'not available'}"
+                 f" | classical: {_opt(p.get('acr_bmd_classical'))} -> {p.get('acr_category_classical') or '-'}")
+    lines.append(f"L1 HU: {_opt(p.get('l1_hu'))} -> {p.get('hu_category') or 'not available'}")
+    if result.qc_flags:
+        lines.append(f"study flags: {', '.join(result.qc_flags)}")
+    return "\n".join(lines)
+
+
+def _opt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------------
+def write_json(result: StudyResult, path: str):
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(result: StudyResult, path: str):
+    atomic_write_text(path, csv_text(vertebra_rows(result), VERTEBRA_COLUMNS))
+
+
+_COLORS = [(0.90, 0.10, 0.29), (0.24, 0.71, 0.29), (1.0, 0.88, 0.10), (0.0, 0.51, 0.78), (0.96, 0.51, 0.19),
+           (0.57, 0.12, 0.71), (0.27, 0.94, 0.94), (0.94, 0.20, 0.90), (0.74, 0.96, 0.05)]
+
+
+def write_overlay(result: StudyResult, path: str, *, dpi: int = 100):
+    """PNG of the mid-sagittal slice with each vertebra's mask coloured, its level, BMD and HU written beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    sag = result.sagittal
+    img = np.asarray(sag.image)[:, :, 1] if sag is not None else None
+    if img is None:
+        raise ValueError("the result holds no sagittal image")
+    H, W = img.shape
+    fig = Figure(figsize=(max(4.0, W / dpi * 1.6), max(4.0, H / dpi)), dpi=dpi)
+    ax = fig.add_axes([0, 0.06, 1, 0.9])
+    ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest", extent=(0, W, H, 0))
+    over = np.zeros((H, W, 4), dtype=np.float32)
+    for i, v in enumerate(result.vertebrae):
+        col = _COLORS[i % len(_COLORS)]
+        if v.mask is not None:
+            over[v.mask] = (*col, 0.4)
+        x0, y0, x1, y1 = v.box_xyxy
+        txt = f"{v.level or '?'}  {_opt(v.bmd)} mg/cm³  {_opt(v.trabecular_hu)} HU"
+        if v.qc_flags:
+            txt += " !"
+        ax.text(x1 + 3, (y0 + y1) / 2, txt, color=col, fontsize=7, va="center", ha="left",
+                bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
+    ax.imshow(over, interpolation="nearest", extent=(0, W, H, 0))
+    ax.set_xlim(0, W * 1.6)
+    ax.set_ylim(H, 0)
+    ax.set_facecolor("black")
+    ax.axis("off")
+    p = result.patient
+    title = f"{result.study_id}  ACR {_opt(p.get('acr_bmd'))} mg/cm³ ({p.get('acr_category') or 'n/a'})  " \
+            f"L1 {_opt(p.get('l1_hu'))} HU ({p.get('hu_category') or 'n/a'})"
+    fig.text(0.01, 0.97, title, fontsize=8, va="top", color="black")
+    if result.qc_flags:
+        fig.text(0.01, 0.01, "flags: " + ", ".join(result.qc_flags), fontsize=7, va="bottom", color="darkred")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
+
+
+def mask_label_image(result: StudyResult) -> np.ndarray:
+    """uint8 ``(H, W)`` sagittal label image of the vertebrae: level label (T11 = 1 … S1 = 8), unnamed ones 9, 10, …"""
+    from bmd_d2.data.levels import LEVEL_TO_LABEL
+
+    H, W = np.asarray(result.sagittal.hu).shape[1:]
+    lab = np.zeros((H, W), np.uint8)
+    extra = 9
+    for v in result.vertebrae:
+        if v.mask is None:
+            continue
+        if v.level:
+            value = LEVEL_TO_LABEL[v.level]
+        else:
+            value, extra = extra, extra + 1
+        lab[v.mask & (lab == 0)] = value
+    return lab
+
+
+def write_masks_nifti(result: StudyResult, path: str):
+    """Label volume (NIfTI, geometry of the source volume) of the measured sagittal masks.
+
+    Values as :func:`mask_label_image`; the masks fill the slab the sagittal measurement covered (the 3 slices:
+    ``NUM_SLICES × channel spacing`` mm thick) around the mid-sagittal plane. Needs ``result.volume``.
+    """
+    import nibabel as nib
+
+    from bmd_d2.data.sagittal import sagittal_mask_to_volume
+
+    vol, sag = result.volume, result.sagittal
+    if vol is None or sag is None:
+        raise ValueError("the result holds no volume/sagittal image to map the masks into")
+    n_slices = np.asarray(sag.hu).shape[0]
+    thickness = n_slices * float(np.linalg.norm(np.asarray(sag.transform)[:3, 2]))
+    lab = sagittal_mask_to_volume(sag, mask_label_image(result), tuple(vol.data.shape), vol.affine,
+                                  thickness_mm=thickness)
+    data = np.transpose(np.asarray(lab).astype(np.uint8), (2, 1, 0))  # (K, J, I) -> NIfTI (i, j, k)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(vol.affine)  # LPS -> RAS
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, masks: bool = False) -> Dict[str, str]:
+    """Write every report of one study into ``out_dir``; ``result.json`` last (the "finished" marker).
+
+    Returns:
+        name → path of the files written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"csv": os.path.join(out_dir, VERTEBRAE_CSV)}
+    write_csv(result, paths["csv"])
+    if overlay:
+        paths["overlay"] = os.path.join(out_dir, OVERLAY_PNG)
+        write_overlay(result, paths["overlay"])
+    if masks:
+        paths["masks"] = os.path.join(out_dir, MASKS_NII)
+        write_masks_nifti(result, paths["masks"])
+    paths["json"] = os.path.join(out_dir, RESULT_JSON)
+    write_json(result, paths["json"])
+    return paths
+
+
+def is_finished(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a complete ``result.json`` (written last by :func:`write_study`)."""
+    p = os.path.join(out_dir, RESULT_JSON)
+    if not os.path.isfile(p):
+        return False
+    try:
+        with open(p, encoding="utf-8") as f:
+            return "vertebrae" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def read_result(out_dir: str) -> Optional[Dict]:
+    """The ``result.json`` dict of a finished study, or None."""
+    try:
+        with open(os.path.join(out_dir, RESULT_JSON), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,157 @@
+"""The study result contract (docs/ARCHITECTURE.md): what measuring one CT study returns.
+
+``StudyResult.to_dict()`` is JSON-serialisable and holds no patient name/ID: only UIDs and technical tags.
+Masks, the sagittal image and the volume stay in memory (not serialised); reports write them separately.
+
+QC flags are short lower_snake strings; :data:`QC_FLAGS` is their one registry (name → meaning). Code that adds a
+flag registers it there so reports and docs can explain it.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+RESULT_VERSION = 1
+
+QC_FLAGS: Dict[str, str] = {
+    # level labelling (bmd_d2.measure.levels)
+    "levels_unanchored": "no sacrum detected: levels counted by the fallback rule (lowest body = L5)",
+    "levels_unknown": "no sacrum detected and the field of view ends in the lumbar spine: no level named",
+    "level_gap": "the spacing of the detected bodies shows an undetected vertebra; the count skips it",
+    "level_after_gap": "this body's level was counted across a gap (an undetected vertebra below it)",
+    "above_labelled_range": "counted above T11: no level name is given",
+    "possible_transitional_anatomy": "lowest lumbar body is short or fused-looking: possible transitional vertebra",
+    "multiple_sacrum_detections": "several sacrum detections; the highest-scoring one anchors the count",
+    "partial_coverage": "not all of L1-L4 are in view, or a body touches the image edge",
+    "truncated_by_image_edge": "the body touches the edge of the sagittal image: it may be cut off",
+    "no_vertebrae_detected": "no vertebral body above the score threshold",
+    # classical measurement (bmd_d2.measure.classical)
+    "roi_too_small": "the eroded trabecular ROI has too few pixels: no classical value",
+    "no_3d_core": "the 3-D core does not fit in the scanned volume (or slices too thick): 3-D value not given",
+    "implausible_hu": "trabecular HU outside the plausible range for bone: values withheld",
+    "implausible_size": "mask area outside the plausible range for a vertebral body: not measured",
+    "acr_levels_substituted": "the ACR patient value uses lumbar levels other than L1+L2",
+    "acr_not_available": "fewer than two usable lumbar vertebrae: no ACR patient category",
+    "internal_reference_failed": "air/fat internal reference not found: default calibration used",
+    "large_learned_classical_difference": "learned and classical BMD differ by more than MEASURE.MAX_BMD_DIFFERENCE",
+    "volume_warning": "the volume loader reported a warning (see study.warnings)",
+}
+
+
+def _clean(x):
+    """Make ``x`` JSON-friendly: numpy scalars → Python, NaN/inf → None, tuples → lists."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    return x
+
+
+@dataclass
+class VertebraResult:
+    """One measured vertebral body (or the sacrum).
+
+    Attributes:
+        level: "T11" … "L5", "S1", or None when it cannot be named.
+        category_id: detector class, 0 vertebral body, 1 sacrum.
+        score: detection confidence.
+        box_xyxy: ``(x0, y0, x1, y1)`` in sagittal pixels.
+        mask: bool ``(H, W)`` sagittal mask (not serialised).
+        centroid_px: ``(x, y)`` mask centre in sagittal pixels.
+        centroid_lps: ``(x, y, z)`` mm, patient coordinates (DICOM LPS).
+        learned_bmd: model estimate, mg/cm³.
+        trabecular_hu: mean HU in the eroded mask over the 3 sagittal slices.
+        trabecular_hu_sd: SD of those HU values.
+        trabecular_hu_3d: mean HU in the 3-D core, or None when the geometry does not allow it.
+        classical_bmd: mg/cm³ from ``trabecular_hu`` through the calibration.
+        classical_bmd_3d: mg/cm³ from ``trabecular_hu_3d``.
+        bmd_difference: ``learned_bmd - classical_bmd``, mg/cm³.
+        bmd: the reported BMD (``MEASURE.PRIMARY_BMD``: learned or classical), mg/cm³.
+        category: ACR QCT category of ``bmd`` for this vertebra alone (the diagnosis uses ``patient``).
+        roi_pixels: pixels in the eroded sagittal ROI (summed over the 3 slices).
+        roi_voxels_3d: samples in the 3-D core.
+        heights_mm: anterior/middle/posterior heights (mm).
+        qc_flags: flags of this vertebra (see :data:`QC_FLAGS`).
+    """
+
+    level: Optional[str]
+    category_id: int
+    score: float
+    box_xyxy: List[float]
+    mask: Optional[np.ndarray] = None
+    centroid_px: Optional[List[float]] = None
+    centroid_lps: Optional[List[float]] = None
+    learned_bmd: Optional[float] = None
+    trabecular_hu: Optional[float] = None
+    trabecular_hu_sd: Optional[float] = None
+    trabecular_hu_3d: Optional[float] = None
+    classical_bmd: Optional[float] = None
+    classical_bmd_3d: Optional[float] = None
+    bmd_difference: Optional[float] = None
+    bmd: Optional[float] = None
+    category: Optional[str] = None
+    roi_pixels: int = 0
+    roi_voxels_3d: int = 0
+    heights_mm: Dict[str, Optional[float]] = field(default_factory=dict)
+    qc_flags: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "mask"}
+        return _clean(d)
+
+
+@dataclass
+class StudyResult:
+    """Everything measured in one CT study.
+
+    Attributes:
+        study_id: the sanitised id used for output names.
+        study: source identifiers (UIDs, Modality, KVP, Manufacturer, ``source``) and ``warnings`` from loading.
+        vertebrae: :class:`VertebraResult` list, cranial → caudal.
+        patient: patient-level values: ``acr_levels``, ``acr_bmd``, ``acr_category``, ``acr_bmd_classical``,
+            ``acr_category_classical``, ``l1_hu``, ``hu_category``, ``primary_bmd``.
+        qc_flags: study-level flags.
+        calibration: the HU → BMD calibration used (``slope``, ``intercept``, ``source``, ...).
+        model: config file, weights path and score threshold.
+        rejected: detections not reported, as ``{"box_xyxy", "score", "category_id", "reason"}``.
+        sagittal: the ``SagittalImage`` measured (not serialised).
+        volume: the ``Volume`` (not serialised).
+    """
+
+    study_id: str
+    study: Dict[str, Any] = field(default_factory=dict)
+    vertebrae: List[VertebraResult] = field(default_factory=list)
+    patient: Dict[str, Any] = field(default_factory=dict)
+    qc_flags: List[str] = field(default_factory=list)
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    model: Dict[str, Any] = field(default_factory=dict)
+    rejected: List[Dict[str, Any]] = field(default_factory=list)
+    sagittal: Any = None
+    volume: Any = None
+
+    def vertebra(self, level: str) -> Optional[VertebraResult]:
+        """The vertebra labelled ``level``, or None."""
+        return next((v for v in self.vertebrae if v.level == level), None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "version": RESULT_VERSION,
+            "study_id": self.study_id,
+            "study": _clean(self.study),
+            "vertebrae": [v.to_dict() for v in self.vertebrae],
+            "patient": _clean(self.patient),
+            "qc_flags": list(self.qc_flags),
+            "calibration": _clean(self.calibration),
+            "model": _clean(self.model),
+            "rejected": _clean(self.rejected),
+        }
