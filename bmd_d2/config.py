@@ -108,6 +108,8 @@ def add_bmd_config(cfg):
     _C.INPUT.BMD_AUG.ENABLED = True
     # Random rotation range (degrees) in the sagittal plane.
     _C.INPUT.BMD_AUG.ROTATION = 5.0
+    # Random isotropic scale range, then a fixed-size crop/pad back to IMAGE_SIZE; (1.0, 1.0) disables it.
+    _C.INPUT.BMD_AUG.SCALE_RANGE = (0.85, 1.15)
     # Random intensity scale/offset on the 0..255 image and additive Gaussian noise std (0..255 units).
     _C.INPUT.BMD_AUG.INTENSITY_SCALE = 0.05
     _C.INPUT.BMD_AUG.INTENSITY_SHIFT = 5.0
