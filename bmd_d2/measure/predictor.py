@@ -223,12 +223,10 @@ def patient_values(vertebrae: Sequence[VertebraResult], study_flags: List[str], 
 
 def sagittal_from_cfg(volume, cfg):
     """``make_sagittal`` with the ``INPUT.DICOM`` settings (spacing, size, slices, window) used in training."""
+    from bmd_d2.data.datasets import params_from_cfg
     from bmd_d2.data.sagittal import make_sagittal
 
-    d = cfg.INPUT.DICOM
-    return make_sagittal(volume, spacing=float(d.SAGITTAL_SPACING), size=int(d.IMAGE_SIZE),
-                         num_slices=int(d.NUM_SLICES), window_width=float(d.WINDOW_WIDTH),
-                         window_level=float(d.WINDOW_LEVEL))
+    return make_sagittal(volume, **params_from_cfg(cfg))
 
 
 def fov_rows(sagittal) -> Optional[tuple]:

@@ -1,0 +1,20 @@
+"""ACR QCT and L1-HU screening categories at and around their boundaries."""
+import math
+
+import pytest
+
+from bmd_d2.measure.categories import acr_category, hu_category
+
+
+@pytest.mark.parametrize("bmd,cat", [(120.01, "normal"), (120.0, "osteopenia"), (100, "osteopenia"),
+                                     (80.0, "osteopenia"), (79.99, "osteoporosis"), (0, "osteoporosis"),
+                                     (250, "normal"), (None, None), (math.nan, None)])
+def test_acr(bmd, cat):
+    assert acr_category(bmd) == cat
+
+
+@pytest.mark.parametrize("hu,cat", [(160.01, "normal_likely"), (160.0, "indeterminate"), (110.01, "indeterminate"),
+                                    (110.0, "osteoporosis_likely"), (-5, "osteoporosis_likely"), (None, None),
+                                    (math.inf, None)])
+def test_hu(hu, cat):
+    assert hu_category(hu) == cat

@@ -1,0 +1,160 @@
+"""Classical measurement: calibration files, ROI arithmetic, and the physics check against phantom truth."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bmd_d2 import BMDError
+from bmd_d2.config import get_bmd_cfg
+from bmd_d2.data.dicom import Volume
+from bmd_d2.data.levels import level_class
+from bmd_d2.data.phantom import PhantomOptions, generate_study
+from bmd_d2.data.datasets import params_from_cfg
+from bmd_d2.data.sagittal import SagittalPlane, make_sagittal, sample_volume_to_sagittal
+from bmd_d2.measure.classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_mask,
+                                      internal_reference, load_calibration_file, sagittal_roi_hu)
+from bmd_d2.measure.predictor import measure_detections
+
+
+def test_calibration_linear_and_files(tmp_path):
+    c = Calibration(slope=1.2, intercept=10.0)
+    assert c.hu_to_bmd(130.0) == pytest.approx(100.0)
+    assert c.hu_to_bmd(None) is None
+    p = tmp_path / "cal.json"
+    p.write_text(json.dumps({"slope": 0.9, "intercept": -3}))
+    assert load_calibration_file(str(p)).hu_to_bmd(87.0) == pytest.approx(100.0)
+    # rods on HU = 5 + 1.1 * bmd exactly -> the fit recovers it
+    p.write_text(json.dumps({"rods": [{"bmd": b, "hu": 5 + 1.1 * b} for b in (0, 50, 100, 200)], "kvp": 120}))
+    c = load_calibration_file(str(p))
+    assert (c.slope, c.intercept) == (pytest.approx(1.1), pytest.approx(5.0))
+    assert c.details["kvp"] == 120 and c.details["rms_residual_hu"] < 1e-9
+    for bad in ('{"rods": [{"bmd": 1, "hu": 2}]}', '{"slope": 0, "intercept": 1}', "not json", '{"x": 1}'):
+        p.write_text(bad)
+        with pytest.raises(BMDError) as e:
+            load_calibration_file(str(p))
+        assert "\n" not in str(e.value)
+    with pytest.raises(BMDError, match="not found"):
+        load_calibration_file(str(tmp_path / "missing.json"))
+
+
+def test_internal_reference_corrects_scale():
+    rng = np.random.default_rng(0)
+    true = np.concatenate([np.full(5000, -1000.0), np.full(5000, -100.0), np.full(5000, 40.0)])
+    true += rng.normal(0, 5, true.size)
+    measured = 1.05 * true + 20  # drifted scanner
+    gain, offset, det = internal_reference(measured.reshape(15, 10, 100))
+    assert gain * (1.05 * 40 + 20) + offset == pytest.approx(40.0, abs=3.0)
+    with pytest.raises(BMDError):
+        internal_reference(np.full((10, 10, 10), 40.0))
+    cfg = get_bmd_cfg(freeze=False)
+    cfg.MEASURE.INTERNAL_REFERENCE = True
+    cal = calibration_from_cfg(cfg, np.full((10, 10, 10), 40.0))  # fails -> recorded, default kept
+    assert cal.hu_gain == 1.0 and "internal_reference_failed" in cal.details
+
+
+def test_roi_hand_example():
+    mask = np.zeros((9, 9), bool)
+    mask[1:8, 1:8] = True
+    roi = erode_mask(mask, 1.0)  # 4-neighbour disk: removes one ring
+    assert roi.sum() == 25 and roi[2:7, 2:7].all()
+    hu = np.stack([np.full((9, 9), v) for v in (10.0, 20.0, 60.0)])
+    mean, sd, n = sagittal_roi_hu(hu, roi)
+    assert (mean, n) == (pytest.approx(30.0), 75) and sd == pytest.approx(np.std([10, 20, 60]))
+
+
+def test_core_sampling_is_exact_on_a_linear_volume():
+    # volume HU = x (LPS mm): sampling at known points returns their mean x exactly (trilinear on a linear field)
+    aff = np.diag([0.8, 0.8, 2.0, 1.0])
+    aff[:3, 3] = [-20, -20, -30]
+    K, J, I = 30, 50, 50
+    x = aff[0, 0] * np.arange(I) + aff[0, 3]
+    data = np.broadcast_to(x[None, None, :], (K, J, I)).astype(np.float32)
+    T = np.array([[0, 0, 1, 0.5], [1, 0, 0, -5], [0, -1, 0, 10], [0, 0, 0, 1]], float)  # sagittal: normal = +x
+    roi = np.zeros((20, 20), bool)
+    roi[5:15, 5:15] = True
+    pts = core_points_lps(T, roi, 3.0)
+    assert len(pts) == 100 * 7
+    mean, n = core_hu_3d(data, aff, pts)
+    assert mean == pytest.approx(0.5, abs=1e-4) and n == 700
+    assert core_hu_3d(data, aff, pts + [0, 0, 100])[0] is None  # outside the volume
+
+
+def truth_sagittal(st, vol, cfg):
+    """The sagittal image through the phantom's true spine centre line (bypasses plane detection)."""
+    centres = np.array(list(st.params["spine_centers_lps"].values()), float)
+    plane = SagittalPlane(point=centres.mean(0), normal=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
+                          row_dir=np.array([0, 0, -1.0]))
+    return make_sagittal(vol, plane=plane, **params_from_cfg(cfg))
+
+
+def _gt_detections(st, sag):
+    lab = sample_volume_to_sagittal(sag, Volume(st.labels.astype(np.float32), st.affine), order=0)[1]
+    masks, classes, boxes, bmd, truth = [], [], [], [], []
+    for t in st.truth:
+        m = lab == t["label"]
+        if m.sum() < 50:
+            continue
+        r, c = np.nonzero(m)
+        masks.append(m)
+        classes.append(level_class(t["level"]))
+        boxes.append([c.min(), r.min(), c.max() + 1, r.max() + 1])
+        bmd.append(t["bmd_mg_cm3"])
+        truth.append(t)
+    dets = dict(boxes=np.array(boxes, float), scores=np.ones(len(masks)), classes=np.array(classes),
+                masks=np.array(masks), bmd=np.array(bmd))
+    return dets, truth
+
+
+@pytest.mark.parametrize("seed,noise", [(1, 0.0), (3, 0.0), (4, None), (5, None)])
+def test_classical_hu_matches_phantom_truth(seed, noise):
+    """Key physics check: with ground-truth masks, the classical HU equals the phantom's trabecular HU."""
+    cfg = get_bmd_cfg("configs/quick_schedules/bmd_rcnn_MFEFPN_instant_test.yaml")
+    st = generate_study(seed, PhantomOptions.tiny(metal=False, fracture=False, scoliosis=False, noise_sd=noise))
+    vol = Volume(st.quantized_hu(), st.affine, meta={"source": "phantom"})
+    sag = truth_sagittal(st, vol, cfg)
+    dets, truth = _gt_detections(st, sag)
+    assert len(truth) >= 5
+    cal = Calibration(st.params["calib_b"], st.params["calib_a"], "phantom")  # the scanner's own calibration
+    res = measure_detections(dets, sag, cfg, volume=vol, calibration=cal, study_id=st.study_id)
+    assert not res.rejected
+    assert [v.level for v in res.vertebrae] == [t["level"] for t in truth]  # labels in order, from the sacrum
+    # Measured over seeds 1-8 (61 vertebrae): 3-D core MAE 2.0 HU (max 7.4) noise-free, 2.6 (max 11.4) with noise;
+    # sagittal ROI MAE 3.8 (max 17) / 4.8 (max 22): the 3 slices sample a textured field less than the core does.
+    e2 = np.array([v.trabecular_hu - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
+    e3 = np.array([v.trabecular_hu_3d - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
+    eb = np.array([v.classical_bmd_3d - t["bmd_mg_cm3"] for v, t in zip(res.vertebrae, truth)])
+    assert np.abs(e3).mean() < 5.0 and np.abs(e3).max() < 14.0, e3
+    assert np.abs(e2).mean() < 8.0 and np.abs(e2).max() < 28.0, e2
+    assert abs(e3.mean()) < 4.0  # no systematic bias
+    assert np.abs(eb).mean() < 5.0 / cal.slope + 1.0, eb  # mg/cm³ through the phantom's calibration
+    for v, t in zip(res.vertebrae, truth):
+        assert v.learned_bmd == t["bmd_mg_cm3"] and v.bmd == v.learned_bmd
+        assert v.bmd_difference == pytest.approx(v.learned_bmd - v.classical_bmd)
+
+
+def test_synthetic_sanity_checks_reject_non_bone_and_withhold_metal():
+    cfg = get_bmd_cfg(freeze=False)
+    H = W = 200
+    hu = np.full((3, H, W), -1000.0, np.float32)
+    masks = np.zeros((4, H, W), bool)
+    masks[0, 20:45, 50:85] = True  # bone, 150 HU
+    hu[:, 20:45, 50:85] = 150.0
+    masks[1, 60:85, 50:85] = True  # air: not bone
+    masks[2, 100:125, 50:85] = True  # metal-dense
+    hu[:, 100:125, 50:85] = 2500.0
+    masks[3, 140:142, 50:52] = True  # tiny
+    boxes = np.array([[50, 20, 85, 45], [50, 60, 85, 85], [50, 100, 85, 125], [50, 140, 52, 142]], float)
+    sag = SimpleNamespace(hu=hu, image=np.zeros((H, W, 3), np.uint8), transform=np.eye(4), spacing=1.0, info={})
+    dets = dict(boxes=boxes, scores=np.array([0.9, 0.9, 0.9, 0.9]), classes=np.zeros(4, int), masks=masks,
+                bmd=np.array([140.0, 50.0, 900.0, 10.0]))
+    res = measure_detections(dets, sag, cfg, calibration=Calibration())
+    assert sorted(r["reason"] for r in res.rejected) == ["implausible_size", "not_bone"]
+    ok, dense = res.vertebrae
+    assert ok.trabecular_hu == pytest.approx(150.0) and ok.classical_bmd == pytest.approx(150.0)
+    assert ok.bmd_difference == pytest.approx(-10.0) and ok.category == "normal"
+    assert "implausible_hu" in dense.qc_flags and dense.bmd is None and dense.classical_bmd is None
+    # below the score threshold: not reported at all
+    dets["scores"] = np.array([0.3, 0.3, 0.3, 0.3])
+    res = measure_detections(dets, sag, cfg, calibration=Calibration())
+    assert res.vertebrae == [] and res.model["below_threshold"] == 4 and "no_vertebrae_detected" in res.qc_flags
