@@ -1138,6 +1138,12 @@ def write_dicom_series(study: PhantomStudy, out_dir, style: Optional[DicomStyle]
     inst[order] = np.arange(1, nk + 1)
     paths: List[Path] = []
     compressed = style.transfer_syntax not in ("explicit", "implicit")
+    plugin = ""
+    if compressed:  # prefer the fast native encoder (pylibjpeg-rle is ~15x faster than pydicom's own RLE)
+        from pydicom.pixels import get_encoder
+
+        plugins = get_encoder(ts_uid).available_plugins
+        plugin = "pylibjpeg" if "pylibjpeg" in plugins else ""
     for k in range(nk):
         sop = _uid(study, "sop", k)
         fm.MediaStorageSOPInstanceUID = sop
@@ -1152,7 +1158,7 @@ def write_dicom_series(study: PhantomStudy, out_dir, style: Optional[DicomStyle]
             if "PixelData" in ds:
                 del ds.PixelData
             fm.TransferSyntaxUID = puid.ExplicitVRLittleEndian
-            ds.compress(ts_uid, arr, generate_instance_uid=False)
+            ds.compress(ts_uid, arr, encoding_plugin=plugin, generate_instance_uid=False)
         else:
             ds.PixelData = arr.tobytes()
         if style.shuffle_names:
