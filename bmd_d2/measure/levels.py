@@ -9,11 +9,12 @@ The rule (documented in docs/measurement.md):
    head → feet). Two centres closer than ``DUPLICATE_FRACTION`` of the vertebral pitch are one vertebra: the
    lower-scoring one is rejected (``duplicate``).
 3. **Count upward** from the sacrum: the caudal-most body is L5, the next T12 … unless the spacing says a vertebra
-   was missed: the pitch (centre-to-centre distance, mm) is the median of the consecutive distances (with fewer than
-   2 distances, ``HEIGHT_TO_PITCH`` × the median box height), and a distance ``d`` hides
+   was missed: the pitch (centre-to-centre distance, mm) is the median of the consecutive distances (with none usable,
+   ``HEIGHT_TO_PITCH`` × the median box height), and a distance ``d`` hides
    ``floor(d / pitch + 0.5) - 1`` undetected vertebrae, which are skipped in the count (vertebra flag
    ``level_after_gap``, study flag ``level_gap``). Between L5 and the sacrum the expected distance from the L5 centre
-   to the top of the sacrum is ``SACRUM_OFFSET`` pitches.
+   to the top of the sacrum is ``SACRUM_OFFSET`` pitches. Only distances below ``GAP_FRACTION`` × the height-based
+   pitch enter the median, so a gap does not inflate the pitch it is measured against.
 4. **No sacrum** (``levels_unanchored``): with ``rule="lowest_is_L5"`` (default) the caudal-most body is called L5
    *only if* the image continues at least one pitch below it (the sacrum should then have been in view and was
    missed by the detector); otherwise the field of view ends inside the lumbar spine and no level can be named:
@@ -38,6 +39,7 @@ from bmd_d2.data.levels import VERTEBRAL_BODY_CLASS as VERTEBRA_CLASS
 
 HEIGHT_TO_PITCH = 1.35  # pitch ≈ body height + disc height
 DUPLICATE_FRACTION = 0.45
+GAP_FRACTION = 1.5
 SACRUM_OFFSET = 0.6  # expected (top of sacrum - centre of L5) / pitch
 TRANSITIONAL_HEIGHT_RATIO = 0.7
 TRANSITIONAL_MIN_SACRUM_OFFSET = 0.25
@@ -156,10 +158,9 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
         verts = kept
 
     dists = [_dist(detections[a], detections[b], sp) for a, b in zip(verts[:-1], verts[1:])]
-    if len(dists) >= 2:
-        pitch = float(np.median(dists))
-    else:
-        pitch = height_pitch
+    # intervals that do not look like gaps (< GAP_FRACTION x the height-based pitch) give the pitch
+    regular = [d for d in dists if height_pitch and d < GAP_FRACTION * height_pitch]
+    pitch = float(np.median(regular)) if regular else height_pitch
     out.pitch_mm = pitch
     out.order = verts + ([sacrum] if sacrum is not None else [])
     if not verts and sacrum is None:
