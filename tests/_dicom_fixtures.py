@@ -203,3 +203,40 @@ def write_multiframe(path, hu, spacing=(2.0, 2.0, 2.0), *, origin=(-100.0, -100.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def make_dataset(root, n=2, seed=0):
+    """A tiny dataset of the standard layout (``studies/<id>/dicom``, ``labels.nii.gz``, ``bmd.csv``).
+
+    Uses the phantom generator when it is importable, else block phantoms written here. Returns the study ids.
+    """
+    try:
+        from bmd_d2.data.phantom import PhantomOptions, generate_dataset
+    except ImportError:
+        generate_dataset = None
+    if generate_dataset is not None:
+        return generate_dataset(str(root), n, seed=seed, options=PhantomOptions.tiny(), progress=False)
+    import csv
+
+    import nibabel as nib
+
+    from bmd_d2.data.levels import LEVELS
+
+    ids = []
+    rows = []
+    for s in range(n):
+        sid = f"block_{s:03d}"
+        hu, lab = block_phantom(shape=(60, 64, 64), spacing=(2.0, 2.0, 2.0), centre_x_mm=5.0 * s, seed=seed + s)
+        d = os.path.join(str(root), "studies", sid)
+        write_series(os.path.join(d, "dicom"), hu, origin=(-63.0, -63.0, -59.0), seed=seed + s)
+        aff_lps = np.array([[2.0, 0, 0, -63.0], [0, 2.0, 0, -63.0], [0, 0, 2.0, -59.0], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(np.transpose(lab, (2, 1, 0)).astype(np.int16), np.diag([-1, -1, 1, 1]) @ aff_lps),
+                 os.path.join(d, "labels.nii.gz"))
+        for v in sorted(set(np.unique(lab)) - {0}):
+            rows.append({"study_id": sid, "level": LEVELS[v - 1], "bmd_mg_cm3": 100.0 + v, "trabecular_hu": 180.0})
+        ids.append(sid)
+    with open(os.path.join(str(root), "bmd.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["study_id", "level", "bmd_mg_cm3", "trabecular_hu"])
+        w.writeheader()
+        w.writerows(rows)
+    return ids

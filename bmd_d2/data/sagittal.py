@@ -4,8 +4,10 @@ Mid-sagittal plane (``find_midsagittal_plane``)
 -----------------------------------------------
 1. The volume is resampled onto an LPS-aligned grid of ``coarse_mm`` (2 mm) voxels (trilinear), so the method is the
    same for axial, oblique or non-axial acquisitions.
-2. Bone = ``bone_hu`` ≤ HU ≤ 2000 (metal excluded). Projected along z over the whole scan, the spine is the densest
-   column of bone; its smoothed peak is the prior centre. The scan is then cut into slabs of ``slab_mm`` (30 mm ≈ one
+2. Bone = ``bone_hu`` ≤ HU ≤ 2000 (metal excluded). Projected along z over the whole scan, the spine is one of the
+   densest columns of bone; up to 6 peaks of the smoothed projection (not at the field-of-view edge) are scored by strength × left-right mirror
+   symmetry (step 3) × closeness to the body's lateral centre, and the best is the prior centre (ribs plus iliac
+   wings at one lateral position, or arms by the side, also form columns but are not mirror-symmetric). The scan is then cut into slabs of ``slab_mm`` (30 mm ≈ one
    vertebra) along z; in each slab the peak of the smoothed bone projection within ``search_mm`` of the prior gives the
    spine centre of that slab (this follows an off-centre spine and lordosis).
 3. Around each slab centre, the slab-mean axial image (HU clipped to −100…1000) is tested for left-right mirror
@@ -194,6 +196,38 @@ def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, ang
     return best
 
 
+def _pick_spine_candidate(prior, img_all, C, step, ns, half, max_shift, max_angle_deg, info):
+    """Choose the spine among the strongest bone columns (ribs + iliac wings at one lateral position, or arms at the
+    sides, can also form columns): up to 6 local maxima of the whole-scan projection are scored by
+    strength × mirror symmetry (median over up to 5 slabs) × closeness to the body's lateral centre."""
+    peaks = ndimage.maximum_filter(prior, size=max(3, int(round(30.0 / step)))) == prior
+    peaks &= prior >= 0.2 * prior.max()
+    border = max(1, int(round(10.0 / step)))  # truncated anatomy at the field-of-view edge is not the spine
+    inner = np.zeros_like(peaks)
+    inner[border:-border, border:-border] = True
+    if (peaks & inner).any():
+        peaks &= inner
+    cand = np.argwhere(peaks)
+    cand = cand[np.argsort(-prior[cand[:, 0], cand[:, 1]])][:6]
+    if len(cand) == 1:
+        return int(cand[0, 0]), int(cand[0, 1])
+    body = (C > -300).sum(0).astype(np.float64)
+    bx = float((body.sum(0) * np.arange(body.shape[1])).sum() / max(body.sum(), 1))
+    Z = C.shape[0]
+    starts = np.linspace(0, max(0, Z - ns), num=min(5, max(1, Z // ns))).astype(int)
+    best, scores = None, []
+    for cy, cx in cand:
+        sym = [_symmetry(img_all[z0:z0 + ns].mean(0), (cy, cx), half,
+                         np.arange(-max_angle_deg, max_angle_deg + 0.5, 5.0), max_shift)[2] for z0 in starts]
+        lat = np.exp(-0.5 * ((cx - bx) * step / 100.0) ** 2)
+        s = float(prior[cy, cx] / prior.max()) ** 0.5 * max(float(np.median(sym)), 0.0) * lat
+        scores.append(round(s, 3))
+        if best is None or s > best[0]:
+            best = (s, int(cy), int(cx))
+    info["candidate_scores"] = scores
+    return best[1], best[2]
+
+
 def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm: float = 2.0,
                            slab_mm: float = 30.0, search_mm: float = 30.0, max_angle_deg: float = 30.0) -> SagittalPlane:
     """Find the spine's mid-sagittal plane (method in the module docstring).
@@ -227,13 +261,13 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
 
     if prior.max() <= 0 or Z * step < 10.0:
         return fallback("no bone in view" if prior.max() <= 0 else "volume too thin")
-    py, px = np.unravel_index(np.argmax(prior), prior.shape)
     ns = max(1, int(round(slab_mm / step)))
-    yy, xx = np.mgrid[0:Y, 0:X]
-    near = np.hypot(yy - py, xx - px) * step <= search_mm
     img_all = np.clip(C, -100.0, 1000.0)
     half = int(round(48.0 / step))
     max_shift = int(round(2 * 20.0 / step))  # the mirror line may lie up to 20 mm from the bone peak
+    py, px = _pick_spine_candidate(prior, img_all, C, step, ns, half, max_shift, max_angle_deg, info)
+    yy, xx = np.mgrid[0:Y, 0:X]
+    near = np.hypot(yy - py, xx - px) * step <= search_mm
     slabs = []
     for z0 in range(0, Z, ns):
         z1 = min(Z, z0 + ns)
@@ -365,6 +399,8 @@ def make_sagittal(volume: Volume, *, spacing: float = 1.0, size: int = 512, num_
               c_lo + cols_any[0] * ps - margin_mm, c_lo + cols_any[-1] * ps + margin_mm)
     else:
         sb = (r_lo, r_hi, -60.0, 60.0)
+    # nothing exists outside the volume: the margin never reaches beyond it
+    sb = (max(sb[0], r_lo), min(sb[1], r_hi), max(sb[2], c_lo), min(sb[3], c_hi))
     need = max(sb[1] - sb[0], sb[3] - sb[2])
     sp = spacing if need <= size * spacing else need / size
     L = size * sp

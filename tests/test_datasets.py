@@ -1,0 +1,76 @@
+"""Sagittal dataset preparation (cache), COCO annotations and lazy Detectron2 registration."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from _dicom_fixtures import make_dataset
+from bmd_d2.data.datasets import (SagittalParams, load_bmd_dataset, prepare_sagittal_dataset, read_bmd_csv,
+                                  register_all_bmd_datasets, register_bmd_dataset)
+from bmd_d2.errors import BMDError
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bmd_ds")
+    ids = make_dataset(root, n=2, seed=0)
+    return root, ids
+
+
+def test_prepare_builds_and_caches(dataset, caplog):
+    root, ids = dataset
+    params = SagittalParams(size=256)
+    j = prepare_sagittal_dataset(root, params=params)
+    coco = json.load(open(j))
+    assert [im["study_id"] for im in coco["images"]] == list(ids)
+    assert {c["name"] for c in coco["categories"]} == {"vertebral_body", "sacrum"}
+    bmd = read_bmd_csv(root / "bmd.csv")
+    for a in coco["annotations"]:
+        sid = coco["images"][a["image_id"] - 1]["study_id"]
+        assert a["bmd"] == pytest.approx(bmd[sid][a["level"]]["bmd"])
+        assert a["category_id"] == (2 if a["level"] == "S1" else 1)
+        assert isinstance(a["segmentation"]["counts"], str) and a["area"] > 0
+    for sid in ids:
+        assert (root / "sagittal" / f"{sid}.png").is_file()
+        with np.load(root / "sagittal" / f"{sid}.npz") as z:
+            assert z["hu"].shape == (3, 256, 256) and z["transform"].shape == (4, 4) and "labels" in z.files
+    mtimes = [os.path.getmtime(root / "sagittal" / f"{sid}.npz") for sid in ids]
+    caplog.set_level("INFO")
+    prepare_sagittal_dataset(root, params=params)
+    assert mtimes == [os.path.getmtime(root / "sagittal" / f"{sid}.npz") for sid in ids]
+    assert "0 rebuilt" in caplog.text
+
+
+def test_dataset_dicts(dataset):
+    root, ids = dataset
+    dicts = load_bmd_dataset(root / "annotations.json")
+    d = dicts[0]
+    assert os.path.isfile(d["file_name"]) and d["height"] == d["width"]
+    assert d["series_dir"] and d["study_id"] == ids[0]
+    a = d["annotations"][0]
+    assert set(a) >= {"bbox", "bbox_mode", "segmentation", "category_id", "level", "bmd", "trabecular_hu"}
+    assert a["category_id"] in (0, 1)
+
+
+def test_lazy_registration(tmp_path, dataset):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    register_bmd_dataset("bmd_test_missing_xyz", tmp_path / "nothing")  # no scan at registration
+    with pytest.raises(BMDError):
+        DatasetCatalog.get("bmd_test_missing_xyz")
+    root, _ = dataset
+    register_bmd_dataset("bmd_test_ds_xyz", root, params=SagittalParams(size=256))
+    assert len(DatasetCatalog.get("bmd_test_ds_xyz")) == 2
+    md = MetadataCatalog.get("bmd_test_ds_xyz")
+    assert md.thing_classes == ["vertebral_body", "sacrum"] and md.levels[0] == "T11"
+    assert md.json_file.endswith("annotations.json") and md.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1}
+    register_all_bmd_datasets(str(tmp_path))  # idempotent, no scanning
+    assert "bmd_phantoms_train" in DatasetCatalog.list()
+
+
+def test_bad_csv(tmp_path):
+    (tmp_path / "b.csv").write_text("study_id,level,bmd_mg_cm3\ns,L9,100\n")
+    with pytest.raises(BMDError) as ex:
+        read_bmd_csv(tmp_path / "b.csv")
+    assert "L9" in str(ex.value)
