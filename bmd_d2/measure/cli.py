@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="torch.distributed init URL (multi-machine)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. MEASURE.EROSION_MM 2.0")
     return p
 
 
@@ -151,7 +151,7 @@ def worker(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point (``bmd-measure``); returns/exits with the code in the module docstring."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         world = args.num_gpus * args.num_machines
         if world > 1:
@@ -165,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BMDError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    sys.exit(code) if argv is None else None
+    if argv is None:
+        sys.exit(code)
     return code
 
 
