@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -769,19 +770,35 @@ def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, 
     slopes = np.array([f.slope for f in frames], dtype=np.float32)
     inter = np.array([f.intercept for f in frames], dtype=np.float32)
     if raw_ok and len({(_raw_dtype(f.header), f.header.get("BitsStored")) for f in frames}) == 1:
-        raw = np.empty((K, rows, cols), dtype=_raw_dtype(h0))
+        # Each worker reads a slice's bytes into its own small buffer (readinto, no intermediate bytes object) and
+        # converts it into the HU volume while it is still in cache; file reads and numpy release the GIL.
+        local = threading.local()
+        dtype = _raw_dtype(h0)
+
+        def one_raw(k):
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = np.empty((rows, cols), dtype=dtype)
+            _read_raw_into(frames[k], buf)
+            np.copyto(hu[k], buf, casting="unsafe")
+            if slopes[k] != 1.0:
+                hu[k] *= slopes[k]
+            if inter[k] != 0.0:
+                hu[k] += inter[k]
+
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda k: _read_raw_into(frames[k], raw[k]), range(K)))
-        np.multiply(raw, slopes[:, None, None], out=hu, casting="unsafe")
-        hu += inter[:, None, None]
+            list(pool.map(one_raw, range(K)))
     else:
         def one(k):
             fr = frames[k]
             arr = pixels[id(fr)] if id(fr) in pixels else _decode_pydicom(fr)
             if arr.shape != (rows, cols):
                 raise BMDError(f"pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}", path=fr.path)
-            np.multiply(arr, slopes[k], out=hu[k], casting="unsafe")
-            hu[k] += inter[k]
+            np.copyto(hu[k], arr, casting="unsafe")
+            if slopes[k] != 1.0:
+                hu[k] *= slopes[k]
+            if inter[k] != 0.0:
+                hu[k] += inter[k]
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, range(K)))
