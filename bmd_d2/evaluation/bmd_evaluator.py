@@ -178,9 +178,11 @@ class BMDEvaluator(DatasetEvaluator):
         rows = [["all (vertebral bodies)", *_fmt_row(result["bmd_vertebrae"])],
                 ["all (incl. sacrum)", *_fmt_row(result["bmd_all"])]]
         rows += [[lv, *_fmt_row(d)] for lv, d in result["per_level"].items()]
+        # tools/train_net.py configures detectron2's loggers; use them when bmd_d2's own logger is not set up.
+        log = logger if logger.isEnabledFor(logging.INFO) else logging.getLogger("detectron2.evaluation.bmd")
         table = tabulate(rows, headers=["level", "n", "MAE", "RMSE", "bias", "r", "LoA low", "LoA high", "Dice"],
                          tablefmt="pipe", floatfmt=".2f")
-        logger.info("BMD evaluation (mg/cm³):\n%s\nACR category accuracy %.3f | level accuracy %.3f | mean Dice "
+        log.info("BMD evaluation (mg/cm³):\n%s\nACR category accuracy %.3f | level accuracy %.3f | mean Dice "
                     "%.3f | recall %.3f | precision %.3f", table, _nan(result["acr_accuracy"]),
                     _nan(result["level_accuracy"]), _nan(result["dice_mean"]), _nan(result["recall"]),
                     _nan(result["precision"]))
