@@ -87,6 +87,7 @@ def test_compiled_op_fallback_is_clear():
             getattr(_C, op)
         assert op in str(e.value) and words in str(e.value) and "compiled" in str(e.value)
     assert not hasattr(_C, "box_iou_rotated")
+    assert _C.has_cuda() is False and "no compiled extension" in _C.get_compiler_version()
     # the modules that import _C at import time still import
     import detectron2.evaluation.fast_eval_api  # noqa: F401
     import detectron2.layers.deform_conv  # noqa: F401

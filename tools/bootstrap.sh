@@ -30,6 +30,9 @@ fi
 # Detectron2: keep an importable one (e.g. a CUDA build from source); else install v0.6's pure-Python package.
 if "$PY" -c "import detectron2" 2>/dev/null; then
   log "using the installed Detectron2: $("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)')"
+  # our own pure-Python install: keep its _C stand-in current
+  fallback="$("$PY" -c 'import detectron2._C as C; print(C.__file__ if getattr(C, "IS_BMD_D2_FALLBACK", False) else "")' 2>/dev/null || true)"
+  [ -n "$fallback" ] && cp "$ROOT/tools/detectron2_C_fallback.py" "$fallback"
 else
   log "installing Detectron2 v0.6 (pure Python, from the registry sdist pb1-detectron2==0.6)"
   tmp="$(mktemp -d)"

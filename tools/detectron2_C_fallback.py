@@ -22,12 +22,23 @@ _OPS = {
     "COCOevalEvaluateImages": "fast COCO evaluation (COCOeval_opt; use COCOEvaluator(..., use_fast_impl=False))",
     "InstanceAnnotation": "fast COCO evaluation (COCOeval_opt; use COCOEvaluator(..., use_fast_impl=False))",
     "ImageEvaluation": "fast COCO evaluation (COCOeval_opt; use COCOEvaluator(..., use_fast_impl=False))",
-    "get_compiler_version": "build information (compiler version)",
-    "get_cuda_version": "build information (CUDA version)",
-    "has_cuda": "build information (CUDA support)",
 }
 
 IS_BMD_D2_FALLBACK = True
+
+
+# Build information is not an op: Detectron2's collect_env_info() (called by default_setup) asks for it, and the
+# truthful answer is that nothing was compiled.
+def get_compiler_version() -> str:
+    return "none (pure-Python Detectron2, no compiled extension)"
+
+
+def get_cuda_version() -> str:
+    return "none (pure-Python Detectron2, no compiled extension)"
+
+
+def has_cuda() -> bool:
+    return False
 
 
 class MissingCompiledOpError(AttributeError):
