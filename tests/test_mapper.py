@@ -23,6 +23,8 @@ def _cfg(tmp):
     add_bmd_config(cfg)
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.DICOM.IMAGE_SIZE = 256
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (256,), 256  # model size = image size: no resize
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 256, 256
     cfg.INPUT.DICOM.CACHE_DIR = str(tmp)
     return cfg
 
@@ -77,3 +79,17 @@ def test_intensity_transform_keeps_geometry():
     assert np.array_equal(t.apply_segmentation(seg), seg)
     pts = np.array([[1.0, 2.0]])
     assert np.array_equal(t.apply_coords(pts), pts)
+
+
+def test_resizes_to_model_size_like_detectron2(dicts, tmp_path):
+    """A small config (model at 128²) gets resized images and masks; test dicts keep the 256² height/width."""
+    ds, _ = dicts
+    cfg = _cfg(tmp_path)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (128,), 128
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 128, 128
+    np.random.seed(0)
+    out = BMDDatasetMapper(cfg, is_train=True)(ds[0])
+    assert out["image"].shape == (3, 128, 128)
+    assert out["instances"].gt_masks.tensor.shape[1:] == (128, 128)
+    test = BMDDatasetMapper(cfg, is_train=False)(ds[0])
+    assert test["image"].shape == (3, 128, 128) and (test["height"], test["width"]) == (256, 256)

@@ -75,20 +75,29 @@ class RandomIntensityNoise(T.Augmentation):
 
 
 def build_bmd_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
-    """Augmentations from ``cfg.INPUT.BMD_AUG`` (training) — none at test time (images are already unified)."""
-    if not is_train or not cfg.INPUT.BMD_AUG.ENABLED:
-        return []
-    a = cfg.INPUT.BMD_AUG
-    size = int(cfg.INPUT.DICOM.IMAGE_SIZE)
-    lo, hi = (float(v) for v in a.SCALE_RANGE)
+    """Augmentations: ``cfg.INPUT.BMD_AUG`` (training only), then Detectron2's usual resize to the model size.
+
+    The unified ``INPUT.DICOM.IMAGE_SIZE``² sagittal image is resized with ``ResizeShortestEdge`` exactly like
+    Detectron2 does (``INPUT.MIN_SIZE_TRAIN``/``MAX_SIZE_TRAIN`` in training, ``MIN_SIZE_TEST``/``MAX_SIZE_TEST`` at
+    test time, the same transform ``DefaultPredictor`` applies), so a small config can run at e.g. 256² while
+    predictions are reported in the 512² image's pixels (``GeneralizedRCNN`` rescales to the dict's height/width).
+    """
+    if not is_train:
+        return [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
     augs: List[T.Augmentation] = []
-    if (lo, hi) != (1.0, 1.0):
-        augs += [T.ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
-                 T.FixedSizeCrop(crop_size=(size, size), pad=True, pad_value=0.0)]
-    if a.ROTATION > 0:
-        augs.append(T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range"))
-    if a.INTENSITY_SCALE > 0 or a.INTENSITY_SHIFT > 0 or a.NOISE_STD > 0:
-        augs.append(RandomIntensityNoise(a.INTENSITY_SCALE, a.INTENSITY_SHIFT, a.NOISE_STD))
+    a = cfg.INPUT.BMD_AUG
+    if a.ENABLED:
+        size = int(cfg.INPUT.DICOM.IMAGE_SIZE)
+        lo, hi = (float(v) for v in a.SCALE_RANGE)
+        if (lo, hi) != (1.0, 1.0):
+            augs += [T.ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
+                     T.FixedSizeCrop(crop_size=(size, size), pad=True, pad_value=0.0)]
+        if a.ROTATION > 0:
+            augs.append(T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range"))
+        if a.INTENSITY_SCALE > 0 or a.INTENSITY_SHIFT > 0 or a.NOISE_STD > 0:
+            augs.append(RandomIntensityNoise(a.INTENSITY_SCALE, a.INTENSITY_SHIFT, a.NOISE_STD))
+    augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING))
     return augs
 
 

@@ -244,15 +244,6 @@ def _add(flags: List[str], flag: str):
         flags.append(flag)
 
 
-class _NoResize:
-    """Stands in for ``DefaultPredictor.aug``: the identity transform."""
-
-    def get_transform(self, image):
-        from detectron2.data.transforms import NoOpTransform
-
-        return NoOpTransform()
-
-
 class BMDStudyPredictor:
     """Measure CT studies with a trained bmd_d2 model.
 
@@ -275,9 +266,8 @@ class BMDStudyPredictor:
         self.cfg = cfg.clone()
         self.cfg.freeze()
         self.predictor = DefaultPredictor(self.cfg)
-        # BMDDatasetMapper feeds the unified IMAGE_SIZE² sagittal image without resizing at test time; replace
-        # DefaultPredictor's ResizeShortestEdge(MIN_SIZE_TEST) so the model sees exactly what evaluation feeds.
-        self.predictor.aug = _NoResize()
+        # DefaultPredictor resizes with ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), as BMDDatasetMapper does
+        # at test time: the model sees exactly what evaluation feeds (tests/test_measure_cli.py checks it).
         self.model = self.predictor.model
 
     def load(self, source) -> Any:
@@ -297,7 +287,7 @@ class BMDStudyPredictor:
 
         ``DefaultPredictor`` takes BGR and reverses the channels when ``INPUT.FORMAT`` is "RGB"; the mapper reads the
         sagittal PNG (channels = slices 0, 1, 2 as R, G, B) with ``INPUT.FORMAT``. Both cases give the slices
-        reversed here. No resize is applied (as in the test-time mapper); a test checks the tensors are equal.
+        reversed here. Both then resize to MIN_SIZE_TEST the same way; a test checks the tensors are equal.
         """
         return np.ascontiguousarray(sagittal.image[:, :, ::-1])
 
