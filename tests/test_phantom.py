@@ -229,3 +229,31 @@ def test_cli_writes_layout(tmp_path):
     # impossible option combination → exit code 2, no traceback
     assert main(["--out", str(out), "-n", "1", "--tiny", "--storage", "unsigned", "--fov-padding", "true",
                  "--quiet", "--no-prepare"]) == 2
+
+
+def test_rescan_same_patient_new_noise_and_position(tmp_path):
+    """``rescan_seed``: same anatomy, BMD and scanner; new noise, position, scan start and series UIDs."""
+    base = ph.generate_study(7, ph.PhantomOptions.tiny())
+    r1 = ph.generate_study(7, ph.PhantomOptions.tiny(rescan_seed=1))
+    r1b = ph.generate_study(7, ph.PhantomOptions.tiny(rescan_seed=1))
+    r2 = ph.generate_study(7, ph.PhantomOptions.tiny(rescan_seed=2))
+    assert np.array_equal(r1.hu, r1b.hu) and r1.params == r1b.params  # deterministic
+    keys = ("level", "bmd_mg_cm3", "fractured", "height_mm", "depth_mm", "width_mm")
+    for other in (r1, r2):
+        assert [tuple(t[k] for k in keys) for t in other.truth] == [tuple(t[k] for k in keys) for t in base.truth]
+        for t0, t1 in zip(base.truth, other.truth):  # partial volume on the shifted grid moves the core HU a little
+            assert abs(t0["trabecular_hu"] - t1["trabecular_hu"]) < 2.0
+        changed = {k for k in base.params if base.params[k] != other.params.get(k)}
+        assert {"body_offset", "recon_offset", "z_l3"} <= changed
+        assert not changed & {"calib_a", "calib_b", "noise_sd", "bmd_mg_cm3", "slice_thickness", "kvp", "size"}
+        assert other.params["rescan_seed"] in (1, 2) and not np.allclose(other.affine, base.affine)
+    assert "rescan_seed" not in base.params
+    assert not np.array_equal(r1.hu[:10], r2.hu[:10])
+    uids = []
+    for st in (base, r1, r2):
+        ph.write_dicom_series(st, tmp_path / str(st.params.get("rescan_seed", 0)))
+        uids.append(pydicom.dcmread(next((tmp_path / str(st.params.get("rescan_seed", 0))).glob("*.dcm")),
+                                    stop_before_pixels=True).SeriesInstanceUID)
+    assert len(set(uids)) == 3
+    with pytest.raises(ValueError):
+        ph.PhantomOptions.tiny(rescan_seed=-1).validate()

@@ -136,6 +136,11 @@ class PhantomOptions:
         fov_padding: pixels outside the reconstruction circle set to a padding value (-3024 HU, signed storage only).
         optional_tags: write optional tags (SliceLocation, SpacingBetweenSlices, WindowCenter/Width).
         preview: write ``preview.png`` with :func:`write_study`.
+        rescan_seed: None for the study itself; an integer gives a *re-scan* of the same patient on the same scanner
+            (for precision studies): every anatomy, BMD, scanner and protocol parameter is kept, while the noise, the
+            patient position (body and reconstruction-centre offsets, table z) and the start of the scan range are
+            redrawn from ``(seed, rescan_seed)``. Each core's mean density still equals the drawn BMD exactly; the
+            voxel-level trabecular texture is re-sampled on the shifted grid (a slightly pessimistic re-scan).
     """
 
     matrix: int = 512
@@ -160,6 +165,7 @@ class PhantomOptions:
     fov_padding: Optional[bool] = None
     optional_tags: Optional[bool] = None
     preview: bool = True
+    rescan_seed: Optional[int] = None
 
     @classmethod
     def tiny(cls, **overrides) -> "PhantomOptions":
@@ -186,6 +192,9 @@ class PhantomOptions:
             raise ValueError("bits_stored=12 is only offered with unsigned storage")
         if self.fov_padding and self.storage == "unsigned":
             raise ValueError("fov_padding needs signed storage (the padding value -3024 HU is negative)")
+        if self.rescan_seed is not None and (not isinstance(self.rescan_seed, (int, np.integer))
+                                             or isinstance(self.rescan_seed, bool) or self.rescan_seed < 0):
+            raise ValueError(f"rescan_seed must be None or a non-negative integer, got {self.rescan_seed!r}")
 
 
 @dataclass
@@ -516,6 +525,14 @@ def _texture(rng, shape, g: _Grid, sigma_mm=(1.1, 0.6, 0.6)):
     f -= f.mean()
     sd = f.std()
     return f / sd if sd > 0 else f
+
+
+def _redraw_position(p: Dict, rng: np.random.Generator) -> None:
+    """Re-scan: redraw the patient position and scan start (same ranges as :func:`_draw_params`), in place."""
+    p["body_offset"] = [float(rng.uniform(-25, 25)), float(rng.uniform(-30, 20))]
+    p["recon_offset"] = [float(rng.uniform(-10, 10)), float(rng.uniform(-10, 10))]
+    p["z_l3"] = float(rng.uniform(-900.0, -300.0))
+    p["scan_bottom_margin"] = float(rng.uniform(5.0, 35.0))
 
 
 # -------------------------------------------------------------------------------------------------------- rendering
@@ -965,6 +982,9 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
     ss = np.random.SeedSequence(int(seed))
     s_par, s_img, s_noise, s_dcm = ss.spawn(4)
     p = _draw_params(np.random.default_rng(s_par), opts)
+    if opts.rescan_seed is not None:  # same patient and scanner; new position, scan start and noise
+        s_pos, s_noise = np.random.SeedSequence([int(seed), int(opts.rescan_seed), 0x5E5CA9]).spawn(2)
+        _redraw_position(p, np.random.default_rng(s_pos))
     style = _draw_style(np.random.default_rng(s_dcm), opts)
     r = _Renderer(p, style, opts, np.random.default_rng(s_img))
     r.layout()
@@ -1004,6 +1024,7 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
     params = dict(p)
     params.update(
         seed=int(seed), matrix=opts.matrix, n_slices=int(vol.shape[0]),
+        **({"rescan_seed": int(opts.rescan_seed)} if opts.rescan_seed is not None else {}),
         dicom=dataclasses.asdict(style),
         levels={k: {kk: vv for kk, vv in v.items()} for k, v in r.level_info.items()},
         spine_centers_lps={LEVELS[i]: [round(float(x), 3) for x in r.fr["center"][i]] for i in range(len(LEVELS))},
@@ -1042,7 +1063,9 @@ def _uid(study: PhantomStudy, *what) -> str:
     """Deterministic DICOM UID from the study seed and a purpose string."""
     from pydicom.uid import generate_uid
 
-    return generate_uid(entropy_srcs=["bmd_d2-phantom", str(study.seed), study.study_id, *map(str, what)])
+    rescan = study.params.get("rescan_seed")  # a re-scan is a new series (and study) of the same patient
+    extra = [f"rescan-{rescan}"] if rescan is not None else []
+    return generate_uid(entropy_srcs=["bmd_d2-phantom", str(study.seed), study.study_id, *extra, *map(str, what)])
 
 
 def write_dicom_series(study: PhantomStudy, out_dir, style: Optional[DicomStyle] = None) -> List[Path]:
