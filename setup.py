@@ -33,6 +33,7 @@ setup(
         "iopath>=0.1.7",
         "matplotlib>=3.5",
         "tqdm>=4.29",
+        "PyYAML>=5.1",
         "opencv-python-headless>=4.5",
         "Pillow>=7.1",
     ],

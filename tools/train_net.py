@@ -10,12 +10,12 @@ All library logic lives in ``bmd_d2``; this file only wires it into ``DefaultTra
 import logging
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 
 import bmd_d2  # noqa: F401  (registers the project's components)
 from bmd_d2 import BMDError
+from bmd_d2.checkpoint import BMDCheckpointer
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data import BMDDatasetMapper
 from bmd_d2.engine import build_schedule_hooks
@@ -55,7 +55,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        BMDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -22,6 +22,7 @@ from .categories import acr_category, hu_category
 from .classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_mask,
                         sagittal_roi_hu, vertebral_heights)
 from .levels import Detection, assign_levels
+from .qc import contrast_check, genant_grade, height_loss, mask_has_bone, metal_in_mask, volume_flags
 from .result import StudyResult, VertebraResult
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ logger = logging.getLogger(__name__)
 ACR_PREFERRED = ("L1", "L2")
 ACR_CANDIDATES = ("L1", "L2", "L3", "L4")
 # Vertebra flags that make a vertebra unusable for the patient-level ACR value.
-ACR_EXCLUDING_FLAGS = ("implausible_hu", "truncated_by_image_edge", "roi_too_small")
+ACR_EXCLUDING_FLAGS = ("implausible_hu", "truncated_by_image_edge", "roi_too_small", "metal", "very_dense",
+                       "vertebral_height_loss")
+# Vertebra flags whose BMD values are withheld (not trustworthy at all).
+WITHHOLDING_FLAGS = ("implausible_hu", "metal")
 _STUDY_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "Modality", "KVP",
                "Manufacturer", "SliceThickness", "source", "format")
 
@@ -97,6 +101,15 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
         result.study["warnings"] = list(volume.warnings)
         if volume.warnings:
             result.qc_flags.append("volume_warning")
+        for f in volume_flags(volume.warnings):
+            _add(result.qc_flags, f)
+    sag_info = getattr(sagittal, "info", None) or {}
+    plane_method = (sag_info.get("plane") or {}).get("method") if isinstance(sag_info, dict) else None
+    spine_missing = plane_method == "fallback"
+    result.qc["plane_method"] = plane_method
+    if spine_missing:
+        _add(result.qc_flags, "spine_not_found")
+    transform = np.asarray(sagittal.transform, dtype=np.float64)
     result.model = {"score_threshold": float(m.SCORE_THRESHOLD), "primary_bmd": m.PRIMARY_BMD,
                     "detections": int(R), "below_threshold": int(np.sum(scores < m.SCORE_THRESHOLD))}
     lo_hu, hi_hu = float(m.PLAUSIBLE_HU[0]), float(m.PLAUSIBLE_HU[1])
@@ -117,6 +130,8 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
             reason = "implausible_size"
         elif classes[r] == VERTEBRAL_BODY_CLASS and area_mm2 > float(m.MAX_AREA_MM2):
             reason = "implausible_size"
+        elif spine_missing:
+            reason = "spine_not_found"
         info: Dict[str, Any] = {"flags": []}
         if reason is None:
             roi = erode_mask(masks[r], radius_px)
@@ -131,6 +146,15 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
                     reason = "not_bone"
                 elif info["hu"] is not None and info["hu"] > hi_hu:
                     info["flags"].append("implausible_hu")
+                elif info["hu"] is not None and info["hu"] > float(m.DENSE_HU):
+                    info["flags"].append("very_dense")
+            if reason is None and not mask_has_bone(hu3, masks[r], float(m.MIN_BONE_HU))[0]:
+                reason = "not_bone"
+            if reason is None and metal_in_mask(hu3, masks[r], float(m.METAL_HU), volume=volume,
+                                                transform=transform, half_width_mm=float(m.CORE_HALF_WIDTH_MM)):
+                info["flags"].append("metal")
+            if scores[r] < float(m.LOW_CONFIDENCE_SCORE):
+                info["flags"].append("low_confidence")
         if reason:
             result.rejected.append({"box_xyxy": boxes[r].tolist(), "score": float(scores[r]),
                                     "category_id": int(classes[r]), "reason": reason})
@@ -153,7 +177,6 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
         if f not in result.qc_flags:
             result.qc_flags.append(f)
 
-    transform = np.asarray(sagittal.transform, dtype=np.float64)
     for k in la.order:
         r = cand[k]
         info = pre[r]
@@ -168,7 +191,7 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
             v.trabecular_hu_3d, v.roi_voxels_3d = core_hu_3d(volume.data, volume.affine, pts)
         if v.trabecular_hu_3d is None:
             v.qc_flags.append("no_3d_core")
-        withhold = "implausible_hu" in v.qc_flags
+        withhold = any(f in v.qc_flags for f in WITHHOLDING_FLAGS)
         v.learned_bmd = _float(bmd[r]) if bmd is not None else None
         if not withhold:
             v.classical_bmd = _float(calibration.hu_to_bmd(v.trabecular_hu))
@@ -183,8 +206,28 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
             v.category = acr_category(v.bmd)
             v.heights_mm = vertebral_heights(masks[r], sp)
         result.vertebrae.append(v)
+    _grade_heights(result.vertebrae, [float(t) for t in m.HEIGHT_LOSS_GRADES])
+    for f in ("metal", "very_dense", "vertebral_height_loss", "low_confidence"):
+        if any(f in v.qc_flags for v in result.vertebrae):
+            _add(result.qc_flags, f)
+    if volume is not None:
+        result.qc["contrast"] = contrast_check(volume, result.vertebrae, transform, float(m.CONTRAST_HU))
+        if result.qc["contrast"]["enhanced"]:
+            _add(result.qc_flags, "contrast_enhanced")
     result.patient = patient_values(result.vertebrae, result.qc_flags, m.PRIMARY_BMD)
     return result
+
+
+def _grade_heights(vertebrae: Sequence[VertebraResult], thresholds: Sequence[float]):
+    """Set ``height_loss_pct``/``genant_grade`` of every vertebral body (neighbours: up to 2 bodies each side)."""
+    bodies = [v for v in vertebrae if v.category_id == VERTEBRAL_BODY_CLASS]
+    for i, v in enumerate(bodies):
+        nb = [b.heights_mm for b in bodies[max(0, i - 2):i] + bodies[i + 1:i + 3]]
+        loss = height_loss(v.heights_mm or {}, nb)
+        v.height_loss_pct = None if loss is None else round(100.0 * loss, 1)
+        v.genant_grade = genant_grade(loss, thresholds)
+        if v.genant_grade:
+            v.qc_flags.append("vertebral_height_loss")
 
 
 def patient_values(vertebrae: Sequence[VertebraResult], study_flags: List[str], primary: str = "learned"
@@ -263,9 +306,20 @@ class BMDStudyPredictor:
 
         import bmd_d2  # noqa: F401  (registers the model components)
 
+        from bmd_d2.checkpoint import BMDCheckpointer, check_weights_config
+
         self.cfg = cfg.clone()
         self.cfg.freeze()
-        self.predictor = DefaultPredictor(self.cfg)
+        self.unchecked = check_weights_config(self.cfg)  # BMDError if the weights' stored config differs
+        # DefaultPredictor would load the weights with Detectron2's loader (pickle for .pkl); build it without
+        # weights and load them weights-only.
+        bare = self.cfg.clone()
+        bare.defrost()
+        bare.MODEL.WEIGHTS = ""
+        self.predictor = DefaultPredictor(bare)
+        self.predictor.cfg = self.cfg
+        if self.cfg.MODEL.WEIGHTS:
+            BMDCheckpointer(self.predictor.model).load(self.cfg.MODEL.WEIGHTS)
         # DefaultPredictor resizes with ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), as BMDDatasetMapper does
         # at test time: the model sees exactly what evaluation feeds (tests/test_measure_cli.py checks it).
         self.model = self.predictor.model

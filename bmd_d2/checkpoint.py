@@ -1,0 +1,138 @@
+"""Safe checkpoint loading, compact model export, and the weights ↔ config check.
+
+- ``BMDCheckpointer``: Detectron2's ``DetectionCheckpointer`` that loads ``.pth`` files with
+  ``torch.load(weights_only=True)`` (no arbitrary code runs while loading) and refuses pickle (``.pkl``) files.
+- ``export_model``: a training checkpoint → a small file for shipping: the model's state dict (fp16 by default) and
+  the config it was trained with.
+- ``check_weights_config``: refuses weights whose architecture config differs from the config given, naming the keys.
+"""
+import logging
+import os
+import pickle
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .errors import BMDError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BMDCheckpointer", "export_model", "check_weights_config", "load_checkpoint_file"]
+
+# Config sections whose values must equal the training run's for the weights to mean what they meant in training.
+_CHECKED_SECTIONS = ("MODEL", "INPUT.DICOM", "INPUT.FORMAT")
+# Keys in those sections a user may change at test time.
+_FREE_KEYS = {"MODEL.WEIGHTS", "MODEL.DEVICE"}
+
+
+def load_checkpoint_file(path: str) -> Dict:
+    """Load a checkpoint without executing code from it.
+
+    Returns:
+        A dict with a ``"model"`` state dict (a bare state dict is wrapped).
+
+    Raises:
+        BMDError: missing file, a pickle file, or a file that is not a weights-only torch checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise BMDError("model weights file not found", path=path)
+    if path.endswith(".pkl"):
+        raise BMDError("pickle (.pkl) checkpoints are refused: loading them can run arbitrary code; convert the "
+                       "weights to a .pth state dict", path=path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BMDError(f"not a loadable weights-only checkpoint ({first[:200]})", path=path) from e
+    if not isinstance(obj, dict):
+        raise BMDError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=path)
+    if "model" not in obj:
+        obj = {"model": obj}
+    if not isinstance(obj["model"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+        raise BMDError("checkpoint 'model' entry is not a state dict of tensors", path=path)
+    return obj
+
+
+class BMDCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose file loading is weights-only (see :func:`load_checkpoint_file`)."""
+
+    def _load_file(self, filename: str) -> Dict:
+        obj = load_checkpoint_file(filename)
+        obj.pop("bmd_d2", None)  # export metadata, not checkpointable state
+        return obj
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _checked(flat: Dict[str, object]) -> Dict[str, object]:
+    return {k: v for k, v in flat.items()
+            if any(k == s or k.startswith(s + ".") for s in _CHECKED_SECTIONS)
+            and k not in _FREE_KEYS and "_TEST" not in k}
+
+
+def check_weights_config(cfg, path: Optional[str] = None) -> List[str]:
+    """Compare the architecture config stored in exported weights with ``cfg``.
+
+    Args:
+        cfg: the config the model will be built from.
+        path: weights file; default ``cfg.MODEL.WEIGHTS``.
+
+    Returns:
+        Keys that could not be compared (weights without stored config: a plain training checkpoint). Empty when
+        the stored config was checked.
+
+    Raises:
+        BMDError: a key differs (one line naming up to 5 keys with both values).
+    """
+    path = path or cfg.MODEL.WEIGHTS
+    if not path:
+        return []
+    meta = load_checkpoint_file(path).get("bmd_d2")
+    if not meta or "config" not in meta:
+        return ["(no stored config: not checked)"]
+    stored = _checked(_flatten(yaml.safe_load(meta["config"])))
+    given = _checked(_flatten(yaml.safe_load(cfg.dump())))
+    diffs = [f"{k}: weights {stored.get(k)!r} vs config {given.get(k)!r}"
+             for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+    if diffs:
+        more = f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else ""
+        raise BMDError(f"weights were trained with a different config: {'; '.join(diffs[:5])}{more}", path=path)
+    return []
+
+
+def export_model(checkpoint: str, cfg, output: str, *, half: bool = True, info: Optional[dict] = None) -> str:
+    """Write a compact, weights-only model file for shipping.
+
+    Args:
+        checkpoint: a Detectron2 training checkpoint (``model_final.pth``) or state dict.
+        cfg: the config the model was trained with (stored, and checked again at load time).
+        output: destination ``.pth``.
+        half: store floating-point tensors as fp16 (half the size; loaded back into fp32 parameters).
+        info: extra metadata (training command, iterations, data seeds) stored under ``bmd_d2``.
+
+    Returns:
+        ``output``.
+    """
+    state = load_checkpoint_file(checkpoint)["model"]
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    from . import __version__
+
+    obj = {"model": state, "bmd_d2": {"config": cfg.dump(), "version": __version__, **(info or {})}}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, output)
+    logger.info("exported %d tensors to %s (%.1f MB)", len(state), output, os.path.getsize(output) / 1e6)
+    return output
