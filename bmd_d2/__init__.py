@@ -3,10 +3,16 @@
 ``import bmd_d2`` registers every component in Detectron2's registries (backbone ``MFEFPN``, ROI heads ``BMDHead``,
 mask head ``MultiScaleFusionMaskHead``) and exposes ``add_bmd_config``.
 """
-from .config import add_bmd_config, get_bmd_cfg
-from .errors import BMDError
-from . import modeling  # noqa: F401  (registers MFEFPN, BMDHead, MultiScaleFusionMaskHead, BMDErosionEstimator)
-from . import engine  # noqa: F401  (alternating schedule hooks)
-from . import data  # noqa: F401  (registers bmd_phantoms_{train,val,test}, lazily)
+import warnings
+
+# Detectron2 v0.6 decorates a few helpers with torch.jit.script at import time; torch >= 2.10 warns about each one.
+# The warning is about Detectron2's code, not the user's: silence exactly that message.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+from .config import add_bmd_config, get_bmd_cfg  # noqa: E402
+from .errors import BMDError  # noqa: E402
+from . import modeling  # noqa: F401,E402  (registers MFEFPN, BMDHead, MultiScaleFusionMaskHead, BMDErosionEstimator)
+from . import engine  # noqa: F401,E402  (alternating schedule hooks)
+from . import data  # noqa: F401,E402  (registers bmd_phantoms_{train,val,test}, lazily)
 
 __version__ = "0.1.0"

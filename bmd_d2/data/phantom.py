@@ -1303,7 +1303,8 @@ def generate_dataset(root, n: int, seed: int = 0, options: Optional[PhantomOptio
                      progress: bool = True, prefix: str = "phantom") -> List[str]:
     """Write studies ``start … start+n-1`` under ``root/studies/`` and (re)write ``root/bmd.csv``.
 
-    Study ``i`` uses seed :func:`study_seed(seed, i)` and id :func:`study_id_for(i)`, so a dataset can be generated
+    ``bmd.csv`` is updated (atomically) after every study, so an interrupted run keeps the truth of every finished
+    study and can be continued with ``start``. Study ``i`` uses seed :func:`study_seed(seed, i)` and id :func:`study_id_for(i)`, so a dataset can be generated
     in chunks (or regenerated partly) with identical results.
 
     Returns:
@@ -1312,7 +1313,7 @@ def generate_dataset(root, n: int, seed: int = 0, options: Optional[PhantomOptio
     opts = options or PhantomOptions()
     root = Path(root)
     (root / "studies").mkdir(parents=True, exist_ok=True)
-    ids, rows = [], []
+    ids = []
     it = range(start, start + n)
     if progress:
         from tqdm import tqdm
@@ -1322,8 +1323,8 @@ def generate_dataset(root, n: int, seed: int = 0, options: Optional[PhantomOptio
         sid = study_id_for(i, prefix)
         st = generate_study(study_seed(seed, i), opts, sid)
         write_study(st, root / "studies" / sid, preview=opts.preview)
-        rows += [dict(study_id=sid, **{k: t[k] for k in CSV_FIELDS[1:]}) for t in st.truth]
+        rows = [dict(study_id=sid, **{k: t[k] for k in CSV_FIELDS[1:]}) for t in st.truth]
+        write_bmd_csv(root / "bmd.csv", rows, replace_studies=[sid])
         ids.append(sid)
         logger.debug("wrote %s (%d slices, %d levels)", sid, st.hu.shape[0], len(st.truth))
-    write_bmd_csv(root / "bmd.csv", rows, replace_studies=ids)
     return ids
