@@ -150,6 +150,24 @@ def add_bmd_config(cfg):
     _C.MEASURE.PRIMARY_BMD = "learned"
     # Flag large_learned_classical_difference when |learned - classical| exceeds this (mg/cm^3).
     _C.MEASURE.MAX_BMD_DIFFERENCE = 30.0
+    # Robustness checks (bmd_d2/measure/qc.py, flags documented in docs/measurement.md).
+    # A detection is rejected (not_bone) unless the 95th percentile HU of its mask (3 sagittal slices) reaches this:
+    # a vertebral body always holds some cortex/endplate bone; water, soft tissue or a uniform blob does not.
+    _C.MEASURE.MIN_BONE_HU = 120.0
+    # Detections scoring below this (but above SCORE_THRESHOLD) are reported with the flag low_confidence.
+    _C.MEASURE.LOW_CONFIDENCE_SCORE = 0.7
+    # Trabecular HU above this (and within PLAUSIBLE_HU) is flagged very_dense (sclerosis, compaction, cement).
+    _C.MEASURE.DENSE_HU = 400.0
+    # Any HU at or above this inside the vertebra (mask on the 3 sagittal slices or its 3-D extrusion) is metal:
+    # flag metal, BMD withheld.
+    _C.MEASURE.METAL_HU = 2000.0
+    # Contrast phase: HU (90th percentile) of the brightest vessel-sized blob anterior to the vertebral bodies
+    # (aorta/IVC; unenhanced blood reads 35-60 HU) at or above this flags contrast_enhanced (iodine raises
+    # trabecular HU too).
+    _C.MEASURE.CONTRAST_HU = 120.0
+    # Genant semi-quantitative grade from the vertebral height reduction: >= 20 % grade 1 (mild), >= 25 % grade 2
+    # (moderate), >= 40 % grade 3 (severe). Fractions, ascending.
+    _C.MEASURE.HEIGHT_LOSS_GRADES = [0.20, 0.25, 0.40]
     # Level labels without a detected sacrum: "lowest_is_L5" (documented fallback, flagged) or "none".
     _C.MEASURE.UNANCHORED_LEVEL_RULE = "lowest_is_L5"
     # Evaluation: minimum mask IoU for a detection to match a ground-truth vertebra.

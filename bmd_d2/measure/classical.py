@@ -273,8 +273,9 @@ def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_colum
                       ) -> Dict[str, Optional[float]]:
     """Anterior, middle and posterior heights (mm) of a sagittal vertebral-body mask.
 
-    The body's antero-posterior axis is its principal axis closest to the image columns; heights are the extents
-    along the perpendicular axis in bands at 15 %, 50 % and 85 % of the AP extent (band width 10 %).
+    The body's antero-posterior axis is its principal axis closest to the image columns; a height is the median,
+    over the 1-pixel-wide lines perpendicular to that axis inside a band around 15 %, 50 % or 85 % of the AP extent
+    (band width 20 %), of the mask's extent along the line (the median damps pixel quantisation and rounded corners).
 
     Args:
         mask: bool ``(H, W)``.
@@ -299,8 +300,13 @@ def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_colum
     a, s = pts @ ap, pts @ si
     lo, hi = a.min(), a.max()
     out = {}
+    line = np.rint(a).astype(np.int64)
     for name, frac in (("anterior", 0.15), ("middle", 0.5), ("posterior", 0.85)):
         c = lo + frac * (hi - lo)
-        band = np.abs(a - c) <= max(0.05 * (hi - lo), 0.5)
-        out[name] = float((s[band].max() - s[band].min() + 1.0) * spacing_mm) if band.any() else None
+        band = np.abs(a - c) <= max(0.10 * (hi - lo), 0.5)
+        if not band.any():
+            out[name] = None
+            continue
+        ext = [np.ptp(s[band & (line == q)]) + 1.0 for q in np.unique(line[band])]
+        out[name] = float(np.median(ext) * spacing_mm)
     return out

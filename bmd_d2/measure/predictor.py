@@ -206,7 +206,7 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
             v.category = acr_category(v.bmd)
             v.heights_mm = vertebral_heights(masks[r], sp)
         result.vertebrae.append(v)
-    _grade_heights(result.vertebrae, [float(t) for t in m.HEIGHT_LOSS_GRADES])
+    _grade_heights(result.vertebrae, [float(t) for t in m.HEIGHT_LOSS_GRADES], fov_rows(sagittal))
     for f in ("metal", "very_dense", "vertebral_height_loss", "low_confidence"):
         if any(f in v.qc_flags for v in result.vertebrae):
             _add(result.qc_flags, f)
@@ -218,9 +218,21 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
     return result
 
 
-def _grade_heights(vertebrae: Sequence[VertebraResult], thresholds: Sequence[float]):
-    """Set ``height_loss_pct``/``genant_grade`` of every vertebral body (neighbours: up to 2 bodies each side)."""
-    bodies = [v for v in vertebrae if v.category_id == VERTEBRAL_BODY_CLASS]
+def _grade_heights(vertebrae: Sequence[VertebraResult], thresholds: Sequence[float], fov: Optional[tuple] = None):
+    """Set ``height_loss_pct``/``genant_grade`` of every vertebral body (neighbours: up to 2 bodies each side).
+
+    Bodies cut by the image edge or the scanned range (mask within 2 rows of ``fov`` = first/last scanned row) are
+    not graded (their height is the scan's, not the vertebra's) and are not used as neighbours.
+    """
+    def cut(v: VertebraResult) -> bool:
+        if "truncated_by_image_edge" in v.qc_flags or v.mask is None:
+            return True
+        if fov is None:
+            return False
+        rows = np.nonzero(v.mask.any(1))[0]
+        return rows.size == 0 or rows[0] <= fov[0] + 2 or rows[-1] >= fov[1] - 2
+
+    bodies = [v for v in vertebrae if v.category_id == VERTEBRAL_BODY_CLASS and not cut(v)]
     for i, v in enumerate(bodies):
         nb = [b.heights_mm for b in bodies[max(0, i - 2):i] + bodies[i + 1:i + 3]]
         loss = height_loss(v.heights_mm or {}, nb)

@@ -23,6 +23,8 @@ CSV columns (``vertebrae.csv``; empty cell = not available):
 ``roi_pixels``              pixels in the sagittal ROI (3 slices together)
 ``roi_voxels_3d``           samples in the 3-D core
 ``height_{anterior,middle,posterior}_mm``  vertebral heights, mm
+``height_loss_pct``         height reduction, % (wedge/biconcave/crush; bmd_d2.measure.qc)
+``genant_grade``            Genant semi-quantitative grade 0–3 (20/25/40 % reduction)
 ``centroid_{x,y,z}_mm``     mask centre in patient coordinates (DICOM LPS), mm
 ``box_{x0,y0,x1,y1}``       box in sagittal pixels
 ``qc_flags``                ``;``-separated flags (docs/measurement.md)
@@ -56,8 +58,8 @@ VERTEBRA_COLUMNS = [
     "study_id", "level", "structure", "score", "bmd_mg_cm3", "category", "learned_bmd_mg_cm3",
     "classical_bmd_mg_cm3", "classical_bmd_3d_mg_cm3", "bmd_difference_mg_cm3", "trabecular_hu", "trabecular_hu_sd",
     "trabecular_hu_3d", "roi_pixels", "roi_voxels_3d", "height_anterior_mm", "height_middle_mm",
-    "height_posterior_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "box_x0", "box_y0", "box_x1", "box_y1",
-    "qc_flags",
+    "height_posterior_mm", "height_loss_pct", "genant_grade", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+    "box_x0", "box_y0", "box_x1", "box_y1", "qc_flags",
 ]
 STUDY_COLUMNS = [
     "study_id", "status", "n_vertebrae", "levels", "acr_levels", "acr_bmd_mg_cm3", "acr_category",
@@ -141,6 +143,7 @@ def vertebra_rows(result: StudyResult) -> List[Dict]:
             "trabecular_hu_3d": d["trabecular_hu_3d"], "roi_pixels": d["roi_pixels"],
             "roi_voxels_3d": d["roi_voxels_3d"], "height_anterior_mm": h.get("anterior"),
             "height_middle_mm": h.get("middle"), "height_posterior_mm": h.get("posterior"),
+            "height_loss_pct": d["height_loss_pct"], "genant_grade": d["genant_grade"],
             "centroid_x_mm": c[0], "centroid_y_mm": c[1], "centroid_z_mm": c[2],
             "box_x0": b[0], "box_y0": b[1], "box_x1": b[2], "box_y1": b[3], "qc_flags": d["qc_flags"],
         })
@@ -226,8 +229,10 @@ def write_overlay(result: StudyResult, path: str, *, dpi: int = 100):
             over[v.mask] = (*col, 0.4)
         x0, y0, x1, y1 = v.box_xyxy
         txt = f"{v.level or '?'}  {_opt(v.bmd)} mg/cm³  {_opt(v.trabecular_hu)} HU"
+        if v.genant_grade:
+            txt += f"  Genant {v.genant_grade}"
         if v.qc_flags:
-            txt += " !"
+            txt += "\n! " + ", ".join(v.qc_flags)
         ax.text(x1 + 3, (y0 + y1) / 2, txt, color=col, fontsize=7, va="center", ha="left",
                 bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
     ax.imshow(over, interpolation="nearest", extent=(0, W, H, 0))

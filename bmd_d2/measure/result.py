@@ -36,6 +36,19 @@ QC_FLAGS: Dict[str, str] = {
     "internal_reference_failed": "air/fat internal reference not found: default calibration used",
     "large_learned_classical_difference": "learned and classical BMD differ by more than MEASURE.MAX_BMD_DIFFERENCE",
     "volume_warning": "the volume loader reported a warning (see study.warnings)",
+    # robustness checks (bmd_d2.measure.qc)
+    "slice_gaps": "missing slices or uneven slice spacing: the volume was resampled onto a uniform grid",
+    "gantry_tilt": "gantry-tilted acquisition: sheared slice geometry (kept exactly; check the sagittal image)",
+    "non_axial": "non-axial or oblique slices: geometry kept exactly, but the model was trained on axial scans",
+    "duplicate_slices": "several images at the same slice position: duplicates were dropped",
+    "spine_not_found": "no spine-like bone column found (e.g. no spine in view): no vertebra is measured",
+    "contrast_enhanced": "contrast phase: vessels in front of the spine enhance (>= MEASURE.CONTRAST_HU); iodine "
+                         "raises trabecular HU, so classical BMD reads high",
+    "metal": "metal (>= MEASURE.METAL_HU) in or beside the vertebra: BMD withheld",
+    "very_dense": "trabecular HU above MEASURE.DENSE_HU (sclerosis, compaction, cement): excluded from the ACR value",
+    "vertebral_height_loss": "Genant grade >= 1 height reduction (see genant_grade, height_loss_pct): possible "
+                             "fracture, excluded from the ACR value",
+    "low_confidence": "detection score below MEASURE.LOW_CONFIDENCE_SCORE: check the mask on the overlay",
 }
 
 
@@ -81,6 +94,9 @@ class VertebraResult:
         roi_pixels: pixels in the eroded sagittal ROI (summed over the 3 slices).
         roi_voxels_3d: samples in the 3-D core.
         heights_mm: anterior/middle/posterior heights (mm).
+        height_loss_pct: height reduction (%): the larger of the wedge/biconcave ratio (1 - min/max of the three
+            heights) and the crush ratio against the neighbouring bodies (see ``bmd_d2.measure.qc``).
+        genant_grade: Genant semi-quantitative grade 0–3 of ``height_loss_pct`` (thresholds 20/25/40 %).
         qc_flags: flags of this vertebra (see :data:`QC_FLAGS`).
     """
 
@@ -103,6 +119,8 @@ class VertebraResult:
     roi_pixels: int = 0
     roi_voxels_3d: int = 0
     heights_mm: Dict[str, Optional[float]] = field(default_factory=dict)
+    height_loss_pct: Optional[float] = None
+    genant_grade: Optional[int] = None
     qc_flags: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -124,6 +142,8 @@ class StudyResult:
         calibration: the HU → BMD calibration used (``slope``, ``intercept``, ``source``, ...).
         model: config file, weights path and score threshold.
         rejected: detections not reported, as ``{"box_xyxy", "score", "category_id", "reason"}``.
+        qc: details of the study-level checks: ``plane_method`` (``"fallback"`` = no spine found), ``contrast``
+            (see :func:`bmd_d2.measure.qc.contrast_check`).
         sagittal: the ``SagittalImage`` measured (not serialised).
         volume: the ``Volume`` (not serialised).
     """
@@ -136,6 +156,7 @@ class StudyResult:
     calibration: Dict[str, Any] = field(default_factory=dict)
     model: Dict[str, Any] = field(default_factory=dict)
     rejected: List[Dict[str, Any]] = field(default_factory=list)
+    qc: Dict[str, Any] = field(default_factory=dict)
     sagittal: Any = None
     volume: Any = None
 
@@ -154,4 +175,5 @@ class StudyResult:
             "calibration": _clean(self.calibration),
             "model": _clean(self.model),
             "rejected": _clean(self.rejected),
+            "qc": _clean(self.qc),
         }
