@@ -170,14 +170,14 @@ def _one_line(e: BaseException) -> str:
 
 def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, str]], out_root: str, *,
               overlay: bool = True, masks: bool = False, resume: bool = True, rank: Optional[int] = None,
-              world_size: Optional[int] = None, progress: bool = True) -> BatchSummary:
+              world_size: Optional[int] = None, progress: bool = True, dicom: Tuple[str, ...] = ()) -> BatchSummary:
     """Measure ``studies`` (this rank's share), writing each study's reports; never stops on one study's failure.
 
     Args:
         measure: ``measure(source, study_id) -> StudyResult`` (e.g. a :class:`BMDStudyPredictor`).
         studies: ``(study_id, source)`` pairs (all ranks pass the same list).
         out_root: output folder.
-        overlay, masks: which optional reports to write.
+        overlay, masks, dicom: which optional reports to write (``dicom``: see :func:`report.write_study`).
         resume: skip studies whose ``result.json`` exists.
         rank, world_size: shard; default from ``detectron2.utils.comm``.
         progress: show a progress bar (tqdm, on stderr) on the main process.
@@ -205,7 +205,7 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
                 outcomes.append(StudyOutcome(sid, src, "skipped"))
                 continue
             result = measure(src, sid)
-            report.write_study(result, out_dir, overlay=overlay, masks=masks)
+            report.write_study(result, out_dir, overlay=overlay, masks=masks, dicom=dicom)
             outcomes.append(StudyOutcome(sid, src, "ok", seconds=time.time() - t))
         except KeyboardInterrupt:
             raise

@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (sets MODEL.DEVICE)")
     p.add_argument("--masks", action="store_true", help="also write masks.nii.gz (labels in the source geometry)")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
+    dcm = p.add_argument_group("DICOM outputs (DICOM input only; docs/dicom_outputs.md)")
+    dcm.add_argument("--dicom-seg", action="store_true", help="write segmentation.dcm (DICOM SEG of the vertebrae)")
+    dcm.add_argument("--dicom-sr", action="store_true", help="write report_sr.dcm (TID 1500 structured report)")
+    dcm.add_argument("--dicom-sc", action="store_true", help="write overlay_sc.dcm (secondary capture of the overlay)")
+    dcm.add_argument("--dicom-outputs", action="store_true", help="all three DICOM objects")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--batch", action="store_true", help="treat the input as a folder of studies")
     mode.add_argument("--single", action="store_true", help="treat the input as one study")
@@ -95,6 +100,11 @@ def _setup_logging(quiet: bool, rank: int):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def dicom_kinds(args) -> tuple:
+    """The DICOM objects requested: subset of ("seg", "sr", "sc")."""
+    return tuple(k for k in ("seg", "sr", "sc") if args.dicom_outputs or getattr(args, f"dicom_{k}"))
+
+
 def _hash_id(source: str) -> str:
     import hashlib
 
@@ -124,7 +134,7 @@ def worker(args) -> int:
         sid = _hash_id(args.input) if args.hash_ids else study_id_from_path(args.input)
         result = predictor(args.input, study_id=sanitize_study_id(sid))
         paths = report.write_study(result, safe_study_dir(args.output, result.study_id),
-                                   overlay=not args.no_overlay, masks=args.masks)
+                                   overlay=not args.no_overlay, masks=args.masks, dicom=dicom_kinds(args))
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
         else:
@@ -137,7 +147,8 @@ def worker(args) -> int:
         studies = sorted((_hash_id(src), src) for _, src in studies)
     logger.info("%d studies found", len(studies))
     summary = run_batch(lambda src, sid: predictor(src, study_id=sid), studies, args.output,
-                        overlay=not args.no_overlay, masks=args.masks, resume=not args.no_resume,
+                        overlay=not args.no_overlay, masks=args.masks, dicom=dicom_kinds(args),
+                        resume=not args.no_resume,
                         progress=not args.quiet)
     if comm.is_main_process():
         print(summary.text())

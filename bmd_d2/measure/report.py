@@ -293,8 +293,12 @@ def write_masks_nifti(result: StudyResult, path: str):
         nib.save(img, tmp)
 
 
-def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, masks: bool = False) -> Dict[str, str]:
+def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, masks: bool = False,
+                dicom: Iterable[str] = ()) -> Dict[str, str]:
     """Write every report of one study into ``out_dir``; ``result.json`` last (the "finished" marker).
+
+    ``dicom``: DICOM objects to add (``"seg"``, ``"sr"``, ``"sc"``; see :mod:`bmd_d2.measure.dicom_outputs`),
+    skipped with a warning for a non-DICOM input.
 
     Returns:
         name → path of the files written.
@@ -308,6 +312,10 @@ def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, mask
     if masks:
         paths["masks"] = os.path.join(out_dir, MASKS_NII)
         write_masks_nifti(result, paths["masks"])
+    if dicom:
+        from .dicom_outputs import write_if_possible
+
+        paths.update(write_if_possible(result, out_dir, list(dicom), overlay_png=paths.get("overlay")))
     paths["json"] = os.path.join(out_dir, RESULT_JSON)
     write_json(result, paths["json"])
     return paths
