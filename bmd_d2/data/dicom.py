@@ -580,6 +580,7 @@ def _multiframe_frames(h: dict, warnings: List[str]) -> Tuple[List[_Frame], np.n
             if f == 0:
                 warnings.append(f"{path}: no RescaleSlope/Intercept; stored values used as HU")
             slope, intercept = 1.0, 0.0
+        _check_rescale(float(slope), float(intercept), path)
         thick = get("PixelMeasuresSequence", "SliceThickness")
         fh = dict(h)
         if thick is not None:
@@ -603,9 +604,22 @@ def _single_frame(h: dict, warnings_once: set) -> _Frame:
     if not slope or not intercept:
         warnings_once.add("RescaleSlope/RescaleIntercept missing; stored values used as HU")
         slope, intercept = slope or [1.0], intercept or [0.0]
+    _check_rescale(float(slope[0]), float(intercept[0]), path)
     return _Frame(path=path, frame=None, ipp=np.array(ipp, dtype=np.float64), iop=np.array(iop, dtype=np.float64),
                   pixel_spacing=(float(ps[0]), float(ps[1])), slope=float(slope[0]), intercept=float(intercept[0]),
                   sop_uid=h.get("SOPInstanceUID", ""), header=h)
+
+
+_MAX_SLOPE = 100.0  # HU per stored unit; CT uses 1 (sometimes 0.5-2); anything near this is not a CT image
+_MAX_INTERCEPT = 32768.0
+
+
+def _check_rescale(slope: float, intercept: float, path: str) -> None:
+    """Refuse rescale values that cannot give HU (zero/negative/huge/NaN slope, non-finite or absurd intercept)."""
+    if not (np.isfinite(slope) and 0.0 < slope <= _MAX_SLOPE):
+        raise BMDError(f"implausible RescaleSlope {slope:g} (expected 0 < slope <= {_MAX_SLOPE:g})", path=path)
+    if not (np.isfinite(intercept) and abs(intercept) <= _MAX_INTERCEPT):
+        raise BMDError(f"implausible RescaleIntercept {intercept:g}", path=path)
 
 
 def _check_image_format(h: dict, source: str):
