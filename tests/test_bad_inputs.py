@@ -303,6 +303,18 @@ def test_corpus_is_large_enough():
     assert len(LOADER_CASES) >= 30
 
 
+@pytest.mark.xfail(reason="bmd_d2/data/sagittal.py (being reworked) raises IndexError for volumes thinner than "
+                          "about 35 mm; expected: a sagittal image or a one-line BMDError", raises=IndexError)
+def test_very_thin_volume_gives_image_or_one_line_error():
+    from bmd_d2.data.sagittal import make_sagittal
+
+    vol = Volume(_hu((16, 32, 32)), np.diag([2.0, 2.0, 2.0, 1.0]), meta={"source": "thin"})
+    try:
+        make_sagittal(vol, size=128)
+    except BMDError as e:
+        assert "\n" not in str(e)
+
+
 def test_unreadable_permissions(tmp_path, monkeypatch):
     """Tests run as root (chmod 000 does not stop root): the permission check is exercised through os.access."""
     _series(tmp_path / "s")
@@ -522,7 +534,7 @@ def test_batch_fault_tolerance_kill_and_resume(tmp_path):
     root = tmp_path / "in"
     good = [f"s{i:02d}" for i in range(9)]
     for i, sid in enumerate(good):
-        write_series(str(root / sid), _hu((16, 32, 32), seed=i), private_block=False, seed=i)
+        write_series(str(root / sid), _hu((24, 32, 32), seed=i), private_block=False, seed=i)
     (root / "s04b_corrupt").mkdir()
     (root / "s04b_corrupt" / "IM1.dcm").write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(64))
     out = tmp_path / "out"
