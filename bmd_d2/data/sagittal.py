@@ -4,20 +4,28 @@ Mid-sagittal plane (``find_midsagittal_plane``)
 -----------------------------------------------
 1. The volume is resampled onto an LPS-aligned grid of ``coarse_mm`` (2 mm) voxels (trilinear), so the method is the
    same for axial, oblique or non-axial acquisitions.
-2. Bone = ``bone_hu`` ≤ HU ≤ 2000 (metal excluded). Projected along z over the whole scan, the spine is one of the
-   densest columns of bone; up to 6 peaks of the smoothed projection (not at the field-of-view edge) are scored by strength × left-right mirror
-   symmetry (step 3) × closeness to the body's lateral centre, and the best is the prior centre (ribs plus iliac
-   wings at one lateral position, or arms by the side, also form columns but are not mirror-symmetric). The scan is then cut into slabs of ``slab_mm`` (30 mm ≈ one
-   vertebra) along z; in each slab the peak of the smoothed bone projection within ``search_mm`` of the prior gives the
-   spine centre of that slab (this follows an off-centre spine and lordosis).
-3. Around each slab centre, the slab-mean axial image (HU clipped to −100…1000) is tested for left-right mirror
-   symmetry: for every rotation θ about the cranio-caudal axis (−30…30°, 1° steps) and every lateral offset of the
-   mirror line, the normalised correlation between the image and its mirror image is computed; the best (θ, offset)
-   gives the slab's symmetry axis — the line through vertebral body, canal and spinous process. This follows a spine
-   rotated about its long axis (patient rotation, rotated vertebrae).
+2. Where is the spine? The scan is cut into slabs of ``slab_mm`` (30 mm ≈ one vertebra) along z. In each slab's mean
+   axial image (HU clipped to 0…1000, so fat and air count as 0) every pixel gets a *vertebra score*: a vertebra seen
+   axially is a bright body with, ``D`` = 20–30 mm posterior to its centre, a dark spinal canal enclosed by a bony ring
+   and followed by the laminae / spinous process. The score is ``min(body, ring, posterior) − canal`` (means over a
+   10 mm disc at the pixel, a 6–15 mm annulus around the canal point, a 5 mm disc 11 mm behind it, and a 4 mm disc at
+   the canal point), maximised over rotations about the cranio-caudal axis (±``max_angle_deg``, 10° steps) and ``D``.
+   Contrast-filled aorta / IVC / kidneys, liver, table, ribs and iliac wings are bright but have no bone-enclosed dark
+   canal behind them, and score low (a plain bone-density column, the earlier method, picked enhanced kidneys or the
+   aorta on many contrast studies). The slab maxima are then linked by dynamic programming into the column with the
+   largest total score whose position moves at most ``search_mm``/2 (AP) and ``search_mm``/4 (lateral) between
+   neighbouring slabs, so an organ or iliac wing present in a few slabs cannot win against the spine that runs through
+   the whole scan; pixels within 10 mm of the field-of-view edge are excluded (truncated anatomy).
+3. Around each slab's column point, the slab-mean axial image (HU clipped to −100…1000) is tested for left-right
+   mirror symmetry in a window from 25 mm anterior of the body centre to 25 mm behind the canal and ±36 mm laterally
+   (this keeps the aorta and kidneys out): for every rotation θ about the cranio-caudal axis (±``max_angle_deg``, 2°
+   then 0.5° steps) and every lateral offset (±10 mm) of the mirror line, the normalised correlation between the image
+   and its mirror image is computed; the best (θ, offset) gives the slab's symmetry axis — the line through vertebral
+   body, canal and spinous process. This follows a spine rotated about its long axis. Slabs whose column score is
+   below 0.4 × the median, or whose symmetry correlation is below 0.3, are not used.
 4. One plane for the whole spine: its in-plane lateral direction is the median θ of confident slabs; its lateral
    position as a function of z is a line ``u = a + b·z`` through the slab centres (Theil-Sen, then least squares on the
-   slabs within max(15 mm, 3·MAD); rejected slabs, e.g. an iliac wing picked in a pelvic slab, are counted), so a spine that is inclined in the coronal plane is followed too. Normal ``n ∝ (cos θ, sin θ, 0) − b·e_z``.
+   slabs within max(6 mm, 3·MAD); rejected slabs, e.g. an iliac wing picked in a pelvic slab, are counted), so a spine that is inclined in the coronal plane is followed too. Normal ``n ∝ (cos θ, sin θ, 0) − b·e_z``.
 5. Scoliosis: a single plane cannot contain a laterally curved spine. The plane is the least-squares fit through the
    curved centreline; ``info["max_lateral_deviation_mm"]`` records how far the curve leaves the plane and a warning is
    added above 10 mm (vertebrae at the apex are then cut off-centre — their sagittal area shrinks, so measurements there
@@ -163,14 +171,18 @@ def _coarse_lps(volume: Volume, coarse_mm: float):
 
 
 def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, angles_deg: np.ndarray,
-              max_shift_px: int):
+              max_shift_px: int, v_range_px: Optional[Tuple[int, int]] = None):
     """Best mirror axis of the axial image ``img`` (Y, X) around ``centre_yx``.
+
+    The window spans ``u`` in ±``half_px`` (lateral) and ``v`` in ``v_range_px`` (default ±``half_px``; + is
+    posterior) in the rotated frame.
 
     Returns (theta_deg, lateral offset px, score): the axis runs along e_v = (-sin θ, cos θ) (x, y) through
     centre + offset·e_u, e_u = (cos θ, sin θ).
     """
     t = np.arange(-half_px, half_px + 1, dtype=float)
-    V, U = np.meshgrid(t, t, indexing="ij")  # rows = v (AP), cols = u (lateral)
+    v0, v1 = v_range_px if v_range_px is not None else (-half_px, half_px)
+    V, U = np.meshgrid(np.arange(v0, v1 + 1, dtype=float), t, indexing="ij")  # rows = v (AP), cols = u (lateral)
     best = (0.0, 0.0, -np.inf)
     cy, cx = centre_yx
     for a in angles_deg:
@@ -196,36 +208,84 @@ def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, ang
     return best
 
 
-def _pick_spine_candidate(prior, img_all, C, step, ns, half, max_shift, max_angle_deg, info):
-    """Choose the spine among the strongest bone columns (ribs + iliac wings at one lateral position, or arms at the
-    sides, can also form columns): up to 6 local maxima of the whole-scan projection are scored by
-    strength × mirror symmetry (median over up to 5 slabs) × closeness to the body's lateral centre."""
-    peaks = ndimage.maximum_filter(prior, size=max(3, int(round(30.0 / step)))) == prior
-    peaks &= prior >= 0.2 * prior.max()
-    border = max(1, int(round(10.0 / step)))  # truncated anatomy at the field-of-view edge is not the spine
-    inner = np.zeros_like(peaks)
-    inner[border:-border, border:-border] = True
-    if (peaks & inner).any():
-        peaks &= inner
-    cand = np.argwhere(peaks)
-    cand = cand[np.argsort(-prior[cand[:, 0], cand[:, 1]])][:6]
-    if len(cand) == 1:
-        return int(cand[0, 0]), int(cand[0, 1])
-    body = (C > -300).sum(0).astype(np.float64)
-    bx = float((body.sum(0) * np.arange(body.shape[1])).sum() / max(body.sum(), 1))
-    Z = C.shape[0]
-    starts = np.linspace(0, max(0, Z - ns), num=min(5, max(1, Z // ns))).astype(int)
-    best, scores = None, []
-    for cy, cx in cand:
-        sym = [_symmetry(img_all[z0:z0 + ns].mean(0), (cy, cx), half,
-                         np.arange(-max_angle_deg, max_angle_deg + 0.5, 5.0), max_shift)[2] for z0 in starts]
-        lat = np.exp(-0.5 * ((cx - bx) * step / 100.0) ** 2)
-        s = float(prior[cy, cx] / prior.max()) ** 0.5 * max(float(np.median(sym)), 0.0) * lat
-        scores.append(round(s, 3))
-        if best is None or s > best[0]:
-            best = (s, int(cy), int(cx))
-    info["candidate_scores"] = scores
-    return best[1], best[2]
+def _disc_kernel(r_in_px: float, r_out_px: float) -> np.ndarray:
+    """Normalised annulus (disc when ``r_in_px`` is 0) kernel for mean filtering."""
+    n = int(np.ceil(r_out_px))
+    t = np.arange(-n, n + 1, dtype=float)
+    rr = np.hypot(*np.meshgrid(t, t, indexing="ij"))
+    k = ((rr <= r_out_px) & (rr >= r_in_px)).astype(np.float64)
+    return k / k.sum()
+
+
+def _shifted(a: np.ndarray, dy: float, dx: float, cval: float) -> np.ndarray:
+    """``out[y, x] = a[y + dy, x + dx]`` (bilinear, ``cval`` outside)."""
+    return ndimage.shift(a, (-dy, -dx), order=1, mode="constant", cval=cval, prefilter=False)
+
+
+def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel "vertebral-body centre" score of an axial slab image (Y, X) of HU clipped to 0…1000.
+
+    A vertebra seen axially is a bright body with, ``D`` mm posterior to its centre, a dark spinal canal (CSF, cord,
+    epidural fat) enclosed by a bony ring (posterior wall, pedicles, laminae, spinous process). The score at a pixel is
+    ``min(body, ring, posterior) - canal``: the mean of ``img`` in a 10 mm disc at the pixel (body), in a 6–15 mm
+    annulus around the canal point (ring), in a 5 mm disc 11 mm posterior to the canal point (laminae / spinous
+    process) and in a 4 mm disc at the canal point (canal), maximised over rotations θ about the cranio-caudal axis and
+    canal distances ``D``. Solid bright organs (contrast-filled aorta, kidneys, liver), the table, ribs and iliac wings
+    have no dark hole inside a bony ring and score low; an osteoporotic (dark) body behind a contrast-filled aorta has
+    no bone behind it and scores low too.
+
+    Returns:
+        (score (Y, X) float32, θ deg (Y, X), D mm (Y, X)) of the best combination per pixel.
+    """
+    from scipy.signal import fftconvolve
+
+    body = fftconvolve(img, _disc_kernel(0.0, 10.0 / step), mode="same")
+    ring = fftconvolve(img, _disc_kernel(6.0 / step, 15.0 / step), mode="same")
+    canal = fftconvolve(img, _disc_kernel(0.0, 4.0 / step), mode="same")
+    post = fftconvolve(img, _disc_kernel(0.0, 5.0 / step), mode="same")
+    best = np.full(img.shape, -np.inf, np.float32)
+    best_th = np.zeros(img.shape, np.float32)
+    best_d = np.zeros(img.shape, np.float32)
+    for a in angles_deg:
+        th = np.radians(a)
+        for d in canal_mm:
+            # posterior direction e_v = (-sin θ, cos θ) in (x, y)
+            dx, dy = -np.sin(th) * d / step, np.cos(th) * d / step
+            r = _shifted(ring, dy, dx, 0.0)
+            c = _shifted(canal, dy, dx, 1000.0)
+            q = _shifted(post, dy * (d + 11.0) / d, dx * (d + 11.0) / d, 0.0)
+            s = (np.minimum(np.minimum(body, r), q) - c).astype(np.float32)
+            upd = s > best
+            best[upd], best_th[upd], best_d[upd] = s[upd], a, d
+    return best, best_th, best_d
+
+
+def _track_column(scores, step: float, max_jump_mm: Tuple[float, float]) -> list:
+    """Most consistent path of score maxima through the slabs (dynamic programming).
+
+    The path may move at most ``max_jump_mm`` = (AP, lateral) mm between neighbouring slabs; its value is the sum of the (non-negative)
+    slab scores along it, so a structure present in a few slabs only (a kidney, a contrast-filled vessel segment, an
+    iliac wing) loses against the column that continues through the whole scan.
+
+    Returns:
+        list of (row, col) per slab.
+    """
+    ry, rx = (max(1, int(round(m / step))) for m in max_jump_mm)
+    ty, tx = np.meshgrid(np.arange(-ry, ry + 1), np.arange(-rx, rx + 1), indexing="ij")
+    foot = (ty / ry) ** 2 + (tx / rx) ** 2 <= 1.0
+    acc = [np.maximum(scores[0], 0.0)]
+    for s in scores[1:]:
+        acc.append(np.maximum(s, 0.0) + ndimage.maximum_filter(acc[-1], footprint=foot, mode="constant", cval=-1.0))
+    path = [np.unravel_index(int(np.argmax(acc[-1])), acc[-1].shape)]
+    H, W = acc[0].shape
+    for a in acc[-2::-1]:
+        y, x = path[-1]
+        y0, y1, x0, x1 = max(0, y - ry), min(H, y + ry + 1), max(0, x - rx), min(W, x + rx + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        win = np.where(((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1.0, a[y0:y1, x0:x1], -np.inf)
+        dy, dx = np.unravel_index(int(np.argmax(win)), win.shape)
+        path.append((y0 + int(dy), x0 + int(dx)))
+    return path[::-1]
 
 
 def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm: float = 2.0,
@@ -234,10 +294,11 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
 
     Args:
         volume: HU volume.
-        bone_hu: HU threshold for bone in the spine-centre search.
+        bone_hu: HU threshold for bone (a volume without any voxel in ``bone_hu``…2000 HU gets the fallback).
         coarse_mm: grid step (mm) of the LPS-aligned working grid.
         slab_mm: cranio-caudal thickness (mm) of the slabs analysed separately.
-        search_mm: how far (mm) a slab's spine centre may lie from the whole-scan prior.
+        search_mm: the spine column may move up to ``search_mm / 2`` (AP) and ``search_mm / 4`` (lateral) mm between
+            neighbouring slabs.
         max_angle_deg: largest rotation about the cranio-caudal axis searched.
 
     Returns:
@@ -247,9 +308,7 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
     C, lo, step = _coarse_lps(volume, coarse_mm)
     Z, Y, X = C.shape
     warnings = []
-    bone = (C >= bone_hu) & (C <= 2000.0)
-    sig = 8.0 / step
-    prior = ndimage.gaussian_filter(bone.sum(0).astype(np.float32), sig)
+    has_bone = bool(((C >= bone_hu) & (C <= 2000.0)).any())
     info = {"coarse_mm": step, "bone_hu": bone_hu, "slab_mm": slab_mm}
 
     def fallback(reason):
@@ -259,38 +318,46 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
         return SagittalPlane(point=centre, normal=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),
                              row_dir=np.array([0, 0, -1.0]), info=info)
 
-    if prior.max() <= 0 or Z * step < 10.0:
-        return fallback("no bone in view" if prior.max() <= 0 else "volume too thin")
+    if not has_bone or Z * step < 10.0:
+        return fallback("no bone in view" if not has_bone else "volume too thin")
     ns = max(1, int(round(slab_mm / step)))
     img_all = np.clip(C, -100.0, 1000.0)
-    half = int(round(48.0 / step))
-    max_shift = int(round(2 * 20.0 / step))  # the mirror line may lie up to 20 mm from the bone peak
-    py, px = _pick_spine_candidate(prior, img_all, C, step, ns, half, max_shift, max_angle_deg, info)
-    yy, xx = np.mgrid[0:Y, 0:X]
-    near = np.hypot(yy - py, xx - px) * step <= search_mm
+    pos = np.clip(C, 0.0, 1000.0)
+    # slabs along z (a last thin remainder is merged into the previous slab)
+    bounds = [[z0, min(Z, z0 + ns)] for z0 in range(0, Z, ns)]
+    if len(bounds) > 1 and (bounds[-1][1] - bounds[-1][0]) * step < slab_mm / 3:
+        bounds[-2][1] = bounds.pop()[1]
+    angles = np.arange(-max_angle_deg, max_angle_deg + 0.5, 10.0)
+    canal_mm = (20.0, 25.0, 30.0)
+    border = max(1, int(round(10.0 / step)))  # truncated anatomy at the field-of-view edge is not the spine
+    maps = []
+    for z0, z1 in bounds:
+        sc, th_map, d_map = _vertebra_score(pos[z0:z1].mean(0), step, angles, canal_mm)
+        sc[:border], sc[-border:], sc[:, :border], sc[:, -border:] = 0.0, 0.0, 0.0, 0.0
+        maps.append((sc, th_map, d_map))
+    path = _track_column([m[0] for m in maps], step, (search_mm / 2.0, search_mm / 4.0))
+    half = int(round(36.0 / step))
+    max_shift = int(round(2 * 10.0 / step))  # the mirror line may lie up to 10 mm from the body centre
     slabs = []
-    for z0 in range(0, Z, ns):
-        z1 = min(Z, z0 + ns)
-        if (z1 - z0) * step < slab_mm / 3:
+    for (z0, z1), (sc, th_map, d_map), (cy, cx) in zip(bounds, maps, path):
+        strength = float(sc[cy, cx])
+        if strength <= 0:
             continue
-        P = ndimage.gaussian_filter(bone[z0:z1].sum(0).astype(np.float32), sig)
-        P[~near] = 0
-        if P.max() <= 0:
-            continue
-        cy, cx = np.unravel_index(np.argmax(P), P.shape)
-        strength = float(P[cy, cx]) / (z1 - z0)
+        th0, d0 = float(th_map[cy, cx]), float(d_map[cy, cx])
         img = img_all[z0:z1].mean(0)
-        th, off, score = _symmetry(img, (cy, cx), half, np.arange(-max_angle_deg, max_angle_deg + 0.5, 2.0), max_shift)
-        # refine the angle at 0.5 deg around the best
-        th, off, score = _symmetry(img, (cy, cx), half, np.arange(th - 1.5, th + 1.6, 0.5), max_shift)
+        # window: anterior cortex of the body to the spinous process (excludes aorta, kidneys)
+        vr = (int(round(-25.0 / step)), int(round((d0 + 25.0) / step)))
+        lo_a, hi_a = -max_angle_deg, max_angle_deg
+        th, off, score = _symmetry(img, (cy, cx), half, np.arange(lo_a, hi_a + 0.5, 2.0), max_shift, vr)
+        th, off, score = _symmetry(img, (cy, cx), half, np.arange(th - 1.5, th + 1.6, 0.5), max_shift, vr)
         e_u = np.array([np.cos(np.radians(th)), np.sin(np.radians(th))])
         xy = lo[:2] + step * (np.array([cx, cy], float) + off * e_u)
         zc = lo[2] + step * ((z0 + z1 - 1) / 2.0)
         slabs.append(dict(z=float(zc), x=float(xy[0]), y=float(xy[1]), theta=th, score=score, strength=strength))
     if not slabs:
         return fallback("no spine-like bone column")
-    smax = max(s["strength"] for s in slabs)
-    good = [s for s in slabs if s["strength"] >= 0.25 * smax and s["score"] >= 0.3]
+    smed = float(np.median([s["strength"] for s in slabs]))
+    good = [s for s in slabs if s["strength"] >= 0.4 * smed and s["score"] >= 0.3]
     if len(good) < 1:
         return fallback("no symmetric bone column")
     theta = float(np.median([s["theta"] for s in good]))
@@ -310,7 +377,7 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
         a = float(np.median(u - b * z))
         res = u - (a + b * z)
         mad = float(np.median(np.abs(res))) * 1.4826
-        inliers = np.abs(res) <= max(15.0, 3.0 * mad)
+        inliers = np.abs(res) <= max(6.0, 3.0 * mad)
         if inliers.sum() >= 2:
             A = np.stack([np.ones_like(z), z], 1)
             a, b = (float(c) for c in np.linalg.lstsq(A[inliers], u[inliers], rcond=None)[0])
