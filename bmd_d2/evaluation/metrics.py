@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = [
     "mae", "rmse", "bias", "pearson_r", "bland_altman", "regression_summary", "accuracy", "confusion_matrix",
-    "dice", "mask_iou_matrix", "match_greedy",
+    "dice", "mask_iou_matrix", "match_greedy", "precision_rms",
 ]
 
 
@@ -113,10 +113,10 @@ def mask_iou_matrix(pred_masks: np.ndarray, gt_masks: np.ndarray) -> np.ndarray:
     Returns:
         float64 ``(P, G)``.
     """
+    if len(pred_masks) == 0 or len(gt_masks) == 0:  # (reshape(0, -1) of an empty array is undefined)
+        return np.zeros((len(pred_masks), len(gt_masks)))
     p = np.asarray(pred_masks, dtype=bool).reshape(len(pred_masks), -1).astype(np.float64)
     g = np.asarray(gt_masks, dtype=bool).reshape(len(gt_masks), -1).astype(np.float64)
-    if p.shape[0] == 0 or g.shape[0] == 0:
-        return np.zeros((p.shape[0], g.shape[0]))
     inter = p @ g.T
     union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -144,3 +144,32 @@ def match_greedy(iou: np.ndarray, threshold: float = 0.5) -> List[Tuple[int, int
             used_g.add(j)
             out.append((i, j))
     return sorted(out, key=lambda x: x[1])
+
+
+def precision_rms(groups: Sequence[Sequence[float]]) -> Dict[str, float]:
+    """Short-term (re-scan) precision of repeated measurements, pooled as root mean squares (Glüer et al., Osteoporos
+    Int 1995;5:262–270): each group holds one subject's (here: one vertebra's) repeated values.
+
+    Args:
+        groups: per subject, its repeated measurements (mg/cm³); groups with fewer than 2 finite values are skipped.
+
+    Returns:
+        dict with ``n_subjects``, ``n_measurements``, ``rms_sd`` = sqrt(mean_j SD_j²) (SD with ddof=1, mg/cm³),
+        ``rms_cv_pct`` = 100·sqrt(mean_j (SD_j / mean_j)²) (%), and ``dof`` = Σ(n_j − 1). ``nan`` without a usable
+        group; subjects with a non-positive mean are left out of the CV.
+    """
+    sds, cvs, n_meas, dof = [], [], 0, 0
+    for g in groups:
+        v = np.asarray([x for x in g if x is not None], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size < 2:
+            continue
+        sd = float(v.std(ddof=1))
+        sds.append(sd)
+        if v.mean() > 0:
+            cvs.append(sd / float(v.mean()))
+        n_meas += int(v.size)
+        dof += int(v.size) - 1
+    return {"n_subjects": len(sds), "n_measurements": n_meas, "dof": dof,
+            "rms_sd": float(np.sqrt(np.mean(np.square(sds)))) if sds else math.nan,
+            "rms_cv_pct": 100.0 * float(np.sqrt(np.mean(np.square(cvs)))) if cvs else math.nan}

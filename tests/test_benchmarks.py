@@ -1,0 +1,219 @@
+"""Benchmarks: matching and precision on hand-made examples, ground-truth masks through the measuring chain, and both
+tools end to end on tiny phantoms with the quick config and random weights (structure, not values)."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bmd_d2.evaluation import metrics
+from bmd_d2.evaluation.study_accuracy import (METHODS, rescan_groups, study_record, summarize_precision,
+                                              summarize_studies, truth_acr, truth_masks_on_sagittal)
+from bmd_d2.measure.result import StudyResult, VertebraResult
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(ROOT, "configs", "quick_schedules", "bmd_rcnn_MFEFPN_instant_test.yaml")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
+# ------------------------------------------------------------------------------------------------ hand-made examples
+def test_precision_rms_hand_computed():
+    # SDs: [100, 102] -> sqrt(2); [50, 50, 53] -> sqrt(3); RMS-SD = sqrt((2 + 3) / 2)
+    r = metrics.precision_rms([[100, 102], [50, 50, 53], [7.0], [None, 5.0]])
+    assert r["n_subjects"] == 2 and r["n_measurements"] == 5 and r["dof"] == 3
+    assert r["rms_sd"] == pytest.approx(math.sqrt(2.5))
+    cv = math.sqrt(((math.sqrt(2) / 101) ** 2 + (math.sqrt(3) / 51) ** 2) / 2) * 100
+    assert r["rms_cv_pct"] == pytest.approx(cv)
+    assert metrics.mask_iou_matrix(np.zeros((0, 4, 4), bool), np.ones((2, 4, 4), bool)).shape == (0, 2)
+    empty = metrics.precision_rms([[1.0], []])
+    assert empty["n_subjects"] == 0 and math.isnan(empty["rms_sd"]) and math.isnan(empty["rms_cv_pct"])
+
+
+def _box(h, w, r0, r1, c0, c1):
+    m = np.zeros((h, w), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+A, B = 10.0, 1.2  # phantom calibration HU = A + B * BMD
+TRUTH = [{"level": "L1", "bmd_mg_cm3": 100.0}, {"level": "L2", "bmd_mg_cm3": 140.0},
+         {"level": "L3", "bmd_mg_cm3": 90.0}, {"level": "S1", "bmd_mg_cm3": 120.0}]
+GT = {"L1": _box(64, 64, 5, 15, 10, 30), "L2": _box(64, 64, 20, 30, 10, 30), "L3": _box(64, 64, 35, 45, 10, 30),
+      "S1": _box(64, 64, 50, 60, 10, 30)}
+
+
+def _vert(level, mask, bmd, cls=0, hu_offset=0.0):
+    hu = A + B * bmd + hu_offset
+    return VertebraResult(level=level, category_id=cls, score=0.9, box_xyxy=[0, 0, 1, 1], mask=mask,
+                          learned_bmd=bmd, trabecular_hu=hu, trabecular_hu_3d=hu, classical_bmd=hu,
+                          classical_bmd_3d=hu)
+
+
+def _result(verts, acr_levels=("L1", "L2")):
+    res = StudyResult(study_id="s", vertebrae=verts)
+    res.patient = {"acr_category_learned": "normal", "acr_category_classical": "normal",
+                   "acr_levels_classical": list(acr_levels)}
+    return res
+
+
+def test_study_record_perfect_prediction():
+    """Predicted = truth masks and values: Dice 1, MAE 0 (learned and true-calibration classical), all levels right."""
+    verts = [_vert(t["level"], GT[t["level"]], t["bmd_mg_cm3"], cls=int(t["level"] == "S1")) for t in TRUTH]
+    rec = study_record(_result(verts), TRUTH, GT, A, B)
+    assert rec["n_gt"] == 4 and rec["n_pred"] == 4 and len(rec["pairs"]) == 4
+    s = summarize_studies([rec])
+    assert s["detection"]["recall"] == 1.0 and s["detection"]["precision"] == 1.0
+    assert s["dice"]["mean"] == 1.0 and s["dice"]["vertebrae_mean"] == 1.0 and s["dice"]["mean_including_missed"] == 1
+    assert s["levels"]["accuracy"] == 1.0 and s["levels"]["studies_all_correct"] == 1.0
+    for m in ("learned", "classical_true_cal", "classical_3d_true_cal"):
+        v = s["bmd"][m]["vertebrae"]
+        assert v["n"] == 3 and v["mae"] == pytest.approx(0.0, abs=1e-9) and v["pearson_r"] == pytest.approx(1.0)
+        assert s["bmd"][m]["per_level"]["S1"]["mae"] == pytest.approx(0.0, abs=1e-9)
+        assert s["bmd_by_label"][m]["mae"] == pytest.approx(0.0, abs=1e-9)
+    # the configured (here: raw HU) calibration: classical = A + B*bmd, so the error is A + (B - 1) * bmd
+    exp = np.mean([A + (B - 1) * t["bmd_mg_cm3"] for t in TRUTH[:3]])
+    assert s["bmd"]["classical"]["vertebrae"]["mae"] == pytest.approx(exp)
+    # patient ACR: truth mean(L1, L2) = 120 -> osteopenia; learned said normal; true-cal classical gives osteopenia
+    assert truth_acr({t["level"]: t["bmd_mg_cm3"] for t in TRUTH}) == {"levels": ["L1", "L2"], "bmd": 120.0,
+                                                                         "category": "osteopenia"}
+    assert s["acr"]["learned"]["accuracy"] == 0.0 and s["acr"]["classical_true_cal"]["accuracy"] == 1.0
+
+
+def test_study_record_errors_counted():
+    """A missed vertebra, a wrong label, a partial overlap, a false positive and one on an ignored level."""
+    h = np.zeros((64, 64), bool)
+    shifted = _box(64, 64, 7, 17, 10, 30)  # L1 moved 2 rows: IoU 8/12
+    ignored_mask = _box(64, 64, 0, 3, 10, 30)
+    verts = [_vert("L1", shifted, 110.0), _vert("L3", GT["L2"], 140.0),  # L2 labelled L3
+             _vert(None, _box(64, 64, 5, 15, 40, 60), 50.0),          # false positive (no truth there)
+             _vert("T12", ignored_mask, 80.0)]                         # on a labelled level that does not count
+    gt = {k: GT[k] for k in ("L1", "L2", "L3")}
+    rec = study_record(_result(verts), TRUTH[:3], gt, A, B, ignore_masks={"T12": ignored_mask})
+    assert rec["n_ignored"] == 1 and rec["n_pred"] == 3 and len(rec["pairs"]) == 2
+    s = summarize_studies([rec])
+    assert s["detection"]["recall"] == pytest.approx(2 / 3) and s["detection"]["precision"] == pytest.approx(2 / 3)
+    assert s["dice"]["mean"] == pytest.approx((2 * 160 / 400 + 1.0) / 2)
+    assert s["dice"]["mean_including_missed"] == pytest.approx((2 * 160 / 400 + 1.0) / 3)
+    assert s["levels"]["accuracy"] == 0.5 and s["levels"]["studies_all_correct"] == 0.0
+    assert s["bmd"]["learned"]["per_level"]["L1"]["mae"] == pytest.approx(10.0)
+    assert s["bmd"]["learned"]["per_level"]["L2"]["mae"] == pytest.approx(0.0)
+    # by label: the vertebra called L3 (true L2, 140) is compared with L3's truth (90); no vertebra called L2
+    lab = s["bmd_by_label"]["learned"]
+    assert lab["n"] == 2 and lab["n_missing"] == 1 and lab["mae"] == pytest.approx((10 + 50) / 2)
+
+
+def test_rescan_groups_and_precision():
+    scans = []
+    for vals in ((100.0, 150.0), (102.0, 150.0), (101.0, None)):
+        verts = [_vert("L1", GT["L1"], vals[0])]
+        if vals[1] is not None:
+            verts.append(_vert("L2", GT["L2"], vals[1]))
+        scans.append(study_record(_result(verts), TRUTH, {k: GT[k] for k in ("L1", "L2")}, A, B))
+    assert rescan_groups(scans, "learned") == [[100.0, 102.0, 101.0], [150.0, 150.0, None]]
+    p = summarize_precision([scans])
+    assert p["patients"] == 1 and p["scans_per_patient"] == [3]
+    assert p["learned"]["n_subjects"] == 2 and p["learned"]["rms_sd"] == pytest.approx(math.sqrt(1.0 / 2))
+    assert set(METHODS) <= set(p)
+
+
+# ------------------------------------------------------------------------------------------ phantom, truth masks
+def test_truth_masks_through_measuring_chain():
+    """Ground-truth masks of a phantom as detections: Dice 1, every level right, learned MAE 0, classical close."""
+    from bmd_d2.config import get_bmd_cfg
+    from bmd_d2.data.dicom import Volume
+    from bmd_d2.data.levels import LEVELS, SACRUM_CLASS
+    from bmd_d2.data.phantom import PhantomOptions, generate_study
+    from bmd_d2.measure.predictor import measure_detections, sagittal_from_cfg
+
+    st = generate_study(9000, PhantomOptions.tiny(metal=False, fracture=False))
+    cfg = get_bmd_cfg(QUICK, ["INPUT.DICOM.IMAGE_SIZE", "256"])
+    vol = Volume(st.quantized_hu(), st.affine.copy(), meta={"source": "phantom"})
+    sag = sagittal_from_cfg(vol, cfg)
+    listed = [t["level"] for t in st.truth]
+    gt = truth_masks_on_sagittal(sag, st.labels, st.affine, listed)
+    assert list(gt) == [lv for lv in LEVELS if lv in gt] and {"L1", "L2", "L3", "L4", "S1"} <= set(gt)
+    truth = {t["level"]: t["bmd_mg_cm3"] for t in st.truth}
+    masks = np.stack(list(gt.values()))
+    boxes = [[c.min(), r.min(), c.max() + 1, r.max() + 1] for r, c in (np.nonzero(m) for m in masks)]
+    dets = {"boxes": np.array(boxes, float), "scores": np.full(len(gt), 0.99),
+            "classes": np.array([SACRUM_CLASS if lv == "S1" else 0 for lv in gt]), "masks": masks,
+            "bmd": np.array([truth[lv] for lv in gt])}
+    res = measure_detections(dets, sag, cfg, volume=vol, study_id="gt")
+    rec = study_record(res, st.truth, gt, st.params["calib_a"], st.params["calib_b"])
+    s = summarize_studies([rec])
+    assert s["detection"]["recall"] == 1.0 and s["detection"]["precision"] == 1.0
+    assert s["dice"]["mean"] == pytest.approx(1.0) and s["levels"]["accuracy"] == 1.0
+    assert s["bmd"]["learned"]["all"]["mae"] == pytest.approx(0.0, abs=1e-3)
+    # sagittal ROI of a noisy 2 mm / 3 mm phantom through the true calibration: a few mg/cm³ (classical physics)
+    assert s["bmd"]["classical_true_cal"]["vertebrae"]["mae"] < 15.0
+
+
+# ---------------------------------------------------------------------------------------------- tools end to end
+def _finite_or_none(x):
+    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+
+
+def test_benchmark_speed_cli_tiny(tmp_path, capsys):
+    import benchmark
+
+    out = tmp_path / "speed.json"
+    torch.manual_seed(0)
+    rc = benchmark.main(["--config-file", QUICK, "--phantom", "tiny", "--studies", "1", "--io-slices", "4",
+                         "--io-size", "32", "--repeat", "1", "--infer-iters", "1", "--train-iters", "1",
+                         "--train-studies", "1", "--train-warmup", "0", "--render", "inline", "--output", str(out),
+                         "-q", "INPUT.DICOM.IMAGE_SIZE", "256", "SOLVER.IMS_PER_BATCH", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Series load" in text and "End to end" in text and "random-init" in text
+    rep = json.loads(out.read_text())
+    assert rep["random_init"] is True and rep["machine"]["usable_cores"] >= 1 and rep["machine"]["torch"]
+    assert rep["io"]["identical_hu"] is True and rep["io"]["bmd_d2_load_series_s"] > 0
+    e = rep["e2e"]
+    assert e["n"] == 1 and e["p50_s"] > 0 and e["p95_s"] >= e["p50_s"] and set(e["split_p50_s"]) == {
+        "load", "sagittal", "model", "measure"}
+    assert isinstance(e["meets_target_p50"], bool) and e["target_s"] == 2.0
+    assert rep["infer"]["images_per_s"] > 0 and rep["train"]["images_per_s"] > 0
+    assert set(rep["memory"]) == {"io", "e2e", "infer", "train"}
+    assert all(v["peak_rss_mb"] > 0 for v in rep["memory"].values())
+
+
+def test_benchmark_speed_bad_input(tmp_path, capsys):
+    import benchmark
+
+    assert benchmark.main(["--config-file", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "x.json")]) == 2
+    assert benchmark.main(["--config-file", QUICK, "--skip", "nope", "--output", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 2 and "Traceback" not in err
+
+
+def test_benchmark_accuracy_cli_tiny(tmp_path, capsys):
+    import benchmark_accuracy
+
+    out = tmp_path / "acc" / "accuracy.json"
+    torch.manual_seed(0)
+    rc = benchmark_accuracy.main(["--config-file", QUICK, "--phantom", "tiny", "--n", "1", "--rescan-patients", "1",
+                                  "--rescans", "1", "--output", str(out), "-q", "INPUT.DICOM.IMAGE_SIZE", "256"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Targets" in text and "Re-scan precision" in text and "classical_true_cal" in text
+    rep = json.loads(out.read_text())
+    for k in ("benchmark", "machine", "random_init", "seed", "study_seeds", "calibration", "detection", "dice",
+              "levels", "bmd", "bmd_by_label", "acr", "precision", "targets", "studies_detail", "pairs", "plots"):
+        assert k in rep, k
+    assert rep["random_init"] is True and rep["studies"] == 1 and rep["study_seeds"][0] != 9000
+    assert "true calibration" in rep["calibration"]["note"]
+    assert rep["detection"]["gt"] >= 5 and _finite_or_none(rep["detection"]["precision"])
+    for m in METHODS:
+        for k in ("mae", "rmse", "bias", "pearson_r", "loa_low", "loa_high"):
+            assert _finite_or_none(rep["bmd"][m]["vertebrae"][k])
+        assert _finite_or_none(rep["precision"][m]["rms_sd"])
+    for t in rep["targets"].values():
+        assert t["met"] in (True, False, None) and _finite_or_none(t["value"])
+    if rep["detection"]["matched"] == 0:  # random weights usually detect nothing at score 0.5
+        assert rep["dice"]["vertebrae_mean"] is None and rep["targets"]["dice_vertebrae"]["met"] is None
+    assert rep["precision"]["scans_per_patient"] == [2]
+    for paths in rep["plots"].values():
+        assert all(os.path.isfile(p) for p in paths)
