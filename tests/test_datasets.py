@@ -74,3 +74,20 @@ def test_bad_csv(tmp_path):
     with pytest.raises(BMDError) as ex:
         read_bmd_csv(tmp_path / "b.csv")
     assert "L9" in str(ex.value)
+
+
+def test_prepare_with_workers_matches_serial(tmp_path):
+    """Building the caches in worker processes gives the same dataset as one process."""
+    import json as _json
+
+    from bmd_d2.data.datasets import SagittalParams, prepare_sagittal_dataset
+    from bmd_d2.data.phantom import PhantomOptions, generate_dataset
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        generate_dataset(root, 2, seed=7, options=PhantomOptions.tiny(preview=False), progress=False)
+    ja = _json.loads(prepare_sagittal_dataset(a, params=SagittalParams(size=128)).read_text())
+    jb = _json.loads(prepare_sagittal_dataset(b, params=SagittalParams(size=128), workers=2).read_text())
+    assert len(ja["annotations"]) == len(jb["annotations"]) > 0
+    for x, y in zip(ja["annotations"], jb["annotations"]):
+        assert x["bbox"] == y["bbox"] and x["level"] == y["level"] and x["bmd"] == y["bmd"]

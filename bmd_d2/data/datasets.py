@@ -219,6 +219,15 @@ def cached_sagittal(series_dir, cache_dir, params: dict, *, label_file=None, lab
     return png, npz, True
 
 
+def _build_cache_job(job: dict):
+    """Worker of ``prepare_sagittal_dataset(workers=N)``: build one cache entry; errors are re-raised later."""
+    try:
+        cached_sagittal(**job)
+        return job["name"], True
+    except BMDError:
+        return job["name"], False  # the main loop meets the same error and handles it per skip_errors
+
+
 def _phantom_studies(root: Path) -> List[dict]:
     studies_dir = root / "studies"
     if not studies_dir.is_dir():
@@ -233,7 +242,7 @@ def _phantom_studies(root: Path) -> List[dict]:
 
 def prepare_sagittal_dataset(root, *, studies: Optional[List[dict]] = None, bmd_csv=None, out_dir=None,
                              params: Optional[dict] = None, label_map: Optional[Dict[int, int]] = None,
-                             min_area_px: int = 30, skip_errors: bool = False) -> Path:
+                             min_area_px: int = 30, skip_errors: bool = False, workers: int = 0) -> Path:
     """Build ``sagittal/<study>.png|.npz`` and the COCO ``annotations.json`` of a dataset.
 
     Args:
@@ -245,6 +254,7 @@ def prepare_sagittal_dataset(root, *, studies: Optional[List[dict]] = None, bmd_
         label_map: source label value → project label value (T11 = 1 … S1 = 8), e.g. for VerSe volumes.
         min_area_px: levels whose mid-plane cross-section is smaller are not annotated.
         skip_errors: log and skip studies that fail to load instead of raising.
+        workers: build the sagittal caches in this many processes first (0: in this process, one by one).
 
     Returns:
         Path of ``annotations.json``.
@@ -256,14 +266,27 @@ def prepare_sagittal_dataset(root, *, studies: Optional[List[dict]] = None, bmd_
     csv_path = Path(bmd_csv) if bmd_csv else root / "bmd.csv"
     bmd = read_bmd_csv(csv_path) if csv_path.is_file() else {}
     sag_dir = out_dir / "sagittal"
+    jobs = [dict(series_dir=st["series_dir"], cache_dir=sag_dir, params=params, label_file=st.get("label_file"),
+                 label_map=label_map, name=st["study_id"],
+                 key_extra=[json.dumps(bmd.get(st["study_id"], {}), sort_keys=True, default=str)]) for st in studies]
+    prebuilt = set()
+    if workers and workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        from tqdm import tqdm
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for sid, ok in tqdm(pool.imap_unordered(_build_cache_job, jobs), total=len(jobs), desc="sagittal",
+                                unit="study", disable=None):
+                if ok:
+                    prebuilt.add(sid)
     images, annotations, rebuilt, failed = [], [], 0, []
     for idx, st in enumerate(studies):
         sid = st["study_id"]
         rows = bmd.get(sid, {})
         try:
-            png, npz, new = cached_sagittal(st["series_dir"], sag_dir, params, label_file=st.get("label_file"),
-                                            label_map=label_map, name=sid,
-                                            key_extra=[json.dumps(rows, sort_keys=True, default=str)])
+            png, npz, new = cached_sagittal(**jobs[idx])
+            new = new or sid in prebuilt
         except BMDError as ex:
             if not skip_errors:
                 raise
