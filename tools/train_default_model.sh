@@ -10,7 +10,7 @@ bash tools/bootstrap.sh
 PY="${BMD_VENV:-$ROOT/.venv}/bin/python"
 export BMD_DATASETS="${BMD_DATASETS:-$ROOT/datasets}"
 OUT="${OUT:-output/default_model}"
-ITERS="${ITERS:-3000}"
+ITERS="${ITERS:-2000}"
 
 # 1. Data: 200 training + 30 validation phantom studies (seeds 1000 / 2000; test seeds 9000+ stay unseen).
 gen() {  # name seed n
@@ -19,7 +19,7 @@ gen() {  # name seed n
   if [ "$have" -lt "$3" ]; then
     "$PY" tools/make_phantoms.py -n $(( $3 - have )) --start "$have" --seed "$2" --name "$1" --no-preview --no-prepare
   fi
-  "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$BMD_DATASETS/$1', skip_errors=True)"
+  "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$BMD_DATASETS/$1', skip_errors=True, workers=2)"
 }
 gen bmd_phantoms_train 1000 200
 gen bmd_phantoms_val 2000 30
