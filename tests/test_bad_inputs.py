@@ -303,8 +303,6 @@ def test_corpus_is_large_enough():
     assert len(LOADER_CASES) >= 30
 
 
-@pytest.mark.xfail(reason="bmd_d2/data/sagittal.py (being reworked) raises IndexError for volumes thinner than "
-                          "about 35 mm; expected: a sagittal image or a one-line BMDError", raises=IndexError)
 def test_very_thin_volume_gives_image_or_one_line_error():
     from bmd_d2.data.sagittal import make_sagittal
 

@@ -9,10 +9,15 @@ Mid-sagittal plane (``find_midsagittal_plane``)
    axially is a bright body with, ``D`` = 20–30 mm posterior to its centre, a dark spinal canal enclosed by a bony ring
    and followed by the laminae / spinous process. The score is ``min(body, ring, posterior) − canal`` (means over a
    10 mm disc at the pixel, a 6–15 mm annulus around the canal point, a 5 mm disc 11 mm behind it, and a 4 mm disc at
-   the canal point), maximised over rotations about the cranio-caudal axis (±``max_angle_deg``, 10° steps) and ``D``.
-   Contrast-filled aorta / IVC / kidneys, liver, table, ribs and iliac wings are bright but have no bone-enclosed dark
-   canal behind them, and score low (a plain bone-density column, the earlier method, picked enhanced kidneys or the
-   aorta on many contrast studies). The slab maxima are then linked by dynamic programming into the column with the
+   the canal point; for the canal term the image is ``|HU − 15|``, so only water-like CSF counts as dark, not fat),
+   maximised over rotations about the cranio-caudal axis (±``max_angle_deg``, 10° steps) and ``D``. Contrast-filled
+   aorta / IVC / kidneys, liver, table, ribs and iliac wings are bright but have no bone-enclosed CSF canal behind
+   them, and score low (a plain bone-density column, the earlier method, picked enhanced kidneys or the aorta on many
+   contrast studies). Two soft priors multiply the score: a Gaussian (σ = ``lateral_sigma_mm``) in the lateral
+   distance from the body's centre (iliac-wing crests, which enclose dark fat like a canal, and kidneys lie ±70 mm
+   out), and a half-Gaussian (σ = 40 mm) penalising positions more than 75 mm in front of the body's posterior edge
+   (the aorta and IVC lie in front of the spine; with an osteoporotic, dark body they otherwise compete). The body is
+   the largest region above −300 HU after an opening that drops the table shells. The slab maxima are then linked by dynamic programming into the column with the
    largest total score whose position moves at most ``search_mm``/2 (AP) and ``search_mm``/4 (lateral) between
    neighbouring slabs, so an organ or iliac wing present in a few slabs cannot win against the spine that runs through
    the whole scan; pixels within 10 mm of the field-of-view edge are excluded (truncated anatomy).
@@ -222,7 +227,8 @@ def _shifted(a: np.ndarray, dy: float, dx: float, cval: float) -> np.ndarray:
     return ndimage.shift(a, (-dy, -dx), order=1, mode="constant", cval=cval, prefilter=False)
 
 
-def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm,
+                    canal_img: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel "vertebral-body centre" score of an axial slab image (Y, X) of HU clipped to 0…1000.
 
     A vertebra seen axially is a bright body with, ``D`` mm posterior to its centre, a dark spinal canal (CSF, cord,
@@ -234,6 +240,15 @@ def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm) -> Tuple
     have no dark hole inside a bony ring and score low; an osteoporotic (dark) body behind a contrast-filled aorta has
     no bone behind it and scores low too.
 
+    Args:
+        img: (Y, X) float slab-mean HU clipped to 0…1000.
+        step: pixel size (mm).
+        angles_deg: rotations searched.
+        canal_mm: canal distances ``D`` searched.
+        canal_img: (Y, X) image used for the canal term instead of ``img``: ``|HU − 15|`` makes fat (−100 HU, e.g. the
+            fat between a contrast-filled aorta and IVC in front of the body) as "bright" as soft tissue, so that only
+            water-like CSF looks like a canal.
+
     Returns:
         (score (Y, X) float32, θ deg (Y, X), D mm (Y, X)) of the best combination per pixel.
     """
@@ -241,7 +256,7 @@ def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm) -> Tuple
 
     body = fftconvolve(img, _disc_kernel(0.0, 10.0 / step), mode="same")
     ring = fftconvolve(img, _disc_kernel(6.0 / step, 15.0 / step), mode="same")
-    canal = fftconvolve(img, _disc_kernel(0.0, 4.0 / step), mode="same")
+    canal = fftconvolve(img if canal_img is None else canal_img, _disc_kernel(0.0, 4.0 / step), mode="same")
     post = fftconvolve(img, _disc_kernel(0.0, 5.0 / step), mode="same")
     best = np.full(img.shape, -np.inf, np.float32)
     best_th = np.zeros(img.shape, np.float32)
@@ -258,6 +273,24 @@ def _vertebra_score(img: np.ndarray, step: float, angles_deg, canal_mm) -> Tuple
             upd = s > best
             best[upd], best_th[upd], best_d[upd] = s[upd], a, d
     return best, best_th, best_d
+
+
+def _body_extent(img: np.ndarray) -> Optional[Tuple[float, float]]:
+    """Lateral centre and posterior edge of the body in an axial HU image (Y, X), in grid px.
+
+    The body is the largest connected region above -300 HU after an opening that removes thin structures (table
+    shells, cables). Returns ``(centre column, posterior-edge row)`` (the 98th percentile of the body's rows within
+    ±15 px of the centre column) or None.
+    """
+    m = ndimage.binary_opening(img > -300.0, iterations=2)
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+    rows, cols = np.nonzero(lab == 1 + int(np.argmax(sizes)))
+    bx = float(cols.mean())
+    near = np.abs(cols - bx) <= 15
+    return bx, float(np.percentile(rows[near] if near.any() else rows, 98))
 
 
 def _track_column(scores, step: float, max_jump_mm: Tuple[float, float]) -> list:
@@ -289,7 +322,8 @@ def _track_column(scores, step: float, max_jump_mm: Tuple[float, float]) -> list
 
 
 def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm: float = 2.0,
-                           slab_mm: float = 30.0, search_mm: float = 30.0, max_angle_deg: float = 30.0) -> SagittalPlane:
+                           slab_mm: float = 30.0, search_mm: float = 30.0, max_angle_deg: float = 30.0,
+                           lateral_sigma_mm: float = 40.0) -> SagittalPlane:
     """Find the spine's mid-sagittal plane (method in the module docstring).
 
     Args:
@@ -300,6 +334,7 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
         search_mm: the spine column may move up to ``search_mm / 2`` (AP) and ``search_mm / 4`` (lateral) mm between
             neighbouring slabs.
         max_angle_deg: largest rotation about the cranio-caudal axis searched.
+        lateral_sigma_mm: σ of the Gaussian prior on the spine's lateral distance from the body's centre.
 
     Returns:
         SagittalPlane. ``info["method"]`` is ``"symmetry"`` or ``"fallback"`` (no spine found: plane through the
@@ -326,14 +361,25 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
     # slabs along z (a last thin remainder is merged into the previous slab)
     bounds = [[z0, min(Z, z0 + ns)] for z0 in range(0, Z, ns)]
     if len(bounds) > 1 and (bounds[-1][1] - bounds[-1][0]) * step < slab_mm / 3:
-        bounds[-2][1] = bounds.pop()[1]
+        last = bounds.pop()
+        bounds[-1][1] = last[1]
     angles = np.arange(-max_angle_deg, max_angle_deg + 0.5, 10.0)
     canal_mm = (20.0, 25.0, 30.0)
     border = max(1, int(round(10.0 / step)))  # truncated anatomy at the field-of-view edge is not the spine
     maps = []
     for z0, z1 in bounds:
-        sc, th_map, d_map = _vertebra_score(pos[z0:z1].mean(0), step, angles, canal_mm)
+        slab = C[z0:z1].mean(0)
+        sc, th_map, d_map = _vertebra_score(pos[z0:z1].mean(0), step, angles, canal_mm,
+                                            np.clip(np.abs(slab - 15.0), 0.0, 1000.0))
         sc[:border], sc[-border:], sc[:, :border], sc[:, -border:] = 0.0, 0.0, 0.0, 0.0
+        ext = _body_extent(slab)
+        if ext is not None:
+            # the spine lies near the body's lateral centre (iliac wings and kidneys lie ±70 mm from it) and is the
+            # most posterior of the bright structures (aorta, IVC lie in front of it): soft priors on both
+            bx, by = ext
+            sc *= np.exp(-0.5 * ((np.arange(X) - bx) * step / lateral_sigma_mm) ** 2)[None, :].astype(np.float32)
+            dy = (by - np.arange(Y)) * step - 75.0  # mm in front of the usual body-centre depth
+            sc *= np.exp(-0.5 * (np.maximum(dy, 0.0) / 40.0) ** 2)[:, None].astype(np.float32)
         maps.append((sc, th_map, d_map))
     path = _track_column([m[0] for m in maps], step, (search_mm / 2.0, search_mm / 4.0))
     half = int(round(36.0 / step))
