@@ -11,7 +11,7 @@ from _dicom_fixtures import block_phantom, write_multiframe, write_series
 from bmd_d2.data.dicom import list_series, load_nifti, load_series, load_volume
 from bmd_d2.errors import BMDError
 
-REAL = "/work/shared/data/real/totalseg_example_ct_dicom"
+REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct_dicom")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,6 @@ def test_nifti_ras_to_lps(tmp_path, hu):
     np.testing.assert_allclose(v.affine, np.diag([-1, -1, 1, 1]) @ aff_ras)
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="real data not present")
 def test_real_jpeg2000_series_geometry_and_hu():
     v = load_series(os.path.join(REAL, "dicom"))
     assert v.data.shape == (20, 512, 512) and v.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))

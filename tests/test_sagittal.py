@@ -9,7 +9,7 @@ from bmd_d2.data.dicom import Volume, load_nifti
 from bmd_d2.data.sagittal import (find_midsagittal_plane, make_sagittal, sagittal_mask_to_volume,
                                   sample_volume_to_sagittal, window_hu)
 
-REAL = "/work/shared/data/real/totalseg_example_ct"
+REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct")
 
 
 def _volume(cx=0.0, rot=0.0, shape=(60, 96, 96), spacing=(2.0, 1.5, 1.5)):
@@ -97,7 +97,6 @@ def test_fallback_without_bone():
     assert sag.info["plane"]["method"] == "fallback" and sag.info["warnings"]
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="real data not present")
 def test_real_ct_midplane_contains_vertebral_bodies():
     vol = load_nifti(os.path.join(REAL, "example_ct.nii.gz"))
     lab = load_nifti(os.path.join(REAL, "totalseg_vertebrae_pp_refined.nii.gz"), dtype=np.int16)
