@@ -367,8 +367,10 @@ def _set_metadata(name: str, json_file: Path, root: Path) -> None:
 def register_bmd_dataset(name: str, root, *, params: Optional[dict] = None) -> None:
     """Register a dataset of the standard layout under ``name`` (lazy: nothing is read now).
 
-    On ``DatasetCatalog.get(name)``, ``<root>/annotations.json`` is built (or refreshed through the cache) from
-    ``<root>/studies`` when studies exist, then read.
+    On ``DatasetCatalog.get(name)``, ``<root>/annotations.json`` is read; when it does not exist yet it is first
+    built from ``<root>/studies``. An existing file is not refreshed (checking every series' content hash means
+    reading the whole dataset): after changing the studies, run ``prepare_sagittal_dataset(root)`` again
+    (``bmd-make-phantoms`` does it after writing studies).
     """
     from detectron2.data import DatasetCatalog
 
@@ -376,7 +378,7 @@ def register_bmd_dataset(name: str, root, *, params: Optional[dict] = None) -> N
     json_file = root / "annotations.json"
 
     def load():
-        if (root / "studies").is_dir():
+        if not json_file.is_file() and (root / "studies").is_dir():
             prepare_sagittal_dataset(root, params=params)
         return load_bmd_dataset(json_file, root)
 
