@@ -81,20 +81,27 @@ def main(argv=None) -> int:
         truth = {r["level"]: r for r in csv.DictReader(f)}
     print("\nmeasured vs truth (mg/cm³; the example is a phantom, so the truth is known):")
     print(f"{'level':6} {'true':>7} {'learned':>8} {'classic':>8} {'err(L)':>7} {'err(C)':>7}")
-    for v in result["vertebrae"]:
-        t = truth.get(v.get("level") or "")
-        tv = float(t["bmd_mg_cm3"]) if t else None
+    found = {v.get("level"): v for v in result["vertebrae"] if v.get("level")}
 
-        def fmt(x):
-            return f"{x:8.1f}" if isinstance(x, (int, float)) else f"{'-':>8}"
+    def num(x):
+        return f"{x:8.1f}" if isinstance(x, (int, float)) else f"{'-':>8}"
 
-        def err(x):
-            return f"{x - tv:+7.1f}" if tv is not None and isinstance(x, (int, float)) else f"{'-':>7}"
+    def err(x, tv):
+        return f"{x - tv:+7.1f}" if isinstance(x, (int, float)) else f"{'-':>7}"
 
+    for level, t in truth.items():
+        tv = float(t["bmd_mg_cm3"])
+        v = found.get(level)
+        if v is None:
+            print(f"{level:6} {tv:7.1f}  not detected")
+            continue
         cb = v.get("classical_bmd_3d") if v.get("classical_bmd_3d") is not None else v.get("classical_bmd")
-        print(f"{(v.get('level') or '?'):6} {(f'{tv:7.1f}' if tv is not None else '      -')} "
-              f"{fmt(v.get('learned_bmd'))} {fmt(cb)} {err(v.get('learned_bmd'))} {err(cb)}")
-    print(f"\nreports: {os.path.relpath(os.path.join(args.output, 'example_0001'), ROOT)}/"
+        print(f"{level:6} {tv:7.1f} {num(v.get('learned_bmd'))} {num(cb)} {err(v.get('learned_bmd'), tv)} "
+              f"{err(cb, tv)}")
+    extra = [v for v in result["vertebrae"] if v.get("level") not in truth]
+    if extra:
+        print(f"{len(extra)} detection(s) without a level in the truth table (see the report's flags)")
+    print(f"\nreports: {os.path.join(args.output, 'example_0001')}/"
           "{result.json, vertebrae.csv, overlay.png}")
     return 0
 
