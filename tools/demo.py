@@ -34,7 +34,7 @@ def make_example(out_dir: str, regenerate: bool = False) -> str:
         return dicom_dir
     t0 = time.time()
     opts = PhantomOptions(slice_thickness=1.25, slice_spacing=1.25, pixel_spacing=0.78, bmd_mg_cm3=105.0,
-                          fracture=False, metal=False, contrast=False)
+                          fracture=False, metal=False, contrast=False, transfer_syntax="explicit")
     st = generate_study(EXAMPLE_SEED, opts, "example_0001")
     write_study(st, study_dir)
     with open(os.path.join(out_dir, "truth.csv"), "w", newline="") as f:

@@ -168,10 +168,14 @@ def _coarse_lps(volume: Volume, coarse_mm: float):
             aff[:3, 3] = volume.index_to_lps(np.array([(f[2] - 1) / 2, (f[1] - 1) / 2, (f[0] - 1) / 2]))
             volume = Volume(data=data.astype(np.float32), affine=aff)
     n = np.maximum(np.floor((hi - lo) / coarse_mm).astype(int) + 1, 1)
-    xs, ys, zs = (lo[a] + np.arange(n[a]) * coarse_mm for a in range(3))
-    Z, Y, X = np.meshgrid(zs, ys, xs, indexing="ij")
-    pts = np.stack([X, Y, Z], -1)
-    C = _sample(volume, pts, order=1).astype(np.float32)
+    # Grid index (z, y, x) -> LPS lo + step * (x, y, z) -> voxel (i, j, k) -> array (k, j, i): one affine map, applied
+    # by ndimage.affine_transform without materialising the coordinate arrays.
+    inv = np.linalg.inv(volume.affine)
+    rev = np.eye(3)[::-1]
+    matrix = rev @ inv[:3, :3] @ rev * coarse_mm
+    offset = rev @ (inv[:3, :3] @ lo + inv[:3, 3])
+    C = ndimage.affine_transform(np.asarray(volume.data, np.float32), matrix, offset, output_shape=tuple(n[::-1]),
+                                 order=1, mode="constant", cval=_AIR_HU, prefilter=False)
     return C, lo, coarse_mm
 
 
