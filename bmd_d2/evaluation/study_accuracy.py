@@ -91,13 +91,15 @@ def _true_cal(hu: Optional[float], slope: float, intercept: float) -> Optional[f
 
 def vertebra_values(v, slope: float, intercept: float) -> Dict[str, Optional[float]]:
     """The BMD of one reported vertebra by every method in :data:`METHODS` (mg/cm³; None when not given)."""
-    withheld = "implausible_hu" in (v.qc_flags or [])
+    # The true calibration replaces only the conversion: where the measurement withheld its classical value (metal,
+    # implausible HU, ...), so does this one.
     return {
         "learned": v.learned_bmd,
         "classical": v.classical_bmd,
-        "classical_true_cal": None if withheld else _true_cal(v.trabecular_hu, slope, intercept),
+        "classical_true_cal": None if v.classical_bmd is None else _true_cal(v.trabecular_hu, slope, intercept),
         "classical_3d": v.classical_bmd_3d,
-        "classical_3d_true_cal": None if withheld else _true_cal(v.trabecular_hu_3d, slope, intercept),
+        "classical_3d_true_cal": (None if v.classical_bmd_3d is None
+                                  else _true_cal(v.trabecular_hu_3d, slope, intercept)),
     }
 
 
