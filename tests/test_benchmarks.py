@@ -217,3 +217,19 @@ def test_benchmark_accuracy_cli_tiny(tmp_path, capsys):
     assert rep["precision"]["scans_per_patient"] == [2]
     for paths in rep["plots"].values():
         assert all(os.path.isfile(p) for p in paths)
+
+
+def test_true_calibration_follows_withheld_values():
+    """A vertebra whose classical BMD the measurement withheld (metal, implausible HU) gets none by any calibration."""
+    from types import SimpleNamespace
+
+    from bmd_d2.evaluation.study_accuracy import vertebra_values
+
+    metal = SimpleNamespace(learned_bmd=30.0, classical_bmd=None, classical_bmd_3d=None, trabecular_hu=600.0,
+                            trabecular_hu_3d=800.0, qc_flags=["metal"])
+    vals = vertebra_values(metal, 1.0, 20.0)
+    assert vals["classical_true_cal"] is None and vals["classical_3d_true_cal"] is None and vals["learned"] == 30.0
+    ok = SimpleNamespace(learned_bmd=100.0, classical_bmd=110.0, classical_bmd_3d=None, trabecular_hu=120.0,
+                         trabecular_hu_3d=None, qc_flags=[])
+    vals = vertebra_values(ok, 0.8, 20.0)
+    assert vals["classical_true_cal"] == pytest.approx(125.0) and vals["classical_3d_true_cal"] is None
