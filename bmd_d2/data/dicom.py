@@ -783,6 +783,14 @@ def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, 
                  and f.header.get("_pixel_offset") is not None for f in frames)
     slopes = np.array([f.slope for f in frames], dtype=np.float32)
     inter = np.array([f.intercept for f in frames], dtype=np.float32)
+    def store(k, stored):
+        """Slice ``k`` of the HU volume from its stored values: copy, then this slice's rescale."""
+        np.copyto(hu[k], stored, casting="unsafe")
+        if slopes[k] != 1.0:
+            hu[k] *= slopes[k]
+        if inter[k] != 0.0:
+            hu[k] += inter[k]
+
     if raw_ok and len({(_raw_dtype(f.header), f.header.get("BitsStored")) for f in frames}) == 1:
         # Each worker reads a slice's bytes into its own small buffer (readinto, no intermediate bytes object) and
         # converts it into the HU volume while it is still in cache; file reads and numpy release the GIL.
@@ -794,11 +802,7 @@ def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, 
             if buf is None:
                 buf = local.buf = np.empty((rows, cols), dtype=dtype)
             _read_raw_into(frames[k], buf)
-            np.copyto(hu[k], buf, casting="unsafe")
-            if slopes[k] != 1.0:
-                hu[k] *= slopes[k]
-            if inter[k] != 0.0:
-                hu[k] += inter[k]
+            store(k, buf)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one_raw, range(K)))
@@ -808,11 +812,7 @@ def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, 
             arr = pixels[id(fr)] if id(fr) in pixels else _decode_pydicom(fr)
             if arr.shape != (rows, cols):
                 raise BMDError(f"pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}", path=fr.path)
-            np.copyto(hu[k], arr, casting="unsafe")
-            if slopes[k] != 1.0:
-                hu[k] *= slopes[k]
-            if inter[k] != 0.0:
-                hu[k] += inter[k]
+            store(k, arr)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, range(K)))
