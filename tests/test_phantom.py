@@ -205,7 +205,18 @@ def test_parameter_ranges_cover_acr_categories():
     assert bmd.min() >= 30 and bmd.max() <= 250
     assert (bmd < 80).mean() > 0.2 and ((bmd >= 80) & (bmd <= 120)).mean() > 0.2 and (bmd > 120).mean() > 0.2
     assert all(0.8 <= d["calib_b"] <= 1.25 and -10 <= d["calib_a"] <= 30 for d in draws)
-    assert all(0.625 <= d["slice_thickness"] <= 3 and 0.5 <= d["pixel_spacing"] <= 0.98 for d in draws)
+    assert all(0.625 <= d["slice_thickness"] <= 3 for d in draws)
+    fine = [d for d in draws if d["pixel_spacing"] <= 0.98]
+    coarse = [d for d in draws if d["pixel_spacing"] > 0.98]
+    assert all(0.5 <= d["pixel_spacing"] and d["matrix"] == 512 for d in fine)
+    # coarse in-plane reconstructions (real CT down to 3 mm pixels): smaller matrix, field of view kept (<= 502 mm)
+    assert 0.08 < len(coarse) / len(draws) < 0.25
+    assert all(1.5 <= d["pixel_spacing"] <= 3.0 and d["matrix"] < 512 for d in coarse)
+    assert all(250 <= d["matrix"] * d["pixel_spacing"] <= 503 for d in coarse)
+    # a fixed pixel spacing (tests, tiny studies) switches the coarse share off
+    fixed = [ph._draw_params(npr.default_rng(s), ph.PhantomOptions(pixel_spacing=0.7)) for s in range(60)]
+    assert all(d["pixel_spacing"] == 0.7 and d["matrix"] == 512 for d in fixed)
+    assert all(0.5 <= d["cortex_mm"] <= 1.5 and 1.0 <= d["endplate_mm"] <= 2.0 for d in draws)
     assert 0.02 < np.mean([d["fracture"] for d in draws]) < 0.2
 
 

@@ -33,14 +33,18 @@ Physics (ranges, all drawn per study unless fixed in :class:`PhantomOptions`)
 * BMD: patient mean drawn across the ACR categories (osteoporosis < 80, osteopenia 80–120, normal > 120 mg/cm³)
   within 30–250 mg/cm³; level-to-level variation ±6 % (1 σ); a fractured vertebra is 5–20 % denser (compaction).
 * Calibration ``HU = a + b * density``: ``a`` ∈ [-10, 30] HU, ``b`` ∈ [0.8, 1.25] HU per mg/cm³ (higher at low kVp).
-* Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³; posterior elements ≈ 1.3·BMD + 150 mg/cm³.
-* Soft tissue (HU, before noise): fat −110…−85, muscle 35–60, disc 70–110, CSF 5–15, aorta 35–50 or 150–350 with
+* Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³, superior/inferior endplates 1–2 mm (subchondral sclerosis);
+  posterior elements ≈ 1.3·BMD + 150 mg/cm³. Trabecular core: anisotropic filtered-noise texture (relative SD grows
+  as BMD falls), a basivertebral vein, and 0–4 sclerotic islands per level on average (Ø 2–5 mm, +150–400 mg/cm³: the
+  heavy bright tail of real trabecular HU); the core mean is then set to the level's BMD exactly.
+* Soft tissue (HU, before noise): fat −110…−85, muscle 10–60 (low end: fat-infiltrated), disc 55–100, CSF 5–15, aorta 35–50 or 150–350 with
   contrast, liver 50–65 (90–130), kidney 25–35 (140–200), metal 3000–6000 (clipped by 12-bit storage to 3071).
 * Partial volume: analytic; every edge is a linear ramp whose width is the voxel footprint (pixel spacing in-plane,
   slice *thickness* through-plane) projected on the edge normal. PSF: in-plane Gaussian σ 0.35–0.8 mm.
 * Noise: correlated Gaussian (filtered white noise), σ 8–30 HU at 2.5 mm scaled by sqrt(2.5 / thickness).
-* Geometry: slice thickness 0.625–3 mm (spacing = thickness, or overlapping), pixel spacing 0.5–0.98 mm, matrix 512,
-  patient / table / reconstruction-centre offsets, lordosis scaled 0.4–1.3, scoliosis ≤ 8°, axial rotation, 8 %
+* Geometry: slice thickness 0.625–3 mm (spacing = thickness, or overlapping), pixel spacing 0.5–0.98 mm, matrix 512;
+  15 % of studies are coarse in-plane reconstructions (1.5–3 mm pixels, matrix reduced to keep the field of view);
+  vertebral-body size ×0.88–1.25 of a base L3 of 46 mm (lateral) × 35.5 mm (AP); patient / table / reconstruction-centre offsets, lordosis scaled 0.4–1.3, scoliosis ≤ 8°, axial rotation, 8 %
   compression fractures, 6 % pedicle screws with rods.
 
 Speed: vertebrae are rendered in small boxes around each structure, the soft-tissue background on anchor slices
@@ -115,7 +119,8 @@ class PhantomOptions:
 
     Attributes:
         matrix: rows = columns of each slice (512 for clinical studies; 64–128 for tests).
-        pixel_spacing: mm per pixel in-plane (random 0.5–0.98).
+        pixel_spacing: mm per pixel in-plane (random 0.5–0.98, or 1.5–3.0 for 15 % of studies, whose matrix then
+            shrinks to keep the field of view; fixing it disables the coarse share).
         slice_thickness: reconstructed thickness in mm (random from 0.625–3).
         slice_spacing: mm between slice centres (random: = thickness, or 50–100 % of it when overlapping).
         max_slices: cap on the number of slices; the top of the scan range is cut to respect it.
@@ -383,7 +388,7 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     lo, hi = [(30.0, 80.0), (80.0, 120.0), (120.0, 250.0)][cat]
     pick("bmd_mg_cm3", float(rng.uniform(lo, hi)), opts.bmd_mg_cm3)
     p["bmd_level_factor"] = (1.0 + 0.06 * rng.standard_normal(len(LEVELS))).clip(0.8, 1.2).tolist()
-    p["size"] = float(rng.uniform(0.88, 1.12))
+    p["size"] = float(rng.uniform(0.88, 1.25))  # base L3 46 x 35.5 mm: small to large adults
     p["height_factor"] = float(rng.uniform(0.92, 1.08))
     p["level_jitter"] = (1.0 + 0.03 * rng.standard_normal((3, len(LEVELS)))).tolist()
     p["disc_factor"] = rng.uniform(0.7, 1.15, len(LEVELS) - 1).tolist()
@@ -395,7 +400,7 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     p["scoliosis_phase"] = float(rng.uniform(0, 2 * math.pi))
     rot_j = (1.5 * rng.standard_normal(len(LEVELS))).tolist()
     p["rotation_jitter"] = rot_j if opts.scoliosis else [0.0] * len(LEVELS)
-    p["cortex_mm"] = float(rng.uniform(0.5, 1.0))
+    p["cortex_mm"] = float(rng.uniform(0.5, 1.5))
     p["cortex_density"] = float(rng.uniform(600.0, 1000.0))
     p["texture_rel"] = float(rng.uniform(0.12, 0.22))
     p["body_half_width"] = float(rng.uniform(135.0, 190.0))
@@ -403,8 +408,8 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     p["subcut_fat_mm"] = float(rng.uniform(8.0, 45.0))
     p["visceral_fat"] = float(rng.uniform(0.15, 0.6))
     p["fat_hu"] = float(rng.uniform(-110.0, -85.0))
-    p["muscle_hu"] = float(rng.uniform(35.0, 60.0))
-    p["disc_hu"] = float(rng.uniform(70.0, 110.0))
+    p["muscle_hu"] = float(rng.uniform(10.0, 60.0))  # low end: fat-infiltrated muscle of older patients
+    p["disc_hu"] = float(rng.uniform(55.0, 100.0))
     p["csf_hu"] = float(rng.uniform(5.0, 15.0))
     contrast = pick("contrast", bool(rng.random() < 0.4), opts.contrast)
     aorta_c = float(rng.uniform(150.0, 350.0))
@@ -428,6 +433,16 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     p["metal"] = metal_draw if opts.metal is None else bool(opts.metal)
     p["metal_levels"] = [LEVELS[i] for i in (lambda s: (s, s + 1))(int(rng.integers(4, 6)))]  # L3/L4 or L4/L5
     p["metal_hu"] = float(rng.uniform(3000.0, 6000.0))
+    # realism (drawn last so that adding them kept every earlier draw): thick sclerotic endplates, sparse bright
+    # trabecular islands, and a share of coarse in-plane reconstructions (3 mm-class pixels, smaller matrix, same FOV)
+    p["endplate_mm"] = float(rng.uniform(1.0, 2.0))
+    p["islands_per_level"] = float(rng.uniform(0.0, 4.0))
+    coarse = bool(rng.random() < 0.15)
+    coarse_ps = round(float(rng.uniform(1.5, 3.0)), 4)
+    p["matrix"] = int(opts.matrix)
+    if coarse and opts.pixel_spacing is None:
+        p["matrix"] = max(32, int(round(opts.matrix * p["pixel_spacing"] / coarse_ps)))
+        p["pixel_spacing"] = coarse_ps
     return p
 
 
@@ -492,12 +507,13 @@ def _spine_frames(p: Dict) -> Dict:
     return dict(center=c, R=R, h=h, d=d, w=wdt, disc=disc, tilt=tilt, lateral=lateral, axial=axial, sacral=sac)
 
 
-def _body_fracs(g: _Grid, sl, center, R, h, depth, width, cortex, collapse=0.0):
+def _body_fracs(g: _Grid, sl, center, R, h, depth, width, cortex, collapse=0.0, endplate=None):
     """Vertebral-body and trabecular-core partial-volume fractions in box ``sl`` plus local coordinates.
 
     Returns:
         (f_body, f_core, (u, v, w)), float32 arrays of the box shape; ``collapse`` (mm) lowers the anterior part of
-        the superior endplate (wedge compression fracture).
+        the superior endplate (wedge compression fracture); ``endplate`` (mm, default ``cortex``) is the thickness of
+        the superior and inferior cortical endplates.
     """
     u, v, w = g.local(sl, center, R)
     a, b = width / 2, depth / 2
@@ -513,7 +529,7 @@ def _body_fracs(g: _Grid, sl, center, R, h, depth, width, cortex, collapse=0.0):
     wxy = 0.5 * (g.width(R[:, 0]) + g.width(R[:, 1]))
     wz = g.width(R[:, 2])
     f_body = _ramp(dxy, wxy) * _ramp(dz, wz)
-    f_core = _ramp(dxy + cortex, wxy) * _ramp(dz + cortex, wz)
+    f_core = _ramp(dxy + cortex, wxy) * _ramp(dz + (cortex if endplate is None else endplate), wz)
     return f_body, f_core, (u, v, w)
 
 
@@ -548,7 +564,7 @@ class _Renderer:
         p, opts = self.p, self.opts
         fr = _spine_frames(p)
         ps, th, dz = p["pixel_spacing"], p["slice_thickness"], p["slice_spacing"]
-        n = opts.matrix
+        n = p.get("matrix", opts.matrix)
         body_c = np.array(p["body_offset"])
         bw, bd = p["body_half_width"], p["body_half_depth"]
         # spine (L3 centre) inside the body: posterior third
@@ -800,12 +816,18 @@ class _Renderer:
                                          height_mm=float(h), depth_mm=float(d), width_mm=float(w))
             if sl is None:
                 continue
-            fb, fc, (u, v, ww) = _body_fracs(g, sl, c, R, h, d, w, cortex + 0.2 * (i == 7), collapse)
+            fb, fc, (u, v, ww) = _body_fracs(g, sl, c, R, h, d, w, cortex + 0.2 * (i == 7), collapse,
+                                             endplate=p.get("endplate_mm"))
             tau = p["texture_rel"] + 0.12 * (1.0 - bmd / 250.0)
             tex = _texture(rng, fb.shape, g)
             dens = bmd * (1.0 + tau * tex)
             vein = np.exp(-((u / 4.0) ** 2 + ((v - 0.3 * d) / 5.0) ** 2 + (ww / 3.0) ** 2))
             dens *= 1.0 - 0.45 * vein
+            # sclerotic islands: the heavy bright tail of real trabecular HU (the core mean is restored below)
+            for _ in range(int(rng.poisson(p.get("islands_per_level", 0.0)))):
+                cu, cv, cw = rng.uniform(-0.35, 0.35, 3) * np.array([w, d, h])
+                rad, amp = rng.uniform(1.0, 2.5), rng.uniform(150.0, 400.0)
+                dens += np.float32(amp) * np.exp(-((u - cu) ** 2 + (v - cv) ** 2 + (ww - cw) ** 2) / (2 * rad * rad))
             core_m = fc >= 0.99
             if metal_segments:
                 near = np.zeros(fc.shape, bool)
@@ -1015,7 +1037,7 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
         ))
     r.noise(vol, np.random.default_rng(s_noise))
     if style.fov_padding:
-        n = opts.matrix
+        n = vol.shape[1]
         yy, xx = np.mgrid[:n, :n]
         outside = (yy - (n - 1) / 2) ** 2 + (xx - (n - 1) / 2) ** 2 > (n / 2) ** 2
         vol[:, outside] = -3024.0
@@ -1023,7 +1045,7 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
     np.clip(vol, lo, hi, out=vol)
     params = dict(p)
     params.update(
-        seed=int(seed), matrix=opts.matrix, n_slices=int(vol.shape[0]),
+        seed=int(seed), matrix=int(vol.shape[1]), n_slices=int(vol.shape[0]),
         **({"rescan_seed": int(opts.rescan_seed)} if opts.rescan_seed is not None else {}),
         dicom=dataclasses.asdict(style),
         levels={k: {kk: vv for kk, vv in v.items()} for k, v in r.level_info.items()},
