@@ -114,6 +114,11 @@ def add_bmd_config(cfg):
     _C.INPUT.BMD_AUG.INTENSITY_SCALE = 0.05
     _C.INPUT.BMD_AUG.INTENSITY_SHIFT = 5.0
     _C.INPUT.BMD_AUG.NOISE_STD = 3.0
+    # Resolution randomisation: with this probability the image is resampled down and back up, independently per
+    # axis, by a factor drawn from [1, RESOLUTION_MAX_MM] (the sagittal image has 1 mm pixels), imitating coarse
+    # in-plane pixels (AP axis) and thick slices (SI axis) up to 3 mm. Masks stay sharp. 0 disables it.
+    _C.INPUT.BMD_AUG.RESOLUTION_PROB = 0.3
+    _C.INPUT.BMD_AUG.RESOLUTION_MAX_MM = 3.0
 
     # ---------------------------------------------------------------------------------------------------------------
     # Measurement (tools/measure_bmd.py, bmd_d2.measure).

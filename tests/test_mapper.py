@@ -6,7 +6,8 @@ import torch
 from _dicom_fixtures import make_dataset
 from bmd_d2 import add_bmd_config
 from bmd_d2.data.datasets import SagittalParams, load_bmd_dataset, prepare_sagittal_dataset
-from bmd_d2.data.mapper import BMDDatasetMapper, IntensityNoiseTransform
+from bmd_d2.data.mapper import (BMDDatasetMapper, IntensityNoiseTransform, RandomResolution, ResolutionTransform,
+                                build_bmd_augmentations)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,35 @@ def test_intensity_transform_keeps_geometry():
     assert np.array_equal(t.apply_segmentation(seg), seg)
     pts = np.array([[1.0, 2.0]])
     assert np.array_equal(t.apply_coords(pts), pts)
+
+
+def test_resolution_transform_blurs_only_the_coarse_axis():
+    img = np.zeros((60, 60, 3), np.uint8)
+    img[:, 31:] = 200  # vertical edge: varies along x only
+    out = ResolutionTransform(1.0, 3.0).apply_image(img)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    row = out[30, :, 0].astype(int)
+    assert ((row > 10) & (row < 190)).sum() >= 2  # the x edge became a partial-volume ramp ...
+    assert row[:25].max() == 0 and row[37:].min() == 200  # ... of ~3 px, not a global blur
+    assert np.array_equal(out[:, :, 0], out[:, :, 2]) and (out == out[:1]).all()  # every row identical (no y blur)
+    assert np.array_equal(ResolutionTransform(1.0, 1.0).apply_image(img), img)
+    seg = np.eye(60, dtype=np.uint8)
+    assert np.array_equal(ResolutionTransform(2.0, 3.0).apply_segmentation(seg), seg)
+
+
+def test_random_resolution_probability_and_range(dicts, tmp_path):
+    np.random.seed(0)
+    img = np.zeros((16, 16, 3), np.uint8)
+    never = [RandomResolution(0.0, 3.0).get_transform(img) for _ in range(20)]
+    assert all(not isinstance(t, ResolutionTransform) for t in never)
+    always = [RandomResolution(1.0, 3.0).get_transform(img) for _ in range(50)]
+    f = np.array([[t.factor_y, t.factor_x] for t in always])
+    assert f.min() >= 1.0 and f.max() <= 3.0 and f.std() > 0.3
+    cfg = _cfg(tmp_path)
+    assert any(isinstance(a, RandomResolution) for a in build_bmd_augmentations(cfg, True))
+    assert not any(isinstance(a, RandomResolution) for a in build_bmd_augmentations(cfg, False))
+    cfg.INPUT.BMD_AUG.RESOLUTION_PROB = 0.0
+    assert not any(isinstance(a, RandomResolution) for a in build_bmd_augmentations(cfg, True))
 
 
 def test_resizes_to_model_size_like_detectron2(dicts, tmp_path):

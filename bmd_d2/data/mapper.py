@@ -7,7 +7,9 @@ sagittal image is built once and cached by series content (``INPUT.DICOM.CACHE_D
 unknown) and ``gt_levels`` int64 (N,) (T11 = 1 … S1 = 8); inference returns ``image`` only.
 
 Augmentations (training, ``INPUT.BMD_AUG``): random scale (``SCALE_RANGE``) with a fixed-size crop/pad back to the
-image size, a small in-plane rotation (``ROTATION`` degrees) and intensity scale/shift plus Gaussian noise. There is no
+image size, a small in-plane rotation (``ROTATION`` degrees), resolution randomisation (``RESOLUTION_PROB``: down- and
+up-sampling per axis by up to ``RESOLUTION_MAX_MM``, as in CTs with 1.5–3 mm pixels or slices; the masks stay sharp)
+and intensity scale/shift plus Gaussian noise. There is no
 flip: a left-right flip of the *volume* would only swap channels 0 and 2, and a flip of the sagittal *image* would swap
 anterior/posterior or head/feet, which never occurs in real scans. Intensity changes alter apparent HU, which the BMD
 target depends on, so they are kept small (calibration varies between scanners anyway).
@@ -32,7 +34,8 @@ from .datasets import SagittalParams, cached_sagittal, params_from_cfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BMDDatasetMapper", "IntensityNoiseTransform", "RandomIntensityNoise", "build_bmd_augmentations"]
+__all__ = ["BMDDatasetMapper", "IntensityNoiseTransform", "RandomIntensityNoise", "ResolutionTransform",
+           "RandomResolution", "build_bmd_augmentations"]
 
 
 class IntensityNoiseTransform(Transform):
@@ -74,6 +77,51 @@ class RandomIntensityNoise(T.Augmentation):
         return IntensityNoiseTransform(s, b, n, int(np.random.randint(0, 2**31 - 1)))
 
 
+class ResolutionTransform(Transform):
+    """Resample the image down by ``(factor_y, factor_x)`` (area averaging) and back up (bilinear) to its size.
+
+    Imitates a coarser acquisition grid (thick slices along y = superior–inferior, coarse in-plane pixels along x =
+    anterior–posterior); geometry and masks are unchanged (the anatomy, hence the truth, does not move).
+    """
+
+    def __init__(self, factor_y: float, factor_x: float):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = img.shape[:2]
+        small = (max(1, int(round(w / self.factor_x))), max(1, int(round(h / self.factor_y))))
+        if small == (w, h):
+            return img
+        out = cv2.resize(cv2.resize(img, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+        return out.reshape(img.shape)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return segmentation
+
+    def inverse(self) -> Transform:
+        return NoOpTransform()
+
+
+class RandomResolution(T.Augmentation):
+    """With probability ``prob``, a :class:`ResolutionTransform` with per-axis factors uniform in [1, ``max_factor``]."""
+
+    def __init__(self, prob: float = 0.3, max_factor: float = 3.0):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image) -> Transform:
+        if self.prob <= 0 or self.max_factor <= 1.0 or np.random.uniform() >= self.prob:
+            return NoOpTransform()
+        fy, fx = np.random.uniform(1.0, self.max_factor, 2)
+        return ResolutionTransform(float(fy), float(fx))
+
+
 def build_bmd_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """Augmentations: ``cfg.INPUT.BMD_AUG`` (training only), then Detectron2's usual resize to the model size.
 
@@ -94,6 +142,8 @@ def build_bmd_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
                      T.FixedSizeCrop(crop_size=(size, size), pad=True, pad_value=0.0)]
         if a.ROTATION > 0:
             augs.append(T.RandomRotation([-a.ROTATION, a.ROTATION], expand=False, sample_style="range"))
+        if a.RESOLUTION_PROB > 0 and a.RESOLUTION_MAX_MM > 1.0:
+            augs.append(RandomResolution(float(a.RESOLUTION_PROB), float(a.RESOLUTION_MAX_MM)))
         if a.INTENSITY_SCALE > 0 or a.INTENSITY_SHIFT > 0 or a.NOISE_STD > 0:
             augs.append(RandomIntensityNoise(a.INTENSITY_SCALE, a.INTENSITY_SHIFT, a.NOISE_STD))
     augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
