@@ -2,7 +2,7 @@
 # How the shipped default model (models/bmd_rcnn_MFEFPN_R18_cpu.pth) is made, end to end. Resumable: each step
 # skips what is already done (phantoms already written, training resumes from its last checkpoint).
 #   bash tools/train_default_model.sh            # all steps
-#   ITERS=2000 bash tools/train_default_model.sh # override SOLVER.MAX_ITER (the LR steps scale with it)
+#   ITERS=3000 bash tools/train_default_model.sh # override SOLVER.MAX_ITER (the LR steps scale with it)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -10,7 +10,7 @@ bash tools/bootstrap.sh
 PY="${BMD_VENV:-$ROOT/.venv}/bin/python"
 export BMD_DATASETS="${BMD_DATASETS:-$ROOT/datasets}"
 OUT="${OUT:-output/default_model}"
-ITERS="${ITERS:-2000}"
+ITERS="${ITERS:-1500}"
 
 # 1. Data: 200 training + 30 validation phantom studies (seeds 1000 / 2000; test seeds 9000+ stay unseen).
 gen() {  # name seed n
@@ -27,7 +27,8 @@ gen bmd_phantoms_val 2000 30
 # 2. Train (seeded; resumes from $OUT/last_checkpoint).
 S1=$(( ITERS * 7 / 10 )); S2=$(( ITERS * 9 / 10 ))
 "$PY" tools/train_net.py --config-file configs/bmd_rcnn_MFEFPN_R18_cpu.yaml --resume \
-  SEED 42 OUTPUT_DIR "$OUT" SOLVER.MAX_ITER "$ITERS" SOLVER.STEPS "($S1, $S2)" TEST.EVAL_PERIOD 0
+  SEED 42 OUTPUT_DIR "$OUT" SOLVER.MAX_ITER "$ITERS" SOLVER.STEPS "($S1, $S2)" SOLVER.CHECKPOINT_PERIOD 250 \
+  TEST.EVAL_PERIOD 0
 
 # 3. Export the final weights (fp16 + the training config) to models/.
 "$PY" tools/export_model.py --config-file configs/bmd_rcnn_MFEFPN_R18_cpu.yaml --checkpoint "$OUT/model_final.pth" \

@@ -107,6 +107,7 @@ def _prepare(root: Path) -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad arguments or input)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one "tile number 1 / 1" line per JPEG 2000 slice
     args = build_parser().parse_args(argv)
     try:
         from ..errors import BMDError
