@@ -233,3 +233,24 @@ def test_true_calibration_follows_withheld_values():
                          trabecular_hu_3d=None, qc_flags=[])
     vals = vertebra_values(ok, 0.8, 20.0)
     assert vals["classical_true_cal"] == pytest.approx(125.0) and vals["classical_3d_true_cal"] is None
+
+
+def test_calibration_blind_floor_measures_the_calibration_spread():
+    import benchmark_accuracy
+
+    rng = np.random.default_rng(0)
+
+    def studies(a_range, b_range):
+        out = []
+        for _ in range(8):
+            a, b = rng.uniform(*a_range), rng.uniform(*b_range)
+            bmd = rng.uniform(30, 250, 6)
+            out.append([{"level": lv, "bmd_mg_cm3": x, "trabecular_hu": a + b * x}
+                        for lv, x in zip(["T12", "L1", "L2", "L3", "L4", "L5"], bmd)])
+        return out
+
+    same = benchmark_accuracy.calibration_blind_floor(studies((10, 10), (1.1, 1.1)))
+    assert same["n"] == 48 and same["mae"] < 1e-6  # one calibration: HU determines BMD exactly
+    spread = benchmark_accuracy.calibration_blind_floor(studies((-10, 30), (0.8, 1.25)))
+    assert 5 < spread["mae"] < 40 and spread["pearson_r"] < 0.99
+    assert np.isnan(benchmark_accuracy.calibration_blind_floor(studies((0, 0), (1, 1))[:2])["mae"])
