@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from _dicom_fixtures import block_phantom, write_multiframe, write_series
-from bmd_d2.data.dicom import list_series, load_nifti, load_series, load_volume
+from bmd_d2.data.dicom import _fast_header, list_series, load_nifti, load_series, load_volume
 from bmd_d2.errors import BMDError
 
 REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct_dicom")
@@ -200,3 +200,110 @@ def test_real_jpeg2000_series_geometry_and_hu():
     lab[ok] = seg.data[src[ok][:, 2], src[ok][:, 1], src[ok][:, 0]]
     assert float(v.data[lab == 32].mean()) == pytest.approx(267, abs=5)
     assert float(v.data[lab == 33].mean()) == pytest.approx(292, abs=5)
+
+
+# ------------------------------------------------------------------------------------------ dtype="auto" (int16 HU)
+def _pydicom_hu(paths):
+    """Reference HU float32 (K, J, I) in slice order, the way a plain pydicom loop computes them."""
+    out = []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        out.append((float(ds.ImagePositionPatient[2]),
+                    ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)))
+    return np.stack([hu for _, hu in sorted(out, key=lambda t: t[0])])
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # signed 16-bit, intercept -1024: the range check has to look at the data
+    dict(signed=False, bits_stored=12),  # unsigned 12-bit: the bit range alone proves int16 is enough
+    dict(signed=True, bits_stored=12, transfer_syntax=pydicom.uid.ExplicitVRLittleEndian),
+    dict(slope=2.0, intercept=-2048.0),  # integer slope other than 1
+    dict(transfer_syntax="1.2.840.10008.1.2.5"),  # RLE: decoded by pydicom, then stored as int16
+])
+def test_auto_int16_equals_float32(tmp_path, hu, kw):
+    paths = write_series(tmp_path / "s", hu, **kw)
+    f32 = load_series(tmp_path / "s")
+    auto = load_series(tmp_path / "s", dtype="auto")
+    i16 = load_series(tmp_path / "s", dtype="int16")
+    assert f32.data.dtype == np.float32 and auto.data.dtype == np.int16 and i16.data.dtype == np.int16
+    assert np.array_equal(auto.data, f32.data) and np.array_equal(i16.data, f32.data)
+    assert np.array_equal(auto.data, _pydicom_hu(paths))
+    np.testing.assert_array_equal(auto.affine, f32.affine)
+    assert auto.meta["SOPInstanceUIDs"] == f32.meta["SOPInstanceUIDs"] and auto.warnings == f32.warnings
+
+
+def test_auto_single_thread_and_multiframe(tmp_path, hu):
+    write_series(tmp_path / "s", hu)
+    a = load_series(tmp_path / "s", dtype="auto", workers=1)
+    b = load_series(tmp_path / "s", dtype="auto", workers=8)
+    assert a.data.dtype == np.int16 and np.array_equal(a.data, b.data)
+    p = write_multiframe(tmp_path / "mf.dcm", hu)
+    m = load_series(p, dtype="auto")
+    assert m.data.dtype == np.int16 and np.array_equal(m.data, load_series(p).data)
+
+
+def test_auto_unsigned_16bit_wraps_exactly(tmp_path):
+    """uint16 stored values above 32767 with intercept -32768: HU span the whole int16 range, computed exactly."""
+    vol = np.linspace(-32768, 32767, 3 * 8 * 10).round().reshape(3, 8, 10).astype(np.float32)
+    paths = write_series(tmp_path / "s", vol, signed=False, intercept=-32768.0)
+    auto = load_series(tmp_path / "s", dtype="auto")
+    assert auto.data.dtype == np.int16
+    assert np.array_equal(auto.data, vol) and np.array_equal(auto.data, _pydicom_hu(paths))
+
+
+def test_auto_falls_back_to_float32(tmp_path, hu):
+    # non-integer slope
+    write_series(tmp_path / "a", hu[:4], slope=0.5)
+    v = load_series(tmp_path / "a", dtype="auto")
+    assert v.data.dtype == np.float32 and np.array_equal(v.data, load_series(tmp_path / "a").data)
+    with pytest.raises(BMDError) as ex:
+        load_series(tmp_path / "a", dtype="int16")
+    assert "int16" in _one_line(ex) and "RescaleSlope" in str(ex.value)
+    # one slice with a different, non-integer slope
+    write_series(tmp_path / "b", hu[:4], per_slice_slope=True)
+    assert load_series(tmp_path / "b", dtype="auto").data.dtype == np.float32
+    # HU below -32768 (stored -32000, intercept -1024): found while reading, the whole volume is redone as float32
+    low = hu[:3].copy()
+    low[1, 0, :4] = -33024.0
+    write_series(tmp_path / "c", low)
+    v = load_series(tmp_path / "c", dtype="auto")
+    assert v.data.dtype == np.float32 and v.data[1, 0, 0] == -33024.0
+    assert np.array_equal(v.data, load_series(tmp_path / "c").data)
+    with pytest.raises(BMDError) as ex:
+        load_series(tmp_path / "c", dtype="int16")
+    assert "outside" in _one_line(ex)
+    # resampled slices are not integers
+    write_series(tmp_path / "d", hu[:6], positions=[0, 2, 4, 8, 10, 12])
+    v = load_series(tmp_path / "d", dtype="auto")
+    assert v.data.dtype == np.float32 and v.data.shape[0] == 7
+    with pytest.raises(BMDError) as ex:
+        load_series(tmp_path / "d", dtype="int16")
+    assert "resampled" in _one_line(ex)
+    with pytest.raises(ValueError):
+        load_series(tmp_path / "a", dtype=np.float64)
+
+
+def test_auto_nifti(tmp_path, hu):
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(hu, (2, 1, 0)).round().astype(np.int16), aff), str(tmp_path / "i.nii.gz"))
+    nib.save(nib.Nifti1Image(np.transpose(hu, (2, 1, 0)) + np.float32(0.25), aff), str(tmp_path / "f.nii.gz"))
+    vi = load_volume(tmp_path / "i.nii.gz", dtype="auto")
+    assert vi.data.dtype == np.int16 and np.array_equal(vi.data, load_volume(tmp_path / "i.nii.gz").data)
+    vf = load_volume(tmp_path / "f.nii.gz", dtype="auto")
+    assert vf.data.dtype == np.float32 and np.array_equal(vf.data, hu + np.float32(0.25))
+
+
+def test_header_beyond_first_read(tmp_path, hu):
+    """Headers longer than the first read (a 40 KiB private value) and of changing size are parsed exactly."""
+    paths = write_series(tmp_path / "s", hu[:4], transfer_syntax=pydicom.uid.ExplicitVRLittleEndian)
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ds.add_new(0x00291010, "OB", bytes(40000 if i % 2 else 70000))
+        ds.add_new(0x00291020, "UN", bytes(range(256)) * 8)
+        ds.save_as(p)
+    for p in paths:  # the fast walker (not the pydicom fallback) finds the pixel data at the end of the file
+        h = _fast_header(p)
+        assert h["_pixel_offset"] == os.path.getsize(p) - hu[0].size * 2 and h["Rows"] == hu.shape[1]
+    v = load_series(tmp_path / "s", dtype="auto")
+    assert v.data.dtype == np.int16 and np.array_equal(v.data, _pydicom_hu(paths))
+    assert v.meta["SOPInstanceUIDs"] == [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]

@@ -14,15 +14,20 @@ Rules (documented contract):
 * **Sorting.** Slices are ordered by ImagePositionPatient projected on the slice normal (row × column direction of
   ImageOrientationPatient), never by file name or InstanceNumber.
 * **HU.** Every slice gets its own RescaleSlope/RescaleIntercept (missing → 1/0 with a warning); signed/unsigned
-  storage and BitsStored < BitsAllocated are honoured.
+  storage and BitsStored < BitsAllocated are honoured. The HU array is float32 by default; ``dtype="auto"`` returns
+  int16 when that holds the same numbers (integer slope and intercept on every slice, no resampling, values within
+  -32768..32767), else float32.
 * **Geometry checks.** Inconsistent orientation, pixel spacing or matrix size inside the chosen series → error.
   Duplicate positions → duplicates dropped (warning). Uneven spacing or missing slices → resampled linearly onto a
   uniform grid at the median spacing (warning). Gantry tilt → the slice step vector is kept in the affine (a sheared
   but exact grid; warning). Non-axial or oblique orientation → kept exactly in the affine (warning).
 
-Speed: headers are parsed by a minimal element walker on the first 64 KiB of each file (falling back to pydicom for
-anything unusual), uncompressed little-endian pixel bytes are read with ``readinto`` straight into one preallocated
-array at the Pixel Data offset, and compressed frames are decoded with pydicom's pixel handlers in a thread pool.
+Speed: headers are parsed by a minimal element walker on the first bytes of each file (as many as the previous file's
+header needed, at least 16 KiB; falling back to pydicom for anything unusual). Uncompressed little-endian pixel bytes
+are read at the Pixel Data offset (``os.preadv``, no intermediate bytes object) by a few threads: with
+``dtype="auto"`` (int16 HU when exact) straight into the preallocated output slice and rescaled there in place; for
+float32 output into a per-thread slice buffer converted in one pass. Compressed frames are decoded with pydicom's
+pixel handlers by the same threads. ``tools/benchmark_io.py`` compares this with a plain pydicom loop.
 """
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ _POS_TOL_MM = 0.01  # slices closer than this along the normal are duplicates
 _SPACING_RTOL = 0.02  # relative deviation of a slice gap from the median that counts as uneven
 _TILT_TOL_DEG = 0.1
 _AXIAL_TOL_DEG = 30.0  # slice normal within this angle of the patient z axis counts as axial
-_HEADER_CHUNK = 1 << 16
+_HAVE_PREADV = hasattr(os, "preadv")
+_HEADER_CHUNK = 1 << 14  # first read of a file's header; grown to fit the previous file's header
 
 # Tags read from every file: tag -> (keyword, kind). kind: s=string, m=multi-valued string, f=decimal list,
 # i=integer string, u=unsigned short.
@@ -116,7 +122,8 @@ class Volume:
     """A 3-D image on a regular grid in DICOM patient coordinates (LPS, mm).
 
     Attributes:
-        data: float32 array ``(K, J, I)`` = (slice, row, column): HU for CT, label values for label volumes.
+        data: array ``(K, J, I)`` = (slice, row, column): HU for CT (float32, or int16 when loaded with
+            ``dtype="auto"``/``"int16"`` and every value is an exact integer), label values for label volumes.
         affine: float64 ``(4, 4)`` mapping voxel index ``(i, j, k, 1)`` (column, row, slice) to LPS ``(x, y, z, 1)`` mm.
         meta: identifiers and acquisition facts: ``StudyInstanceUID``, ``SeriesInstanceUID``, ``FrameOfReferenceUID``,
             ``SOPClassUID``, ``SOPInstanceUIDs`` (one per slice, in slice order), ``Modality``, ``KVP``,
@@ -192,24 +199,35 @@ class _NeedMore(Exception):
     """The header runs beyond the bytes read so far."""
 
 
+# The walker reads a tag's 4 bytes as one little-endian word = (element << 16) | group.
+_UNPACK_EXPLICIT = struct.Struct("<I2sH").unpack_from  # tag word, VR, 16-bit length
+_UNPACK_IMPLICIT = struct.Struct("<II").unpack_from  # tag word, 32-bit length
+_UNPACK_TAG_LEN = struct.Struct("<HHI").unpack_from  # group, element, 32-bit length (sequence items)
+_UNPACK_U32 = struct.Struct("<I").unpack_from
+_UNPACK_U16 = struct.Struct("<H").unpack_from
+_TAGS_BY_WORD = {((t & 0xFFFF) << 16) | (t >> 16): v for t, v in _TAGS.items()}
+_NO_TAGS: Dict[int, Tuple[str, str]] = {}
+
+
 def _convert(raw: bytes, kind: str):
+    """Value bytes → Python value of ``kind`` (see ``_TAGS``); unparsable numbers → None."""
     if kind == "u":
-        return struct.unpack_from("<H", raw)[0] if len(raw) >= 2 else None
-    text = raw.decode("latin-1").strip("\x00 ")
+        return _UNPACK_U16(raw)[0] if len(raw) >= 2 else None
+    raw = raw.strip(b"\x00 ")
     if kind == "s":
-        return text
+        return raw.decode("latin-1")
     if kind == "m":
-        return [p.strip() for p in text.split("\\")]
-    if not text:
+        return [p.strip() for p in raw.decode("latin-1").split("\\")]
+    if not raw:
         return None
-    try:
+    try:  # float() accepts ASCII bytes and surrounding whitespace
         if kind == "f":
-            return [float(p) for p in text.split("\\") if p.strip()]
+            return [float(p) for p in raw.split(b"\\") if p.strip()]
         if kind == "i":
-            return int(float(text.split("\\")[0]))
+            return int(float(raw.split(b"\\")[0]))
     except ValueError:
         return None
-    return text
+    return raw.decode("latin-1")
 
 
 def _skip_items(buf: bytes, pos: int, explicit: bool) -> int:
@@ -218,7 +236,7 @@ def _skip_items(buf: bytes, pos: int, explicit: bool) -> int:
     while True:
         if pos + 8 > n:
             raise _NeedMore
-        g, e, length = struct.unpack_from("<HHI", buf, pos)
+        g, e, length = _UNPACK_TAG_LEN(buf, pos)
         tag = (g << 16) | e
         pos += 8
         if tag == _SEQ_END:
@@ -234,58 +252,57 @@ def _skip_items(buf: bytes, pos: int, explicit: bool) -> int:
 def _walk(buf: bytes, pos: int, explicit: bool, out: Optional[dict], nested: bool = False) -> int:
     """Walk data elements from ``pos``; fill ``out`` with wanted tags; return the Pixel Data element position.
 
-    In ``nested`` mode, walk one undefined-length item and return the position after its delimiter.
+    In ``nested`` mode, walk one undefined-length item and return the position after its delimiter. This loop runs
+    for every element of every file, so the common element costs one ``unpack`` and one dict lookup.
     """
     n = len(buf)
+    wanted = _TAGS_BY_WORD if out is not None and not nested else _NO_TAGS
+    long_vrs = _LONG_VRS
     while True:
         if pos + 8 > n:
             raise _NeedMore
-        g, e = struct.unpack_from("<HH", buf, pos)
-        tag = (g << 16) | e
-        if nested and tag == _ITEM_END:
-            return pos + 8
-        if not nested and tag >= _PIXEL_TAG and g != 0xFFFE:
-            if tag == _PIXEL_TAG:
-                return pos
-            raise _Unsupported("no pixel data")
-        if g == 0xFFFE:  # stray item/delimiter at top level
-            raise _Unsupported("unexpected delimiter")
         if explicit:
-            vr = buf[pos + 4:pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > n:
-                    raise _NeedMore
-                length = struct.unpack_from("<I", buf, pos + 8)[0]
-                start = pos + 12
-            else:
-                length = struct.unpack_from("<H", buf, pos + 6)[0]
-                start = pos + 8
+            word, vr, length = _UNPACK_EXPLICIT(buf, pos)
         else:
+            word, length = _UNPACK_IMPLICIT(buf, pos)
             vr = None
-            length = struct.unpack_from("<I", buf, pos + 4)[0]
-            start = pos + 8
+        start = pos + 8
+        if (word & 0xFFFF) >= 0x7FE0:  # Pixel Data group or item delimiters: rare, checked in full
+            tag = ((word & 0xFFFF) << 16) | (word >> 16)
+            if tag >> 16 == 0xFFFE:  # item delimiter (no VR even in explicit syntaxes)
+                if nested and tag == _ITEM_END:
+                    return start
+                raise _Unsupported("unexpected delimiter")
+            if not nested and tag >= _PIXEL_TAG:
+                if tag == _PIXEL_TAG:
+                    return pos
+                raise _Unsupported("no pixel data")
+        if vr in long_vrs:
+            if pos + 12 > n:
+                raise _NeedMore
+            length = _UNPACK_U32(buf, start)[0]
+            start = pos + 12
+        want = wanted.get(word)
         if length == 0xFFFFFFFF:
             pos = _skip_items(buf, start, explicit and vr != b"UN")
-            if out is not None and tag in _TAGS and _TAGS[tag][1] == "q":
-                out[_TAGS[tag][0]] = True
+            if want is not None and want[1] == "q":
+                out[want[0]] = True
             continue
-        end = start + length
-        if out is not None and not nested and tag in _TAGS:
-            if end > n:
+        pos = start + length
+        if want is not None:
+            if pos > n:
                 raise _NeedMore
-            kw, kind = _TAGS[tag]
-            out[kw] = True if kind == "q" else _convert(buf[start:end], kind)
-        pos = end
+            out[want[0]] = True if want[1] == "q" else _convert(buf[start:pos], want[1])
 
 
-def _fast_header(path: str) -> dict:
-    """Parse the tags of ``_TAGS`` and the Pixel Data offset without pydicom.
+def _fast_header(path: str, chunk: int = _HEADER_CHUNK) -> dict:
+    """Parse the tags of ``_TAGS`` and the Pixel Data offset without pydicom, reading ``chunk`` bytes first.
 
     Raises:
         _Unsupported: anything but a Part-10 file in implicit/explicit little endian (or an encapsulated syntax).
     """
     with open(path, "rb") as f:
-        buf = f.read(_HEADER_CHUNK)
+        buf = f.read(chunk)
         size = os.fstat(f.fileno()).st_size
         while True:
             try:
@@ -323,6 +340,8 @@ def _parse_buffer(buf: bytes, size: int) -> dict:
         raise _Unsupported("transfer syntax")
     explicit = ts != _IMPLICIT_LE
     ppos = _walk(buf, pos, explicit, h)
+    if ppos + 12 > n:
+        raise _NeedMore
     if explicit:
         vr = buf[ppos + 4:ppos + 6]
         length = struct.unpack_from("<I", buf, ppos + 8)[0] if vr in _LONG_VRS else struct.unpack_from(
@@ -385,9 +404,9 @@ def _dataset_header(ds) -> dict:
     return h
 
 
-def _read_header(path: str) -> dict:
+def _read_header(path: str, chunk: int = _HEADER_CHUNK) -> dict:
     try:
-        h = _fast_header(path)
+        h = _fast_header(path, chunk)
     except _Unsupported:
         h = _pydicom_header(path)
     except (OSError, struct.error) as ex:
@@ -434,18 +453,21 @@ def _scan(source) -> Tuple[List[dict], List[str]]:
     files = find_dicom_files(source)
     explicit_list = isinstance(source, (list, tuple)) or os.path.isfile(str(source))
     headers, skipped = [], []
+    chunk = _HEADER_CHUNK
     for path in files:
         try:
             if os.path.getsize(path) == 0:
                 raise BMDError("zero-byte file", path=path)
             if not os.access(path, os.R_OK):
                 raise BMDError("file is not readable (permissions)", path=path)
-            h = _read_header(path)
+            h = _read_header(path, chunk)
         except BMDError as ex:
             if explicit_list:
                 raise
             skipped.append(str(ex))
             continue
+        if h.get("_pixel_offset"):  # files of one series have headers of about the same size
+            chunk = max(_HEADER_CHUNK, h["_pixel_offset"] + 4096)
         if h.get("MediaStorageSOPClassUID") == _DICOMDIR_CLASS:
             continue
         if not h.get("Rows") or not h.get("Columns"):
@@ -661,9 +683,22 @@ def _read_raw_into(fr: _Frame, dst: np.ndarray) -> None:
     length = h.get("_pixel_length")
     if length is not None and length < need:
         raise BMDError(f"pixel data too short ({length} of {need} bytes)", path=fr.path)
-    with open(fr.path, "rb") as f:
-        f.seek(h["_pixel_offset"])
-        got = f.readinto(memoryview(dst.reshape(-1)).cast("B"))
+    view = memoryview(dst.reshape(-1)).cast("B")
+    if _HAVE_PREADV:  # one open and one read syscall, no buffered-reader object
+        fd = os.open(fr.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < need:
+                r = os.preadv(fd, [view[got:]], h["_pixel_offset"] + got)
+                if r <= 0:
+                    break
+                got += r
+        finally:
+            os.close(fd)
+    else:
+        with open(fr.path, "rb") as f:
+            f.seek(h["_pixel_offset"])
+            got = f.readinto(view)
     if got != need:
         raise BMDError(f"truncated pixel data ({got} of {need} bytes)", path=fr.path)
     if dst.dtype.byteorder == ">":
@@ -691,14 +726,182 @@ def _decode_pydicom(fr: _Frame) -> np.ndarray:
     return arr
 
 
+_INT16_MIN, _INT16_MAX = -32768, 32767
+
+
+class _NotExact(Exception):
+    """The HU of a slice do not fit int16 (raised only while filling an int16 volume)."""
+
+
+def _check_dtype_arg(dtype) -> str:
+    """``dtype`` argument → "auto", "float32" or "int16"."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return "auto"
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt == np.float32:
+        return "float32"
+    if dt == np.int16:
+        return "int16"
+    raise ValueError(f"dtype must be 'auto', 'float32' or 'int16', got {dtype!r}")
+
+
+def _resolve_output_dtype(frames: List[_Frame], dtype: str, resampled: bool, source: str) -> np.dtype:
+    """float32, or int16 when asked for and every HU value is an integer (integer slope and intercept, no resampling).
+
+    "auto" still falls back to float32 while reading when a slice's HU exceed the int16 range (``_NotExact``).
+    """
+    if dtype == "float32":
+        return np.dtype(np.float32)
+    integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
+    if integral and not resampled:
+        return np.dtype(np.int16)
+    if dtype == "int16":
+        why = "non-integer RescaleSlope/RescaleIntercept" if not integral else "slices resampled onto a uniform grid"
+        raise BMDError(f"HU cannot be stored exactly as int16 ({why}); use dtype='auto' or 'float32'", path=source)
+    return np.dtype(np.float32)
+
+
+def _stored_bounds(h: dict) -> Tuple[int, int]:
+    """Smallest and largest stored value that BitsStored and PixelRepresentation allow."""
+    bits = int(h.get("BitsAllocated") or 16)
+    stored = min(int(h.get("BitsStored") or bits), bits)
+    if int(h.get("PixelRepresentation") or 0) == 1:
+        return -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+    return 0, (1 << stored) - 1
+
+
+def _store_float32(dst: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
+    """``dst`` (float32) = float32(stored) * float32(slope) + float32(intercept), in one pass when the slope is 1.
+
+    Bit-identical to ``stored.astype(np.float32) * slope + intercept`` (multiplying by 1 and adding 0 change nothing).
+    """
+    if slope != 1.0:
+        np.multiply(stored, np.float32(slope), out=dst, dtype=np.float32, casting="unsafe")
+        if intercept != 0.0:
+            np.add(dst, np.float32(intercept), out=dst)
+    elif intercept != 0.0:
+        np.add(stored, np.float32(intercept), out=dst, dtype=np.float32, casting="unsafe")
+    else:
+        np.copyto(dst, stored, casting="unsafe")
+
+
+def _store_int16(dst: np.ndarray, stored: np.ndarray, slope: int, intercept: int, bounds: Tuple[int, int],
+                 in_place: bool) -> None:
+    """``dst`` (int16) = ``stored`` * slope + intercept exactly; ``in_place``: ``stored`` is a view of ``dst``'s bytes.
+
+    The arithmetic runs in int16 and wraps modulo 2**16, which gives the exact result whenever the final value fits
+    int16. That is checked first against ``bounds`` (what the stored format allows) and, only where those could
+    overflow, against the slice's actual minimum/maximum.
+
+    Raises:
+        _NotExact: some HU of this slice lie outside the int16 range.
+    """
+    lo, hi = bounds
+    if lo * slope + intercept < _INT16_MIN and int(stored.min()) * slope + intercept < _INT16_MIN:
+        raise _NotExact
+    if hi * slope + intercept > _INT16_MAX and int(stored.max()) * slope + intercept > _INT16_MAX:
+        raise _NotExact
+    if not in_place:
+        np.copyto(dst, stored, casting="unsafe")  # wraps modulo 2**16 like the int16 arithmetic below
+    if slope != 1:
+        np.multiply(dst, np.int16(slope), out=dst)
+    if intercept != 0:
+        np.add(dst, np.int16((intercept + 32768) % 65536 - 32768), out=dst)
+
+
+def _read_pixels(frames: List[_Frame], pixels: Dict[int, np.ndarray], rows: int, cols: int, out_dtype: np.dtype,
+                 workers: int) -> np.ndarray:
+    """HU volume ``(K, rows, cols)`` of ``out_dtype`` (float32 or int16) from the frames in slice order.
+
+    Uncompressed little-endian pixel bytes are read (``os.preadv``) at their offset: for int16 output from 16-bit
+    storage straight into the output slice (then rescaled in place), otherwise into a per-thread slice buffer converted
+    while it is still in cache. Other frames come from ``pixels`` (multi-frame) or are decoded by pydicom. Slices are
+    shared out to a few threads (file reads and numpy release the GIL).
+    """
+    K = len(frames)
+    hu = np.empty((K, rows, cols), dtype=out_dtype)
+    as_int16 = out_dtype == np.int16
+    slopes = [int(f.slope) if as_int16 else f.slope for f in frames]
+    inters = [int(f.intercept) if as_int16 else f.intercept for f in frames]
+    raw_ok = all(f.frame is None and f.header.get("TransferSyntaxUID") in _RAW_SYNTAXES
+                 and f.header.get("_pixel_offset") is not None for f in frames)
+    formats = {(_raw_dtype(f.header), f.header.get("BitsStored")) for f in frames}
+
+    if raw_ok and len(formats) == 1:
+        raw_dtype = _raw_dtype(frames[0].header)
+        bounds = _stored_bounds(frames[0].header)
+        if as_int16 and raw_dtype.itemsize == 2:
+            def one(k):
+                view = hu[k].view(raw_dtype)  # the stored values land in the output slice itself
+                _read_raw_into(frames[k], view)
+                _store_int16(hu[k], view, slopes[k], inters[k], bounds, in_place=True)
+        else:
+            local = threading.local()
+
+            def one(k):
+                buf = getattr(local, "buf", None)
+                if buf is None:
+                    buf = local.buf = np.empty((rows, cols), dtype=raw_dtype)
+                _read_raw_into(frames[k], buf)
+                if as_int16:
+                    _store_int16(hu[k], buf, slopes[k], inters[k], bounds, in_place=False)
+                else:
+                    _store_float32(hu[k], buf, slopes[k], inters[k])
+    else:
+        def one(k):
+            fr = frames[k]
+            arr = pixels[id(fr)] if id(fr) in pixels else _decode_pydicom(fr)
+            if arr.shape != (rows, cols):
+                raise BMDError(f"pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}", path=fr.path)
+            if not as_int16:
+                _store_float32(hu[k], arr, slopes[k], inters[k])
+            elif arr.dtype.kind in "iu":
+                info = np.iinfo(arr.dtype)
+                _store_int16(hu[k], arr, slopes[k], inters[k], (int(info.min), int(info.max)), in_place=False)
+            else:
+                raise _NotExact
+
+    _run_in_chunks(one, K, workers)
+    return hu
+
+
+def _run_in_chunks(one, n: int, workers: int) -> None:
+    """Call ``one(k)`` for k in 0..n-1 on up to ``workers`` threads (no more than the usable cores), each thread taking
+    one contiguous run of k: one task per thread keeps the pool's per-call overhead and GIL hand-offs out of the
+    per-slice work. The first exception raised is re-raised."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    threads = max(1, min(workers, cores, n))
+    if threads == 1:
+        for k in range(n):
+            one(k)
+        return
+    edges = [n * i // threads for i in range(threads + 1)]
+
+    def run(i):
+        for k in range(edges[i], edges[i + 1]):
+            one(k)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(run, range(threads)))
+
+
 def _normal(iop: np.ndarray) -> np.ndarray:
     n = np.cross(iop[:3], iop[3:])
     return n / np.linalg.norm(n)
 
 
 def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, warnings: List[str],
-              workers: int) -> Tuple[np.ndarray, np.ndarray, List[_Frame]]:
-    """Check geometry, sort, read pixels, rescale → (HU (K, J, I) float32, affine (4, 4), frames in order)."""
+              workers: int, dtype: str = "float32") -> Tuple[np.ndarray, np.ndarray, List[_Frame]]:
+    """Check geometry, sort, read pixels, rescale → (HU (K, J, I), affine (4, 4), frames in order).
+
+    ``dtype`` ("float32", "int16" or "auto") chooses the HU array type, see :func:`load_series`.
+    """
     f0 = frames[0]
     rows, cols = int(f0.header.get("Rows")), int(f0.header.get("Columns"))
     sizes = {(int(f.header.get("Rows")), int(f.header.get("Columns"))) for f in frames}
@@ -777,45 +980,14 @@ def _assemble(frames: List[_Frame], pixels: Dict[int, np.ndarray], source: str, 
         warnings.append("single-slice series")
 
     # Pixels
-    hu = np.empty((K, rows, cols), dtype=np.float32)
-    h0 = f0.header
-    raw_ok = all(f.frame is None and f.header.get("TransferSyntaxUID") in _RAW_SYNTAXES
-                 and f.header.get("_pixel_offset") is not None for f in frames)
-    slopes = np.array([f.slope for f in frames], dtype=np.float32)
-    inter = np.array([f.intercept for f in frames], dtype=np.float32)
-    def store(k, stored):
-        """Slice ``k`` of the HU volume from its stored values: copy, then this slice's rescale."""
-        np.copyto(hu[k], stored, casting="unsafe")
-        if slopes[k] != 1.0:
-            hu[k] *= slopes[k]
-        if inter[k] != 0.0:
-            hu[k] += inter[k]
-
-    if raw_ok and len({(_raw_dtype(f.header), f.header.get("BitsStored")) for f in frames}) == 1:
-        # Each worker reads a slice's bytes into its own small buffer (readinto, no intermediate bytes object) and
-        # converts it into the HU volume while it is still in cache; file reads and numpy release the GIL.
-        local = threading.local()
-        dtype = _raw_dtype(h0)
-
-        def one_raw(k):
-            buf = getattr(local, "buf", None)
-            if buf is None:
-                buf = local.buf = np.empty((rows, cols), dtype=dtype)
-            _read_raw_into(frames[k], buf)
-            store(k, buf)
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one_raw, range(K)))
-    else:
-        def one(k):
-            fr = frames[k]
-            arr = pixels[id(fr)] if id(fr) in pixels else _decode_pydicom(fr)
-            if arr.shape != (rows, cols):
-                raise BMDError(f"pixel array {arr.shape} does not match Rows/Columns {(rows, cols)}", path=fr.path)
-            store(k, arr)
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(K)))
+    out_dtype = _resolve_output_dtype(frames, dtype, resample_to is not None, source)
+    try:
+        hu = _read_pixels(frames, pixels, rows, cols, out_dtype, workers)
+    except _NotExact:  # some HU lie outside -32768..32767
+        if dtype == "int16":
+            raise BMDError("HU cannot be stored exactly as int16 (values outside -32768..32767); use dtype='auto' or "
+                           "'float32'", path=source) from None
+        hu = _read_pixels(frames, pixels, rows, cols, np.dtype(np.float32), workers)
 
     if resample_to is not None:
         hu, frames_pos = _resample_uniform(hu, s, resample_to)
@@ -838,21 +1010,27 @@ def _resample_uniform(hu: np.ndarray, s: np.ndarray, dk: float):
 
 
 def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optional[str] = None, *,
-                workers: int = 4) -> Volume:
+                workers: int = 4, dtype: Union[str, type, np.dtype] = np.float32) -> Volume:
     """Load one CT series as an HU volume.
 
     Args:
         source: a folder (searched recursively), one DICOM file (single- or multi-frame), or a list of files.
         series_uid: SeriesInstanceUID to load; None applies the rule in the module docstring (most slices).
         workers: threads for reading/decoding pixel data.
+        dtype: type of the HU array. ``float32`` (default): always. ``"auto"``: int16 when that holds every HU value
+            exactly (every slice has an integer RescaleSlope and RescaleIntercept, no resampling, all values within
+            -32768..32767), else float32; int16 halves the memory and loads faster, and the numbers are the same.
+            ``"int16"``: like "auto" but a ``BMDError`` where int16 cannot be exact.
 
     Returns:
-        Volume: ``data`` float32 ``(K, J, I)`` HU sorted along the slice normal, ``affine`` (4, 4) index → LPS mm,
+        Volume: ``data`` ``(K, J, I)`` HU (float32, or int16 as chosen by ``dtype``) sorted along the slice normal,
+        ``affine`` (4, 4) index → LPS mm,
         ``meta`` identifiers (SOPInstanceUIDs in slice order), ``warnings``.
 
     Raises:
         BMDError: nothing loadable, non-CT modality, ambiguous series, inconsistent geometry, undecodable pixels.
     """
+    dtype = _check_dtype_arg(dtype)
     src = str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} files"
     headers, skipped = _scan(source)
     warnings: List[str] = []
@@ -881,7 +1059,7 @@ def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optiona
     warnings.extend(sorted(notes))
     if (hs[0].get("PhotometricInterpretation") or "").upper() == "MONOCHROME1":
         warnings.append("PhotometricInterpretation MONOCHROME1 (display inverted); HU from the rescale are unaffected")
-    hu, affine, frames = _assemble(frames, pixels, src, warnings, workers)
+    hu, affine, frames = _assemble(frames, pixels, src, warnings, workers, dtype)
     h0 = hs[0]
     meta = {
         "source": src,
@@ -918,7 +1096,8 @@ def load_nifti(path: PathLike, dtype=np.float32) -> Volume:
 
     NIfTI's RAS world coordinates are converted to LPS (x and y negated); the array is transposed from nibabel's
     ``(i, j, k)`` to ``(K, J, I)``, so NIfTI axis 0 is the column index ``i``. Values are cast to ``dtype``
-    (float32 by default; e.g. ``np.int16`` for label volumes). Scaling (scl_slope/inter) is applied.
+    (float32 by default; e.g. ``np.int16`` for label volumes; ``"auto"``: int16 when the scaled values are integers
+    stored in at most 16 bits that fit int16, else float32). Scaling (scl_slope/inter) is applied.
 
     Raises:
         BMDError: missing/unreadable file or not a 3-D image.
@@ -937,13 +1116,20 @@ def load_nifti(path: PathLike, dtype=np.float32) -> Volume:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise BMDError(f"expected a 3-D volume, got shape {arr.shape}", path=path)
+    if isinstance(dtype, str) and dtype == "auto":
+        fits = arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.dtype != np.uint16
+        dtype = np.int16 if fits or (arr.dtype == np.uint16 and (arr.size == 0 or int(arr.max()) <= _INT16_MAX)) \
+            else np.float32
     data = np.ascontiguousarray(np.transpose(arr, (2, 1, 0)), dtype=dtype)
     affine = _RAS_TO_LPS @ img.affine.astype(np.float64)
     return Volume(data=data, affine=affine, meta={"source": path, "format": "nifti"}, warnings=[])
 
 
 def load_volume(source: Union[PathLike, Sequence[PathLike]], series_uid: Optional[str] = None, **kwargs) -> Volume:
-    """Load a CT volume from a NIfTI file (``.nii``/``.nii.gz``) or DICOM (anything else); see :func:`load_series`."""
+    """Load a CT volume from a NIfTI file (``.nii``/``.nii.gz``) or DICOM (anything else); see :func:`load_series`.
+
+    ``dtype`` ("auto", float32, int16) applies to both; other keyword arguments go to :func:`load_series`.
+    """
     if not isinstance(source, (list, tuple)) and str(source).lower().endswith((".nii", ".nii.gz")):
-        return load_nifti(source)
+        return load_nifti(source, dtype=kwargs.get("dtype", np.float32))
     return load_series(source, series_uid=series_uid, **kwargs)
