@@ -448,7 +448,9 @@ def _phantom_result(seed, **opts):
     return st, measure_detections(dets, sag, cfg, volume=vol, study_id=st.study_id)
 
 
-@pytest.mark.parametrize("seed", [6, 7])
+# seeds whose drawn fracture collapses >= 36 % of the body height (Genant grade 2 by construction); milder collapses sit
+# near the grade 1/2 boundary on these 2 mm tiny studies
+@pytest.mark.parametrize("seed", [7, 12])
 def test_qc_flags_on_phantoms(seed, tmp_path):
     _, plain = _phantom_result(seed, fracture=False, metal=False, contrast=False)
     for f in ("contrast_enhanced", "metal", "vertebral_height_loss", "spine_not_found"):
