@@ -266,12 +266,17 @@ def bench_e2e(cfg, study_dirs: List[str], device: str) -> Dict[str, Any]:
         _sync(device)
         totals.append(time.perf_counter() - t)
         results.append(res)
-        logger.info("%s: %.3f s, %d vertebrae", os.path.basename(os.path.dirname(d)), totals[-1], len(res.vertebrae))
+        logger.info("%s: %.3f s (load %.3f, sagittal %.3f, model %.3f), %s, %d vertebrae",
+                    os.path.basename(os.path.dirname(d)), totals[-1], parts["load"][-1], parts["sagittal"][-1],
+                    parts["model"][-1], "×".join(str(n) for n in res.volume.data.shape) if res.volume is not None
+                    else "?", len(res.vertebrae))
     measure = [tot - a - b - c for tot, a, b, c in zip(totals, parts["load"], parts["sagittal"], parts["model"])]
     out = _stats(totals)
     out["split_p50_s"] = {k: float(np.median(v)) for k, v in parts.items()}
     out["split_p50_s"]["measure"] = float(np.median(measure))
     out["per_study_s"] = totals
+    out["per_study_split_s"] = [dict(load=a, sagittal=b, model=c, measure=m) for a, b, c, m in
+                                zip(parts["load"], parts["sagittal"], parts["model"], measure)]
     out["vertebrae_per_study"] = [len(r.vertebrae) for r in results]
     out["target_s"] = TARGET_STUDY_S
     out["meets_target_p50"] = bool(out["p50_s"] <= TARGET_STUDY_S)
@@ -352,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", help="cpu or cuda[:N] (MODEL.DEVICE; default: the config's)")
     ap.add_argument("--output", default="output/benchmark/speed.json", help="JSON file (default: %(default)s)")
     ap.add_argument("--studies", type=int, default=10, help="generated studies for the end-to-end time")
+    ap.add_argument("--studies-dir", default="",
+                    help="measure the first --studies DICOM folders DIR/*/dicom (e.g. a dataset's studies/) instead "
+                         "of generated phantoms (repeatable before/after comparisons, real series)")
     ap.add_argument("--phantom", choices=("full", "tiny"), default="full", help="study size (tiny: tests only)")
     ap.add_argument("--render", choices=("child", "inline"), default="child",
                     help="render phantoms in a child process (default) or in this one (faster start, memory counted)")
@@ -466,15 +474,26 @@ def run(args) -> Dict[str, Any]:
                        os.path.join(root, "studies", f"train_{i:03d}"), True)
                       for i in range(max(1, args.train_studies))]
         need_e2e = "e2e" not in skip or "infer" not in skip  # inference uses the e2e studies' sagittal images
+        e2e_dirs = [os.path.join(j[3], "dicom") for j in e2e_jobs]
+        if args.studies_dir:
+            import glob
+
+            e2e_dirs = sorted(glob.glob(os.path.join(args.studies_dir, "*", "dicom")))[:max(1, args.studies)]
+            if not e2e_dirs:
+                from bmd_d2.errors import BMDError
+
+                raise BMDError(f"--studies-dir: no */dicom folder under {args.studies_dir}")
+            e2e_jobs = []
         jobs = (e2e_jobs if need_e2e else []) + (train_jobs if "train" not in skip else [])
         if jobs:
             logger.info("rendering %d %s phantom studies (not timed) ...", len(jobs), args.phantom)
         info = write_phantoms(jobs, inline=args.render == "inline") if jobs else []
         e2e = None
         if need_e2e:
-            rep["studies"] = [{k: v for k, v in st.items() if k != "truth"} for st in info[:len(e2e_jobs)]]
+            rep["studies"] = ([{k: v for k, v in st.items() if k != "truth"} for st in info[:len(e2e_jobs)]]
+                              if e2e_jobs else [{"dicom": d} for d in e2e_dirs])
             mem.start()
-            e2e = bench_e2e(cfg, [os.path.join(j[3], "dicom") for j in e2e_jobs], device)
+            e2e = bench_e2e(cfg, e2e_dirs, device)
             if "e2e" not in skip:
                 rep["e2e"] = e2e["stats"]
                 rep["memory"]["e2e"] = mem.stop(device)

@@ -249,7 +249,7 @@ def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: n
     """Mean HU of the volume sampled (trilinear) at ``points_lps``.
 
     Args:
-        volume_data: float ``(K, J, I)`` HU.
+        volume_data: ``(K, J, I)`` HU (float32, or int16: sampled without a float copy).
         volume_affine: 4×4 ``(i, j, k, 1)`` → LPS.
         points_lps: ``(N, 3)`` mm.
 
@@ -265,8 +265,16 @@ def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: n
     if np.any(ijk[:, :3] < -tol) or np.any(ijk[:, :3] > shape - 1 + tol):
         return None, 0
     coords = np.clip(ijk[:, [2, 1, 0]].T, 0, (shape[::-1] - 1)[:, None])
-    vals = ndimage.map_coordinates(np.asarray(volume_data, dtype=np.float32), coords, order=1, mode="nearest")
+    vals = map_coordinates_f32(volume_data, coords, order=1, mode="nearest")
     return float(np.mean(vals)), int(vals.size)
+
+
+def map_coordinates_f32(data: np.ndarray, coords: np.ndarray, **kwargs) -> np.ndarray:
+    """``ndimage.map_coordinates`` of ``data`` as float32 → float32 values, without a float32 copy of an integer
+    (int16 HU) volume: integers are interpolated straight into a float32 output (the same values)."""
+    if data.dtype.kind in "iub":
+        return ndimage.map_coordinates(data, coords, output=np.float32, **kwargs)
+    return ndimage.map_coordinates(np.asarray(data, dtype=np.float32), coords, **kwargs)
 
 
 def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_column: bool = True

@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from .classical import map_coordinates_f32
+
 logger = logging.getLogger(__name__)
 
 # Loader warning (substring, lower case) → study flag.
@@ -147,8 +149,7 @@ def _sample_axial_patch(volume, centre_lps: np.ndarray, x_range: Tuple[float, fl
     pts = np.stack([X.ravel(), Y.ravel(), np.full(X.size, centre_lps[2])], 1)
     inv = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64))
     ijk = pts @ inv[:3, :3].T + inv[:3, 3]
-    vals = ndimage.map_coordinates(np.asarray(volume.data, dtype=np.float32), ijk[:, [2, 1, 0]].T, order=1,
-                                   mode="constant", cval=-1000.0)
+    vals = map_coordinates_f32(volume.data, ijk[:, [2, 1, 0]].T, order=1, mode="constant", cval=-1000.0)
     return vals.reshape(X.shape)
 
 
