@@ -138,6 +138,9 @@ def add_bmd_config(cfg):
     _C.MEASURE.REFERENCE_FAT_HU = -100.0
     # Erosion (mm, disk radius) of the sagittal vertebral mask before averaging HU: removes the cortical shell.
     _C.MEASURE.EROSION_MM = 3.0
+    # Extra erosion along the sagittal rows (superior-inferior), as a fraction of the slice thickness: a thick slice
+    # smears the dense endplates +-thickness/2 into the body. 0 gives a round (disk) erosion.
+    _C.MEASURE.EROSION_SLICE_FRACTION = 0.5
     # Minimum pixels of the eroded ROI in one sagittal slice; fewer gives no classical value (flag roi_too_small).
     _C.MEASURE.MIN_ROI_PIXELS = 20
     # 3-D core: the eroded ROI extruded +-HALF_WIDTH mm perpendicular to the sagittal plane, sampled in the volume;

@@ -63,6 +63,22 @@ def test_roi_hand_example():
     assert (mean, n) == (pytest.approx(30.0), 75) and sd == pytest.approx(np.std([10, 20, 60]))
 
 
+def test_erosion_is_deeper_along_rows_for_thick_slices():
+    from bmd_d2.data.dicom import Volume
+    from bmd_d2.measure.classical import slice_thickness_mm
+
+    mask = np.zeros((21, 21), bool)
+    mask[2:19, 2:19] = True  # 17 x 17
+    roi = erode_mask(mask, 2.0, 4.0)  # 2 px from the anterior/posterior sides, 4 px from the endplates
+    rows, cols = np.nonzero(roi)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 14, 4, 16)
+    assert np.array_equal(erode_mask(mask, 2.0, 2.0), erode_mask(mask, 2.0))  # equal radii: the disk
+    vol = Volume(np.zeros((4, 4, 4), np.float32), np.diag([0.7, 0.7, 2.5, 1.0]), meta={"SliceThickness": 3.0})
+    assert slice_thickness_mm(vol) == 3.0  # overlapping reconstruction: thickness, not spacing
+    vol.meta = {}
+    assert slice_thickness_mm(vol) == 2.5 and slice_thickness_mm(None) == 0.0
+
+
 def test_core_sampling_is_exact_on_a_linear_volume():
     # volume HU = x (LPS mm): sampling at known points returns their mean x exactly (trilinear on a linear field)
     aff = np.diag([0.8, 0.8, 2.0, 1.0])
@@ -119,12 +135,13 @@ def test_classical_hu_matches_phantom_truth(seed, noise):
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=cal, study_id=st.study_id)
     assert not res.rejected
     assert [v.level for v in res.vertebrae] == [t["level"] for t in truth]  # labels in order, from the sacrum
-    # Measured over seeds 1-8 (61 vertebrae): 3-D core MAE 2.0 HU (max 7.4) noise-free, 2.6 (max 11.4) with noise;
-    # sagittal ROI MAE 3.8 (max 17) / 4.8 (max 22): the 3 slices sample a textured field less than the core does.
+    # Measured over seeds 1-8, noise-free and noisy (122 vertebrae, generator v2 with thick endplates and sclerotic
+    # islands, slice-thickness-aware erosion): 3-D core MAE 3.0 HU, bias -1.4, max 15.4; sagittal ROI MAE 5.3, max 20.5
+    # (the 3 slices sample the textured field, islands included, less completely than the core does).
     e2 = np.array([v.trabecular_hu - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
     e3 = np.array([v.trabecular_hu_3d - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
     eb = np.array([v.classical_bmd_3d - t["bmd_mg_cm3"] for v, t in zip(res.vertebrae, truth)])
-    assert np.abs(e3).mean() < 5.0 and np.abs(e3).max() < 14.0, e3
+    assert np.abs(e3).mean() < 5.0 and np.abs(e3).max() < 18.0, e3
     assert np.abs(e2).mean() < 8.0 and np.abs(e2).max() < 28.0, e2
     assert abs(e3.mean()) < 4.0  # no systematic bias
     assert np.abs(eb).mean() < 5.0 / cal.slope + 1.0, eb  # mg/cm³ through the phantom's calibration

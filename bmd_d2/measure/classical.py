@@ -2,8 +2,11 @@
 
 Two measurements per vertebra:
 
-* **Sagittal ROI** (always): the detected sagittal mask eroded by ``MEASURE.EROSION_MM`` (a disk, removing the
-  cortical shell and partial-volume border), mean HU over the 3 sagittal slices (``SagittalImage.hu``).
+* **Sagittal ROI** (always): the detected sagittal mask eroded by ``MEASURE.EROSION_MM`` (removing the cortical
+  shell and partial-volume border), mean HU over the 3 sagittal slices (``SagittalImage.hu``). The erosion is an
+  ellipse: ``EROSION_MM`` antero-posteriorly, plus ``MEASURE.EROSION_SLICE_FRACTION`` × the slice thickness along
+  the sagittal rows (superior–inferior), because a slice of thickness t smears the dense endplates ±t/2 into the body
+  (at 3 mm slices: 4.5 mm from the endplates, 3 mm from the anterior/posterior cortex).
 * **3-D core** (where the geometry allows): the eroded sagittal ROI extruded ±``MEASURE.CORE_HALF_WIDTH_MM``
   perpendicular to the sagittal plane and sampled in the original volume (trilinear interpolation at the exact LPS
   positions given by ``SagittalImage.transform`` and ``Volume.affine``). Not given (``no_3d_core``) when any sample
@@ -187,12 +190,36 @@ def disk(radius_px: float) -> np.ndarray:
     return (x * x + y * y) <= radius_px * radius_px + 1e-9
 
 
-def erode_mask(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Erode a bool ``(H, W)`` mask with a disk of ``radius_px``; pixels outside the image count as background."""
+def slice_thickness_mm(volume) -> float:
+    """Reconstructed slice thickness of ``volume`` (mm): the larger of the slice spacing and the DICOM
+    ``SliceThickness`` (overlapping reconstructions are thicker than their spacing); 0 without a volume."""
+    if volume is None:
+        return 0.0
+    spacing = float(volume.spacing[0])
+    thick = volume.meta.get("SliceThickness") if isinstance(getattr(volume, "meta", None), dict) else None
+    try:
+        thick = float(thick) if thick not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        thick = 0.0
+    return max(spacing, thick if math.isfinite(thick) else 0.0)
+
+
+def ellipse(radius_rows_px: float, radius_cols_px: float) -> np.ndarray:
+    """Bool elliptical structuring element with semi-axes ``radius_rows_px`` (rows) and ``radius_cols_px`` (columns)."""
+    a, b = max(radius_rows_px, 1e-6), max(radius_cols_px, 1e-6)
+    y, x = np.mgrid[-int(math.floor(a)):int(math.floor(a)) + 1, -int(math.floor(b)):int(math.floor(b)) + 1]
+    return (y / a) ** 2 + (x / b) ** 2 <= 1.0 + 1e-9
+
+
+def erode_mask(mask: np.ndarray, radius_px: float, radius_rows_px: Optional[float] = None) -> np.ndarray:
+    """Erode a bool ``(H, W)`` mask with a disk of ``radius_px`` (or, with ``radius_rows_px``, an ellipse of that
+    semi-axis along the rows and ``radius_px`` along the columns); pixels outside the image count as background."""
     mask = np.asarray(mask, dtype=bool)
-    if radius_px < 1:
+    rows = radius_px if radius_rows_px is None else radius_rows_px
+    if radius_px < 1 and rows < 1:
         return mask.copy()
-    return ndimage.binary_erosion(mask, structure=disk(radius_px), border_value=0)
+    se = disk(radius_px) if rows == radius_px else ellipse(rows, radius_px)
+    return ndimage.binary_erosion(mask, structure=se, border_value=0)
 
 
 def sagittal_roi_hu(hu: np.ndarray, roi: np.ndarray) -> Tuple[Optional[float], Optional[float], int]:

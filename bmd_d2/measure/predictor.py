@@ -20,7 +20,7 @@ from bmd_d2.errors import BMDError
 
 from .categories import acr_category, hu_category
 from .classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_mask,
-                        sagittal_roi_hu, vertebral_heights)
+                        sagittal_roi_hu, slice_thickness_mm, vertebral_heights)
 from .levels import Detection, assign_levels
 from .qc import contrast_check, genant_grade, height_loss, mask_has_bone, metal_in_mask, volume_flags
 from .result import StudyResult, VertebraResult
@@ -114,6 +114,7 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
                     "detections": int(R), "below_threshold": int(np.sum(scores < m.SCORE_THRESHOLD))}
     lo_hu, hi_hu = float(m.PLAUSIBLE_HU[0]), float(m.PLAUSIBLE_HU[1])
     radius_px = float(m.EROSION_MM) / sp
+    radius_rows_px = (float(m.EROSION_MM) + float(m.EROSION_SLICE_FRACTION) * slice_thickness_mm(volume)) / sp
     use_core = volume is not None and max(volume.spacing) <= float(m.CORE_MAX_SPACING_MM)
 
     cand: List[int] = []
@@ -134,7 +135,7 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
             reason = "spine_not_found"
         info: Dict[str, Any] = {"flags": []}
         if reason is None:
-            roi = erode_mask(masks[r], radius_px)
+            roi = erode_mask(masks[r], radius_px, radius_rows_px)
             info["roi"] = roi
             if int(roi.sum()) < int(m.MIN_ROI_PIXELS):
                 info["flags"].append("roi_too_small")
