@@ -338,12 +338,16 @@ class BMDStudyPredictor:
         self.model = self.predictor.model
 
     def load(self, source) -> Any:
-        """Load a study (DICOM folder/file/list, NIfTI path, or a ``Volume``) as a ``Volume``."""
+        """Load a study (DICOM folder/file/list, NIfTI path, or a ``Volume``) as a ``Volume``.
+
+        HU are kept as int16 where that is exact (integer rescale, the usual CT case: half the memory, no float
+        conversion); the sagittal sampling and the measurements interpolate them into float32.
+        """
         from bmd_d2.data.dicom import Volume, load_volume
 
         if isinstance(source, Volume):
             return source
-        return load_volume(source, series_uid=self.cfg.INPUT.DICOM.SERIES_UID or None)
+        return load_volume(source, series_uid=self.cfg.INPUT.DICOM.SERIES_UID or None, dtype="auto")
 
     def sagittal(self, volume):
         """The 3-slice sagittal ``SagittalImage`` of a volume, built exactly as for training."""
