@@ -109,6 +109,26 @@ def test_truth_definition_without_noise_or_blur():
     assert st.hu[m].std() > 3.0
 
 
+def test_coarse_in_plane_study_keeps_field_of_view_and_truth():
+    """Seed 13 draws a coarse reconstruction (2.73 mm pixels): a 101² matrix over the same field of view, every
+    level still labelled, bodies of the drawn size, truth HU = a + b·BMD without noise/blur."""
+    st = ph.generate_study(13, ph.PhantomOptions(noise_sd=0.0, psf_sigma_mm=0.0, max_slices=200))
+    ps = st.params["pixel_spacing"]
+    assert ps == pytest.approx(2.7261) and st.hu.shape[1:] == (101, 101) and st.params["matrix"] == 101
+    assert st.affine[0, 0] == pytest.approx(ps) and st.affine[1, 1] == pytest.approx(ps)
+    assert 256 <= 101 * ps <= 502  # the field of view of the 512² draw (0.5-0.98 mm pixels) is kept
+    assert [t["level"] for t in st.truth][-3:] == ["L4", "L5", "S1"]
+    a, b = st.params["calib_a"], st.params["calib_b"]
+    for t in st.truth:
+        assert abs(t["trabecular_hu"] - (a + b * t["bmd_mg_cm3"])) < 2.0, t
+        assert t["body_voxels"] > t["core_voxels"] > 0
+        # the body label spans the drawn width (voxel count across x at 2.7 mm, within two voxels)
+        m = st.labels == t["label"]
+        k = int(np.argmax(m.sum((1, 2))))
+        width = np.ptp(np.nonzero(m[k].any(0))[0]) + 1
+        assert abs(width * ps - t["width_mm"]) <= 2 * ps + 1.0, (t["level"], width * ps, t["width_mm"])
+
+
 def test_determinism_same_seed_same_bytes(tmp_path):
     opts = ph.PhantomOptions.tiny(transfer_syntax=None, shuffle_names=None, storage=None, rescale=None,
                                   bits_stored=None, reverse_instances=None, fov_padding=None)
