@@ -45,6 +45,10 @@ import numpy as np
 from ..errors import BMDError
 
 logger = logging.getLogger(__name__)
+# pylibjpeg-openjpeg logs "tile number 1 / 1" at INFO for every JPEG 2000 slice it decodes; unless the user configured
+# that logger, keep it to warnings so that a measurement's log is readable.
+if logging.getLogger("openjpeg").level == logging.NOTSET:
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
 
 __all__ = [
     "Volume",
