@@ -57,6 +57,25 @@ def test_compressed(tmp_path, hu, ts):
     np.testing.assert_allclose(v.data, hu[:3], atol=0.51)
 
 
+@pytest.mark.parametrize("signed,bits", [(True, 16), (True, 12), (False, 12)])
+def test_jpeg_ls_direct_decode_equals_pydicom(tmp_path, hu, signed, bits, monkeypatch):
+    import bmd_d2.data.dicom as D
+
+    monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
+    paths = write_series(tmp_path / "s", hu[:4], signed=signed, bits_stored=bits, intercept=-1024.0 if signed else
+                         -2048.0, transfer_syntax="1.2.840.10008.1.2.4.80")
+    v = load_series(tmp_path / "s")
+    assert list(D._JPEG_LS_CHECKED.values()) == [True]  # CharLS checked once against pydicom, then used directly
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        assert np.array_equal(v.data[k], ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    # a direct decode that disagrees with pydicom on the first slice is never used for that folder and format
+    monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
+    monkeypatch.setattr(D, "_jpeg_ls_direct", lambda ds: np.zeros((ds.Rows, ds.Columns), np.int16) + 7)
+    v2 = load_series(tmp_path / "s", workers=1)
+    assert list(D._JPEG_LS_CHECKED.values()) == [False] and np.array_equal(v2.data, v.data)
+
+
 def test_per_slice_rescale_signed_12bit(tmp_path, hu):
     write_series(tmp_path / "s", hu, per_slice_slope=True, bits_stored=12, intercept=0.0)
     v = load_series(tmp_path / "s")
