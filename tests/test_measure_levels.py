@@ -76,6 +76,23 @@ def test_duplicates_below_sacrum_and_extra_sacrum_rejected():
     assert "multiple_sacrum_detections" in a.study_flags
 
 
+def test_lower_sacral_segment_scoring_higher_does_not_shift_levels():
+    # held-out phantom 12 (seed 9000): S1 detected as sacrum (0.84) and as a body (0.64), S2 as sacrum (0.90). Counting
+    # from S2 called the true S1 "L5" and shifted L3-L5; the most cranial plausible sacrum is the anchor.
+    v, s1 = spine()
+    s1 = sacrum(s1.box[1], score=0.84)
+    s1_as_body = vert(s1.centroid[1] - 5, score=0.64)
+    s2 = sacrum(s1.box[1] + 34, score=0.90)
+    dets = v + [s2, s1_as_body, s1]
+    a = assign_levels(dets, image_shape=(512, 512))
+    assert a.levels[9] == "S1" and a.rejected == {7: "duplicate_sacrum", 8: "caudal_to_sacrum"}
+    assert [a.levels[i] for i in a.order] == ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    # an implausible cranial "sacrum" (score < half the best) is not the anchor
+    weak = sacrum(v[-1].box[1], score=0.3)
+    a = assign_levels(v + [s1, weak], image_shape=(512, 512))
+    assert a.levels[7] == "S1" and a.rejected.get(8) == "duplicate_sacrum"
+
+
 def test_above_range_and_transitional_and_edge_flags():
     v = [vert(10.0 + PITCH * i) for i in range(8)]  # 8 bodies above the sacrum: one more than T11..L5
     v[-1] = vert(v[-1].centroid[1], h=14.0)  # short last lumbar body

@@ -2,8 +2,10 @@
 
 The rule (documented in docs/measurement.md):
 
-1. **Anchor on the sacrum.** Detections of class 1 (``sacrum``) are S1. With several, the highest-scoring one is kept
-   (study flag ``multiple_sacrum_detections``). Vertebral bodies whose centre lies caudal to the top of the sacrum
+1. **Anchor on the sacrum.** Detections of class 1 (``sacrum``) are S1. With several (study flag
+   ``multiple_sacrum_detections``), the most cranial one scoring at least ``SACRUM_SCORE_FRACTION`` of the best is
+   kept: the sacrum's lower segments (S2, S3) look like its top and draw extra detections, and counting from one of
+   them would shift every level by one. Vertebral bodies whose centre lies caudal to the top of the sacrum
    box are rejected (``caudal_to_sacrum``: coccyx, pelvis or false positives).
 2. **Order** the remaining vertebral bodies (class 0) along the spine by their centre row (the sagittal row axis runs
    head → feet). Two centres closer than ``DUPLICATE_FRACTION`` of the vertebral pitch are one vertebra: the
@@ -42,6 +44,7 @@ DUPLICATE_FRACTION = 0.45
 GAP_FRACTION = 1.5
 SACRUM_OFFSET = 0.6  # expected (top of sacrum - centre of L5) / pitch
 TRANSITIONAL_HEIGHT_RATIO = 0.7
+SACRUM_SCORE_FRACTION = 0.5
 TRANSITIONAL_MIN_SACRUM_OFFSET = 0.25
 EDGE_MARGIN_PX = 1
 _S1 = LEVELS.index("S1")
@@ -125,10 +128,15 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
                     or y1 >= h - 1 - EDGE_MARGIN_PX:
                 _add(out.flags[i], "truncated_by_image_edge")
 
-    sacra = sorted((i for i in range(n) if detections[i].category == SACRUM_CLASS and i not in out.rejected),
-                   key=lambda i: -detections[i].score)
-    sacrum = sacra[0] if sacra else None
-    for i in sacra[1:]:
+    sacra = [i for i in range(n) if detections[i].category == SACRUM_CLASS and i not in out.rejected]
+    sacrum = None
+    if sacra:
+        best = max(detections[i].score for i in sacra)
+        plausible = [i for i in sacra if detections[i].score >= SACRUM_SCORE_FRACTION * best]
+        sacrum = min(plausible, key=lambda i: (detections[i].box[1], -detections[i].score))  # most cranial
+    for i in sacra:
+        if i == sacrum:
+            continue
         out.rejected[i] = "duplicate_sacrum"
         _add(out.study_flags, "multiple_sacrum_detections")
 

@@ -22,7 +22,7 @@ QC_FLAGS: Dict[str, str] = {
     "level_after_gap": "this body's level was counted across a gap (an undetected vertebra below it)",
     "above_labelled_range": "counted above T11: no level name is given",
     "possible_transitional_anatomy": "lowest lumbar body is short or fused-looking: possible transitional vertebra",
-    "multiple_sacrum_detections": "several sacrum detections; the highest-scoring one anchors the count",
+    "multiple_sacrum_detections": "several sacrum detections; the most cranial plausible one anchors the count",
     "partial_coverage": "not all of L1-L4 are in view, or a body touches the image edge",
     "truncated_by_image_edge": "the body touches the edge of the sagittal image: it may be cut off",
     "no_vertebrae_detected": "no vertebral body above the score threshold",
