@@ -741,11 +741,64 @@ def _jpeg_ls_direct(ds) -> Optional[np.ndarray]:
     return arr.astype(np.uint16, copy=False)
 
 
+def _encapsulated_frame(path: str, offset: int) -> bytes:
+    """The one frame of a single-frame encapsulated Pixel Data element whose value starts at ``offset``: the
+    fragments after the Basic Offset Table item, concatenated (items (FFFE,E000) up to the delimiter (FFFE,E0DD))."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        buf = f.read()
+    pos, parts, first = 0, [], True
+    while pos + 8 <= len(buf):
+        group, elem, length = struct.unpack_from("<HHI", buf, pos)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            break
+        if (group, elem) != (0xFFFE, 0xE000) or pos + length > len(buf):
+            raise ValueError("malformed encapsulated pixel data")
+        if not first:
+            parts.append(buf[pos:pos + length])
+        first = False
+        pos += length
+    if not parts:
+        raise ValueError("no pixel data fragments")
+    return b"".join(parts)
+
+
+def _jpeg_ls_fast(fr: _Frame) -> Optional[np.ndarray]:
+    """JPEG-LS slice decoded by CharLS from the file bytes at the header's pixel offset (no pydicom dataset), once
+    this folder and format passed the check against pydicom in :func:`_decode_pydicom`; None when not applicable."""
+    h = fr.header
+    ts = h.get("TransferSyntaxUID", "")
+    if ts not in _JPEG_LS or fr.frame is not None or h.get("_pixel_offset") is None:
+        return None
+    pixrep, bits = int(h.get("PixelRepresentation") or 0), int(h.get("BitsStored") or 16)
+    if not _JPEG_LS_CHECKED.get((os.path.dirname(fr.path), ts, pixrep, bits)):
+        return None
+    if int(h.get("SamplesPerPixel") or 1) != 1 or int(h.get("BitsAllocated") or 0) != 16:
+        return None
+    try:
+        import jpeg_ls
+
+        arr = jpeg_ls.decode(np.frombuffer(_encapsulated_frame(fr.path, h["_pixel_offset"]), np.uint8))
+    except Exception:  # anything unexpected: the pydicom path decides and reports
+        return None
+    if arr.shape != (int(h.get("Rows") or 0), int(h.get("Columns") or 0)):
+        return None
+    if pixrep == 1:
+        a = arr.astype(np.int32) & ((1 << bits) - 1)
+        a[a >= (1 << (bits - 1))] -= 1 << bits
+        return a.astype(np.int16)
+    return arr.astype(np.uint16, copy=False)
+
+
 def _decode_pydicom(fr: _Frame) -> np.ndarray:
     """Decode one single-frame file's pixels (stored values, any transfer syntax) with pydicom's handlers (JPEG-LS:
     CharLS directly, once verified against pydicom per folder and format)."""
     import pydicom
 
+    fast = _jpeg_ls_fast(fr)
+    if fast is not None:
+        return fast
     try:
         ds = pydicom.dcmread(fr.path)
         if "PixelData" not in ds:
