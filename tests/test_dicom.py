@@ -71,7 +71,8 @@ def test_jpeg_ls_direct_decode_equals_pydicom(tmp_path, hu, signed, bits, monkey
         assert np.array_equal(v.data[k], ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
     # a direct decode that disagrees with pydicom on the first slice is never used for that folder and format
     monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
-    monkeypatch.setattr(D, "_jpeg_ls_direct", lambda ds: np.zeros((ds.Rows, ds.Columns), np.int16) + 7)
+    monkeypatch.setattr(D, "_jpeg_ls_direct",
+                        lambda fr: np.zeros((fr.header["Rows"], fr.header["Columns"]), np.int16) + 7)
     v2 = load_series(tmp_path / "s", workers=1)
     assert list(D._JPEG_LS_CHECKED.values()) == [False] and np.array_equal(v2.data, v.data)
 

@@ -714,77 +714,37 @@ _JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
 # (folder, transfer syntax, pixel representation, bits stored) -> whether CharLS' direct decode gave exactly
 # pydicom's stored values on the first slice decoded with that key (checked once, then trusted or avoided)
 _JPEG_LS_CHECKED: Dict[tuple, bool] = {}
-_JPEG_LS_LOCK = threading.Lock()
 
 
-def _jpeg_ls_direct(ds) -> Optional[np.ndarray]:
-    """Stored values of a single-frame 16-bit JPEG-LS slice decoded by CharLS (``pyjpegls``) directly, ~5x faster than
-    pydicom's handler (which adds per-call dataset and buffer conversions); None where not applicable, so the
-    caller falls back to pydicom. Signed data are sign-extended from BitsStored, as pydicom does."""
+def _jpeg_ls_key(fr: _Frame) -> Optional[tuple]:
+    """The :data:`_JPEG_LS_CHECKED` key of a single-frame 16-bit greyscale JPEG-LS slice; None for anything else."""
+    h = fr.header
+    ts = h.get("TransferSyntaxUID", "")
+    if ts not in _JPEG_LS or fr.frame is not None or h.get("_pixel_offset") is None or \
+            int(h.get("SamplesPerPixel") or 1) != 1 or int(h.get("BitsAllocated") or 0) != 16:
+        return None
+    return os.path.dirname(fr.path), ts, int(h.get("PixelRepresentation") or 0), int(h.get("BitsStored") or 16)
+
+
+def _jpeg_ls_direct(fr: _Frame) -> Optional[np.ndarray]:
+    """Stored values of a JPEG-LS slice (see :func:`_jpeg_ls_key`) decoded by CharLS (``pyjpegls``) from the file's
+    fragments at the header's pixel offset: no pydicom dataset, ~4x faster than pydicom's handler. Signed data are
+    sign-extended from BitsStored, as pydicom does. None on any problem (the caller then uses pydicom)."""
+    h = fr.header
     try:
         import jpeg_ls
         from pydicom.encaps import generate_frames
-    except ImportError:
-        return None
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("BitsAllocated", 0)) != 16 or \
-            int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        return None
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    arr = jpeg_ls.decode(np.frombuffer(frame, np.uint8))
-    if arr.shape != (int(ds.Rows), int(ds.Columns)):
-        return None
-    bits = int(ds.get("BitsStored", 16))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        a = arr.astype(np.int32) & ((1 << bits) - 1)
-        a[a >= (1 << (bits - 1))] -= 1 << bits
-        return a.astype(np.int16)
-    return arr.astype(np.uint16, copy=False)
 
-
-def _encapsulated_frame(path: str, offset: int) -> bytes:
-    """The one frame of a single-frame encapsulated Pixel Data element whose value starts at ``offset``: the
-    fragments after the Basic Offset Table item, concatenated (items (FFFE,E000) up to the delimiter (FFFE,E0DD))."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        buf = f.read()
-    pos, parts, first = 0, [], True
-    while pos + 8 <= len(buf):
-        group, elem, length = struct.unpack_from("<HHI", buf, pos)
-        pos += 8
-        if (group, elem) == (0xFFFE, 0xE0DD):
-            break
-        if (group, elem) != (0xFFFE, 0xE000) or pos + length > len(buf):
-            raise ValueError("malformed encapsulated pixel data")
-        if not first:
-            parts.append(buf[pos:pos + length])
-        first = False
-        pos += length
-    if not parts:
-        raise ValueError("no pixel data fragments")
-    return b"".join(parts)
-
-
-def _jpeg_ls_fast(fr: _Frame) -> Optional[np.ndarray]:
-    """JPEG-LS slice decoded by CharLS from the file bytes at the header's pixel offset (no pydicom dataset), once
-    this folder and format passed the check against pydicom in :func:`_decode_pydicom`; None when not applicable."""
-    h = fr.header
-    ts = h.get("TransferSyntaxUID", "")
-    if ts not in _JPEG_LS or fr.frame is not None or h.get("_pixel_offset") is None:
-        return None
-    pixrep, bits = int(h.get("PixelRepresentation") or 0), int(h.get("BitsStored") or 16)
-    if not _JPEG_LS_CHECKED.get((os.path.dirname(fr.path), ts, pixrep, bits)):
-        return None
-    if int(h.get("SamplesPerPixel") or 1) != 1 or int(h.get("BitsAllocated") or 0) != 16:
-        return None
-    try:
-        import jpeg_ls
-
-        arr = jpeg_ls.decode(np.frombuffer(_encapsulated_frame(fr.path, h["_pixel_offset"]), np.uint8))
-    except Exception:  # anything unexpected: the pydicom path decides and reports
+        with open(fr.path, "rb") as f:
+            f.seek(h["_pixel_offset"])
+            frame = next(generate_frames(f.read(), number_of_frames=1))
+        arr = jpeg_ls.decode(np.frombuffer(frame, np.uint8))
+    except Exception:  # missing codec, malformed fragments, decoder error: pydicom decides and reports
         return None
     if arr.shape != (int(h.get("Rows") or 0), int(h.get("Columns") or 0)):
         return None
-    if pixrep == 1:
+    bits = int(h.get("BitsStored") or 16)
+    if int(h.get("PixelRepresentation") or 0) == 1:
         a = arr.astype(np.int32) & ((1 << bits) - 1)
         a[a >= (1 << (bits - 1))] -= 1 << bits
         return a.astype(np.int16)
@@ -792,41 +752,29 @@ def _jpeg_ls_fast(fr: _Frame) -> Optional[np.ndarray]:
 
 
 def _decode_pydicom(fr: _Frame) -> np.ndarray:
-    """Decode one single-frame file's pixels (stored values, any transfer syntax) with pydicom's handlers (JPEG-LS:
-    CharLS directly, once verified against pydicom per folder and format)."""
+    """Decode one single-frame file's pixels (stored values, any transfer syntax) with pydicom's handlers; JPEG-LS
+    with CharLS directly once the first slice of its folder and format decoded identically both ways."""
     import pydicom
 
-    fast = _jpeg_ls_fast(fr)
-    if fast is not None:
-        return fast
+    key = _jpeg_ls_key(fr)
+    direct = None
+    if key is not None and _JPEG_LS_CHECKED.get(key) is not False:
+        direct = _jpeg_ls_direct(fr)
+        if direct is not None and _JPEG_LS_CHECKED.get(key):
+            return direct
     try:
         ds = pydicom.dcmread(fr.path)
         if "PixelData" not in ds:
             raise BMDError("no Pixel Data", path=fr.path)
-        ts = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
-        arr = None
-        if ts in _JPEG_LS:
-            key = (os.path.dirname(fr.path), ts, int(ds.get("PixelRepresentation", 0)), int(ds.get("BitsStored", 16)))
-            ok = _JPEG_LS_CHECKED.get(key)
-            if ok is not False:
-                try:
-                    arr = _jpeg_ls_direct(ds)
-                except Exception:  # any CharLS problem: pydicom decides (and reports) below
-                    arr = None
-                if ok is None:
-                    ref = ds.pixel_array
-                    same = arr is not None and arr.shape == ref.shape and np.array_equal(arr, ref)
-                    with _JPEG_LS_LOCK:
-                        _JPEG_LS_CHECKED[key] = same
-                    arr = ref
-        if arr is None:
-            arr = ds.pixel_array
+        arr = ds.pixel_array
     except BMDError:
         raise
     except Exception as ex:  # decoder errors come in many types
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
         raise BMDError(f"cannot decode pixel data (transfer syntax {ts}: {type(ex).__name__}: {ex})",
                        path=fr.path) from None
+    if key is not None and key not in _JPEG_LS_CHECKED:
+        _JPEG_LS_CHECKED[key] = direct is not None and direct.shape == arr.shape and np.array_equal(direct, arr)
     if arr.ndim != 2:
         raise BMDError(f"unexpected pixel array shape {arr.shape}", path=fr.path)
     return arr
