@@ -37,7 +37,7 @@ Mid-sagittal plane (``find_midsagittal_plane``)
    position as a function of z is a line ``u = a + b·z`` through the slab centres (a consensus line: of the Theil-Sen line
    and the lines through every pair of slabs, the one with the smallest truncated squared residual (4 mm), so that
    a minority of slabs pulled aside by the pelvis cannot tilt it; then least squares on the slabs within
-   max(6 mm, 3·MAD); rejected slabs, e.g. an iliac wing picked in a pelvic slab, are counted), so a spine that is inclined in the coronal plane is followed too. Normal ``n ∝ (cos θ, sin θ, 0) − b·e_z``.
+   max(``inlier_mm`` = 10 mm, 3·MAD); rejected slabs, e.g. an iliac wing picked in a pelvic slab, are counted), so a spine that is inclined in the coronal plane is followed too. Normal ``n ∝ (cos θ, sin θ, 0) − b·e_z``.
 5. Scoliosis: a single plane cannot contain a laterally curved spine. The plane is the least-squares fit through the
    curved centreline; ``info["max_lateral_deviation_mm"]`` records how far the curve leaves the plane and a warning is
    added above 10 mm (vertebrae at the apex are then cut off-centre — their sagittal area shrinks, so measurements there
@@ -166,8 +166,15 @@ def _sample_index(data: np.ndarray, coords: np.ndarray, order: int = 1, cval: fl
         out = np.full(idx.shape[1], cval, dtype=data.dtype)
         out[ok] = data[idx[0, ok], idx[1, ok], idx[2, ok]]
         return out.reshape(coords.shape[1:])
-    return ndimage.map_coordinates(data, coords, order=order, mode="constant", cval=cval, prefilter=False,
-                                   output=np.float32 if data.dtype.kind in "iub" else None)
+    return map_coordinates_f32(data, coords, order=order, mode="constant", cval=cval, prefilter=False)
+
+
+def map_coordinates_f32(data: np.ndarray, coords: np.ndarray, **kwargs) -> np.ndarray:
+    """``ndimage.map_coordinates`` of ``data`` as float32 → float32 values, without a float32 copy of an integer
+    (int16 HU) volume: integers are interpolated straight into a float32 output (the same values)."""
+    if data.dtype.kind in "iub":
+        return ndimage.map_coordinates(data, coords, output=np.float32, **kwargs)
+    return ndimage.map_coordinates(np.asarray(data, dtype=np.float32), coords, **kwargs)
 
 
 def _grid_index(volume: Volume, origin, col_dir, row_dir, normal, spacing, size_rc, channel_offsets) -> np.ndarray:
@@ -504,7 +511,7 @@ def _consensus_line(z: np.ndarray, u: np.ndarray, clip_mm: float = 4.0, max_slop
     slopes = (u[j] - u[i])[ok] / dz[ok]
     b_ts = float(np.median(slopes))
     cands = [(float(np.median(u - b_ts * z)), b_ts)]
-    for ii, jj, sl in zip(i[ok], j[ok], slopes):
+    for ii, sl in zip(i[ok], slopes):
         if abs(sl) <= max_slope:
             cands.append((float(u[ii] - sl * z[ii]), float(sl)))
     cost = [float(np.sum(np.minimum((u - (a + b * z)) ** 2, clip_mm ** 2))) for a, b in cands]

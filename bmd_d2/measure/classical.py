@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
+from bmd_d2.data.sagittal import map_coordinates_f32
 from bmd_d2.errors import BMDError
 
 logger = logging.getLogger(__name__)
@@ -294,14 +295,6 @@ def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: n
     coords = np.clip(ijk[:, [2, 1, 0]].T, 0, (shape[::-1] - 1)[:, None])
     vals = map_coordinates_f32(volume_data, coords, order=1, mode="nearest")
     return float(np.mean(vals)), int(vals.size)
-
-
-def map_coordinates_f32(data: np.ndarray, coords: np.ndarray, **kwargs) -> np.ndarray:
-    """``ndimage.map_coordinates`` of ``data`` as float32 → float32 values, without a float32 copy of an integer
-    (int16 HU) volume: integers are interpolated straight into a float32 output (the same values)."""
-    if data.dtype.kind in "iub":
-        return ndimage.map_coordinates(data, coords, output=np.float32, **kwargs)
-    return ndimage.map_coordinates(np.asarray(data, dtype=np.float32), coords, **kwargs)
 
 
 def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_column: bool = True

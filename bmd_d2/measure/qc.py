@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .classical import map_coordinates_f32
+from bmd_d2.data.sagittal import map_coordinates_f32
 
 logger = logging.getLogger(__name__)
 
