@@ -237,6 +237,7 @@ def test_parameter_ranges_cover_acr_categories():
     fixed = [ph._draw_params(npr.default_rng(s), ph.PhantomOptions(pixel_spacing=0.7)) for s in range(60)]
     assert all(d["pixel_spacing"] == 0.7 and d["matrix"] == 512 for d in fixed)
     assert all(0.5 <= d["cortex_mm"] <= 1.5 and 1.0 <= d["endplate_mm"] <= 2.0 for d in draws)
+    assert all(0.4 <= d["endplate_density_factor"] <= 0.8 and 0.95 <= d["depth_factor"] <= 1.2 for d in draws)
     assert 0.02 < np.mean([d["fracture"] for d in draws]) < 0.2
 
 

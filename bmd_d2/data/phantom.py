@@ -33,7 +33,7 @@ Physics (ranges, all drawn per study unless fixed in :class:`PhantomOptions`)
 * BMD: patient mean drawn across the ACR categories (osteoporosis < 80, osteopenia 80–120, normal > 120 mg/cm³)
   within 30–250 mg/cm³; level-to-level variation ±6 % (1 σ); a fractured vertebra is 5–20 % denser (compaction).
 * Calibration ``HU = a + b * density``: ``a`` ∈ [-10, 30] HU, ``b`` ∈ [0.8, 1.25] HU per mg/cm³ (higher at low kVp).
-* Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³, superior/inferior endplates 1–2 mm (subchondral sclerosis);
+* Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³, superior/inferior endplates 1–2 mm at 0.4–0.8 × that density;
   posterior elements ≈ 1.3·BMD + 150 mg/cm³. Trabecular core: anisotropic filtered-noise texture (relative SD grows
   as BMD falls), a basivertebral vein, and 0–4 sclerotic islands per level on average (Ø 2–5 mm, +150–400 mg/cm³: the
   heavy bright tail of real trabecular HU); the core mean is then set to the level's BMD exactly.
@@ -443,6 +443,11 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     if coarse and opts.pixel_spacing is None:
         p["matrix"] = max(32, int(round(opts.matrix * p["pixel_spacing"] / coarse_ps)))
         p["pixel_spacing"] = coarse_ps
+    # generator v3: endplates are drawn less dense than the lateral cortex (v2's 1–2 mm plates at cortical density
+    # read 145–305 HU at 3 mm against 199 HU in the real CT, and made discs with their plates look like bodies)
+    p["endplate_density_factor"] = float(rng.uniform(0.4, 0.8))
+    # ... and the AP depth of the bodies varies on its own (depth/width 0.69–0.87; the real CT's bodies are 0.82)
+    p["depth_factor"] = float(rng.uniform(0.95, 1.2))
     return p
 
 
@@ -475,7 +480,7 @@ def _spine_frames(p: Dict) -> Dict:
     jit = np.asarray(p["level_jitter"])
     s = p["size"]
     h = _BASE_HEIGHT * s * p["height_factor"] * jit[0]
-    d = _BASE_DEPTH * s * jit[1]
+    d = _BASE_DEPTH * s * p.get("depth_factor", 1.0) * jit[1]
     wdt = _BASE_WIDTH * s * jit[2]
     disc = _BASE_DISC * s * np.asarray(p["disc_factor"])
     tilt = _BASE_TILT * p["lordosis"] + np.asarray(p["tilt_jitter"])
@@ -511,9 +516,10 @@ def _body_fracs(g: _Grid, sl, center, R, h, depth, width, cortex, collapse=0.0, 
     """Vertebral-body and trabecular-core partial-volume fractions in box ``sl`` plus local coordinates.
 
     Returns:
-        (f_body, f_core, (u, v, w)), float32 arrays of the box shape; ``collapse`` (mm) lowers the anterior part of
-        the superior endplate (wedge compression fracture); ``endplate`` (mm, default ``cortex``) is the thickness of
-        the superior and inferior cortical endplates.
+        (f_body, f_core, f_endplates, (u, v, w)), float32 arrays of the box shape: ``f_body - f_core`` is the whole
+        shell, ``f_endplates`` its superior/inferior part (inside the lateral cortex); ``collapse`` (mm) lowers the
+        anterior part of the superior endplate (wedge compression fracture); ``endplate`` (mm, default ``cortex``) is
+        the thickness of the superior and inferior cortical endplates.
     """
     u, v, w = g.local(sl, center, R)
     a, b = width / 2, depth / 2
@@ -529,8 +535,10 @@ def _body_fracs(g: _Grid, sl, center, R, h, depth, width, cortex, collapse=0.0, 
     wxy = 0.5 * (g.width(R[:, 0]) + g.width(R[:, 1]))
     wz = g.width(R[:, 2])
     f_body = _ramp(dxy, wxy) * _ramp(dz, wz)
-    f_core = _ramp(dxy + cortex, wxy) * _ramp(dz + (cortex if endplate is None else endplate), wz)
-    return f_body, f_core, (u, v, w)
+    f_lat = _ramp(dxy + cortex, wxy)
+    f_core = f_lat * _ramp(dz + (cortex if endplate is None else endplate), wz)
+    f_endplates = f_lat * _ramp(dz, wz) - f_core
+    return f_body, f_core, f_endplates, (u, v, w)
 
 
 def _texture(rng, shape, g: _Grid, sigma_mm=(1.1, 0.6, 0.6)):
@@ -790,7 +798,7 @@ class _Renderer:
             sl = g.box(s["center"], s["R"], [-s["w"] / 2, -s["d"] / 2, -s["h"] / 2], [s["w"] / 2, s["d"] / 2, s["h"] / 2])
             if sl is None:
                 continue
-            fb, fc, _ = _body_fracs(g, sl, s["center"], s["R"], s["h"], s["d"], s["w"], cortex)
+            fb, fc, _, _ = _body_fracs(g, sl, s["center"], s["R"], s["h"], s["d"], s["w"], cortex)
             dens = 1.1 * p["bmd_mg_cm3"] + 10.0 * _texture(rng, fb.shape, g)
             _paint(vol, sl, fb - fc, self.calib(p["cortex_density"]))
             _paint(vol, sl, fc, self.calib(dens))
@@ -816,8 +824,8 @@ class _Renderer:
                                          height_mm=float(h), depth_mm=float(d), width_mm=float(w))
             if sl is None:
                 continue
-            fb, fc, (u, v, ww) = _body_fracs(g, sl, c, R, h, d, w, cortex + 0.2 * (i == 7), collapse,
-                                             endplate=p.get("endplate_mm"))
+            fb, fc, fe, (u, v, ww) = _body_fracs(g, sl, c, R, h, d, w, cortex + 0.2 * (i == 7), collapse,
+                                                 endplate=p.get("endplate_mm"))
             tau = p["texture_rel"] + 0.12 * (1.0 - bmd / 250.0)
             tex = _texture(rng, fb.shape, g)
             dens = bmd * (1.0 + tau * tex)
@@ -837,6 +845,8 @@ class _Renderer:
             if core_m.any():
                 dens += np.float32(bmd - dens[core_m].mean(dtype=np.float64))
             _paint(vol, sl, fb - fc, self.calib(p["cortex_density"]))
+            if p.get("endplate_density_factor", 1.0) != 1.0:  # subchondral plates: thicker but less dense than cortex
+                _paint(vol, sl, fe, self.calib(p["endplate_density_factor"] * p["cortex_density"]))
             _paint(vol, sl, fc, self.calib(dens))
             lv = LEVEL_TO_LABEL[name]
             if in_view >= 0.5:
