@@ -9,9 +9,9 @@ inference and training throughput, peak memory. Prints tables and writes JSON.
 
 Sections (each can be skipped with ``--skip io,e2e,infer,train``):
 
-* ``io``: a synthetic ``--io-slices`` × ``--io-size``² CT series (``tools/benchmark_io.py``), best of ``--repeat``
-  warm-cache reads: the plain ``pydicom.dcmread(f).pixel_array`` loop, the same loop giving bmd_d2's output (sorted,
-  HU float32, stacked) and ``bmd_d2.data.dicom.load_series`` (checked identical).
+* ``io``: a synthetic ``--io-slices`` × ``--io-size``² CT series, ``tools/benchmark_io.py``'s comparison (``--repeat``
+  interleaved warm-cache rounds, best round each): the plain ``pydicom.dcmread(f).pixel_array`` loop, the same loop
+  giving bmd_d2's output (sorted, HU float32, stacked) and ``bmd_d2.data.dicom.load_series`` (checked identical).
 * ``e2e``: ``--studies`` generated phantom studies (``--phantom full``: 512² clinical series with random scanner,
   thickness, encoding; written as DICOM, not timed) measured through ``BMDStudyPredictor(cfg)(dicom_folder)``: load →
   sagittal image → model → levels, learned and classical BMD per level. The first study is measured once untimed
@@ -221,26 +221,17 @@ def bench_io(slices: int, size: int, repeat: int, compressed: bool = False) -> D
     """Series load time: plain pydicom loop vs bmd_d2 ``load_series`` (functions of ``tools/benchmark_io.py``)."""
     import benchmark_io as bio
 
-    from bmd_d2.data.dicom import load_series
-
     with tempfile.TemporaryDirectory(prefix="bmd_bench_io_") as tmp:
         bio.write_series(tmp, slices, size, compressed)
-        bio.raw_read(tmp)  # warm the page cache
-        t_raw, nbytes = bio.best_of(lambda: bio.raw_read(tmp), repeat)
-        t_plain, _ = bio.best_of(lambda: bio.pydicom_plain(tmp), repeat)
-        t_loop, ref = bio.best_of(lambda: bio.pydicom_loop(tmp), repeat)
-        t_ours, vol = bio.best_of(lambda: load_series(tmp), repeat)
-        identical = bool(np.array_equal(vol.data, ref))
-        # what the measurement uses: exact int16 HU where the rescale is integer (BMDStudyPredictor.load)
-        t_auto, vol16 = bio.best_of(lambda: load_series(tmp, dtype="auto"), repeat)
-        identical = identical and bool(np.array_equal(vol16.data, ref))
+        nbytes = bio.raw_read(tmp)  # warm the page cache
+        t, out, same = bio.compare(tmp, repeat)  # the same interleaved rounds as tools/benchmark_io.py
     return {"slices": slices, "size": size, "megabytes": round(nbytes / 1e6, 1),
             "transfer_syntax": "RLE Lossless" if compressed else "Explicit VR Little Endian", "repeat": repeat,
-            "raw_read_s": t_raw, "pydicom_pixel_array_loop_s": t_plain, "pydicom_loop_same_output_s": t_loop,
-            "bmd_d2_load_series_s": t_ours, "speedup_vs_plain_loop": t_plain / t_ours,
-            "speedup_vs_same_output_loop": t_loop / t_ours, "bmd_d2_load_series_auto_s": t_auto,
-            "auto_dtype": str(vol16.data.dtype), "speedup_auto_vs_plain_loop": t_plain / t_auto,
-            "identical_hu": identical}
+            "raw_read_s": t["raw"], "pydicom_pixel_array_loop_s": t["plain"], "pydicom_loop_same_output_s": t["loop"],
+            "bmd_d2_load_series_s": t["f32"], "speedup_vs_plain_loop": t["plain"] / t["f32"],
+            "speedup_vs_same_output_loop": t["loop"] / t["f32"], "bmd_d2_load_series_auto_s": t["auto"],
+            "auto_dtype": str(out["auto"].data.dtype), "speedup_auto_vs_plain_loop": t["plain"] / t["auto"],
+            "identical_hu": all(same.values())}
 
 
 def _timed(fn: Callable, bucket: List[float], device: str) -> Callable:

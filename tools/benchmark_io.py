@@ -123,13 +123,26 @@ def best_of_interleaved(fns, repeat):
     return {k: min(v) for k, v in times.items()}, outs
 
 
-def best_of(fn, repeat):
-    times, out = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
+def compare(folder, repeat):
+    """The issue's comparison, as both benchmark scripts print it: every candidate once per round, ``repeat``
+    rounds, each figure its best round.
+
+    Returns (name → best time s, name → last output, name → whether that loader's HU equal the same-output pydicom
+    loop's) for ``raw``, ``plain``, ``loop``, ``auto`` (load_series with dtype="auto"), ``f32`` (load_series default).
+    """
+    from bmd_d2.data.dicom import load_series
+
+    t, out = best_of_interleaved({
+        "raw": lambda: raw_read(folder),
+        "plain": lambda: pydicom_plain(folder),
+        "loop": lambda: pydicom_loop(folder),
+        "auto": lambda: load_series(folder, dtype="auto"),
+        "f32": lambda: load_series(folder),
+    }, repeat)
+    ref, auto, f32 = out["loop"], out["auto"].data, out["f32"].data
+    same = {"auto": auto.shape == ref.shape and bool(np.array_equal(auto, ref)),
+            "f32": f32.dtype == ref.dtype and bool(np.array_equal(f32, ref))}
+    return t, out, same
 
 
 def main(argv=None):
@@ -140,24 +153,15 @@ def main(argv=None):
     ap.add_argument("--compressed", action="store_true", help="RLE Lossless instead of uncompressed")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bmd_d2.data.dicom import load_series
 
     with tempfile.TemporaryDirectory() as tmp:
         logger.info("writing %d slices of %d² ...", args.slices, args.size)
         write_series(tmp, args.slices, args.size, args.compressed)
         nbytes = raw_read(tmp)  # warms the page cache
-        t, out = best_of_interleaved({
-            "raw": lambda: raw_read(tmp),
-            "plain": lambda: pydicom_plain(tmp),
-            "loop": lambda: pydicom_loop(tmp),
-            "auto": lambda: load_series(tmp, dtype="auto"),
-            "f32": lambda: load_series(tmp),
-        }, args.repeat)
-        ref, auto, f32 = out["loop"], out["auto"].data, out["f32"].data
-        same_auto = auto.shape == ref.shape and bool(np.array_equal(auto, ref))
-        same_f32 = f32.dtype == ref.dtype and bool(np.array_equal(f32, ref))
-        if not (same_auto and same_f32):
-            raise SystemExit(f"loaders disagree with the pydicom loop: dtype='auto' {same_auto}, float32 {same_f32}")
+        t, out, same = compare(tmp, args.repeat)
+        if not all(same.values()):
+            raise SystemExit(f"loaders disagree with the pydicom loop: dtype='auto' {same['auto']}, "
+                             f"float32 {same['f32']}")
         logger.info("series: %d files, %.0f MB, %s; best of %d interleaved rounds, warm page cache", args.slices,
                     nbytes / 1e6, "RLE Lossless" if args.compressed else "Explicit VR Little Endian", args.repeat)
         logger.info("raw read of the bytes                        : %6.3f s", t["raw"])
