@@ -109,6 +109,31 @@ def test_truth_definition_without_noise_or_blur():
     assert st.hu[m].std() > 3.0
 
 
+def test_posterior_elements_are_rings_and_change_nothing_else(monkeypatch):
+    """Generator v4 paints laminae / spinous processes as a cortical shell around a cancellous core (real CT shows
+    them as small rings, which a model must not take for vertebral bodies). Against the same seed rendered solid
+    (v1-v3), only posterior-element voxels change: brighter shell, darker core; labels, cores and truth are equal."""
+    opts = ph.PhantomOptions.tiny(noise_sd=0.0, psf_sigma_mm=0.0, pixel_spacing=1.0, matrix=128)
+    ring = ph.generate_study(4, opts)
+    draw = ph._draw_params
+
+    def solid(rng, o):
+        p = draw(rng, o)
+        del p["posterior_cortex_mm"], p["posterior_core_factor"]
+        return p
+
+    monkeypatch.setattr(ph, "_draw_params", solid)
+    old = ph.generate_study(4, opts)
+    assert np.array_equal(ring.labels, old.labels) and np.array_equal(ring.cores, old.cores)
+    assert [t["trabecular_hu"] for t in ring.truth] == [t["trabecular_hu"] for t in old.truth]
+    diff = ring.hu - old.hu
+    changed = np.abs(diff) > 1.0
+    # outside the trabecular cores only; inside a body label only where a pedicle meets the body's edge
+    assert changed.sum() > 2000 and not (changed & (ring.cores > 0)).any()
+    assert (changed & (ring.labels > 0)).sum() < 0.05 * changed.sum()
+    assert (diff > 100).sum() > 2000 and (diff < -50).sum() > 5000  # bright shell, darker cancellous core
+
+
 def test_coarse_in_plane_study_keeps_field_of_view_and_truth():
     """Seed 13 draws a coarse reconstruction (2.73 mm pixels): a 101² matrix over the same field of view, every
     level still labelled, bodies of the drawn size, truth HU = a + b·BMD without noise/blur."""
@@ -238,6 +263,7 @@ def test_parameter_ranges_cover_acr_categories():
     assert all(d["pixel_spacing"] == 0.7 and d["matrix"] == 512 for d in fixed)
     assert all(0.5 <= d["cortex_mm"] <= 1.5 and 1.0 <= d["endplate_mm"] <= 2.0 for d in draws)
     assert all(0.4 <= d["endplate_density_factor"] <= 0.8 and 0.95 <= d["depth_factor"] <= 1.2 for d in draws)
+    assert all(0.8 <= d["posterior_cortex_mm"] <= 1.6 and 0.9 <= d["posterior_core_factor"] <= 1.4 for d in draws)
     assert 0.02 < np.mean([d["fracture"] for d in draws]) < 0.2
 
 

@@ -34,9 +34,10 @@ Physics (ranges, all drawn per study unless fixed in :class:`PhantomOptions`)
   within 30–250 mg/cm³; level-to-level variation ±6 % (1 σ); a fractured vertebra is 5–20 % denser (compaction).
 * Calibration ``HU = a + b * density``: ``a`` ∈ [-10, 30] HU, ``b`` ∈ [0.8, 1.25] HU per mg/cm³ (higher at low kVp).
 * Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³, superior/inferior endplates 1–2 mm at 0.4–0.8 × that density;
-  posterior elements ≈ 1.3·BMD + 150 mg/cm³. Trabecular core: anisotropic filtered-noise texture (relative SD grows
-  as BMD falls), a basivertebral vein, and 0–4 sclerotic islands per level on average (Ø 2–5 mm, +150–400 mg/cm³: the
-  heavy bright tail of real trabecular HU); the core mean is then set to the level's BMD exactly.
+  posterior elements: a cortical shell of 0.8–1.6 mm around a cancellous core of 0.9–1.4 × BMD + 30 mg/cm³.
+  Trabecular core: anisotropic filtered-noise texture (relative SD grows as BMD falls), a basivertebral vein, and
+  0–4 sclerotic islands per level on average (Ø 2–5 mm, +150–400 mg/cm³: the heavy bright tail of real trabecular
+  HU); the core mean is then set to the level's BMD exactly.
 * Soft tissue (HU, before noise): fat −110…−85, muscle 10–60 (low end: fat-infiltrated), disc 55–100, CSF 5–15, aorta 35–50 or 150–350 with
   contrast, liver 50–65 (90–130), kidney 25–35 (140–200), metal 3000–6000 (clipped by 12-bit storage to 3071).
 * Partial volume: analytic; every edge is a linear ramp whose width is the voxel footprint (pixel spacing in-plane,
@@ -448,6 +449,10 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     p["endplate_density_factor"] = float(rng.uniform(0.4, 0.8))
     # ... and the AP depth of the bodies varies on its own (depth/width 0.69–0.87; the real CT's bodies are 0.82)
     p["depth_factor"] = float(rng.uniform(0.95, 1.2))
+    # generator v4: posterior elements with a cortical shell and a cancellous core (v1-v3: solid), the ring-shaped
+    # laminae / spinous processes a model must learn not to take for vertebral bodies
+    p["posterior_cortex_mm"] = float(rng.uniform(0.8, 1.6))
+    p["posterior_core_factor"] = float(rng.uniform(0.9, 1.4))
     return p
 
 
@@ -901,15 +906,25 @@ class _Renderer:
         if name == "S1":  # sacral alae
             parts += [((side * (d * 0.9), d * 0.15, 0.0), (d * 0.55, 0.5 * d, 0.45 * h)) for side in (-1, 1)]
         width = (g.width(R[:, 0]) + g.width(R[:, 1]) + g.width(R[:, 2])) / 3
+        shell = p.get("posterior_cortex_mm")
+        boxes = []
         for (off, ax) in parts:
             pc = c + R @ np.asarray(off)
             sl = g.box(pc, R, [-ax[0], -ax[1], -ax[2]], list(ax))
             if sl is None:
                 continue
             u, v, w = g.local(sl, pc, R)
-            f = _ellipsoid_frac(u, v, w, ax, width)
-            _paint(vol, sl, f, hu)
+            boxes.append((sl, u, v, w, ax))
+            # v1-v3: solid bone; v4: cortical shell here, the cancellous core painted below over every shell (no
+            # inner walls where parts overlap) -- real laminae and spinous processes are rings like small bodies
+            outer = hu if shell is None else self.calib(p["cortex_density"])
+            _paint(vol, sl, _ellipsoid_frac(u, v, w, ax, width), outer)
             self._grow(sl)
+        if shell is not None:
+            core = self.calib(p["posterior_core_factor"] * fr_bmd(p, i) + 30.0)
+            for sl, u, v, w, ax in boxes:
+                inner = [max(a - shell, 0.5) for a in ax]
+                _paint(vol, sl, _ellipsoid_frac(u, v, w, inner, width), core)
 
     def _ribs(self, vol):
         """11th/12th ribs: short curved tubes from the transverse processes, running lateral, anterior and down."""
