@@ -7,7 +7,7 @@ import pytest
 
 from _dicom_fixtures import make_dataset
 from bmd_d2.data.datasets import (SagittalParams, load_bmd_dataset, prepare_sagittal_dataset, read_bmd_csv,
-                                  register_all_bmd_datasets, register_bmd_dataset)
+                                  register_all_bmd_datasets, register_bmd_dataset, register_datasets_by_name)
 from bmd_d2.errors import BMDError
 
 
@@ -67,6 +67,24 @@ def test_lazy_registration(tmp_path, dataset):
     assert md.json_file.endswith("annotations.json") and md.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1}
     register_all_bmd_datasets(str(tmp_path))  # idempotent, no scanning
     assert "bmd_phantoms_train" in DatasetCatalog.list()
+
+
+def test_register_by_name_only_dataset_folders(tmp_path, dataset):
+    """Config dataset names that are standard-layout folders under the root get registered (a mix of datasets for
+    training); registered names are left alone; other names are left for Detectron2's own KeyError."""
+    import shutil
+
+    from detectron2.data import DatasetCatalog
+
+    root, ids = dataset
+    prepare_sagittal_dataset(root, params=SagittalParams(size=256))
+    shutil.copytree(root, tmp_path / "bmd_mix_a_xyz")
+    (tmp_path / "not_a_dataset_xyz").mkdir()
+    names = ["bmd_mix_a_xyz", "not_a_dataset_xyz", "bmd_phantoms_train", "nowhere_xyz"]
+    assert register_datasets_by_name(names, str(tmp_path)) == ["bmd_mix_a_xyz"]
+    assert [d["study_id"] for d in DatasetCatalog.get("bmd_mix_a_xyz")] == list(ids)
+    assert "not_a_dataset_xyz" not in DatasetCatalog.list() and "nowhere_xyz" not in DatasetCatalog.list()
+    assert register_datasets_by_name(names, str(tmp_path)) == []  # idempotent
 
 
 def test_bad_csv(tmp_path):

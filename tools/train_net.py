@@ -18,6 +18,7 @@ from bmd_d2 import BMDError
 from bmd_d2.checkpoint import BMDCheckpointer
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data import BMDDatasetMapper
+from bmd_d2.data.datasets import register_datasets_by_name
 from bmd_d2.engine import build_schedule_hooks
 from bmd_d2.evaluation import build_evaluators
 
@@ -47,6 +48,8 @@ class Trainer(DefaultTrainer):
 
 def setup(args):
     cfg = get_bmd_cfg(args.config_file, args.opts)  # BMDError on a bad file, key or weights path
+    # dataset folders under $BMD_DATASETS named in the config (beyond bmd_phantoms_{train,val,test})
+    register_datasets_by_name(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     default_setup(cfg, args)
     return cfg
 

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PHANTOM_SPLITS",
+    "register_datasets_by_name",
     "SagittalParams",
     "series_content_hash",
     "read_bmd_csv",
@@ -432,3 +433,25 @@ def register_all_bmd_datasets(root: Optional[str] = None) -> None:
         if name in DatasetCatalog.list():
             continue
         register_bmd_dataset(name, root / name)
+
+
+def register_datasets_by_name(names: Iterable[str], root: Optional[str] = None) -> List[str]:
+    """Register each of ``names`` that is not registered yet but is a dataset folder of the standard layout
+    (``annotations.json`` or ``studies/``) under ``root`` (default ``$BMD_DATASETS`` or ``datasets``).
+
+    Lets a config train on any dataset folder by name, e.g. ``DATASETS.TRAIN ("bmd_phantoms_train",
+    "bmd_phantoms_train_v1")``; names that are neither registered nor such a folder are left for Detectron2 to
+    report. Returns the names registered here.
+    """
+    from detectron2.data import DatasetCatalog
+
+    root_p = Path(root if root is not None else os.environ.get("BMD_DATASETS", "datasets"))
+    done = []
+    for name in names:
+        if name in DatasetCatalog.list():
+            continue
+        folder = root_p / name
+        if (folder / "annotations.json").is_file() or (folder / "studies").is_dir():
+            register_bmd_dataset(name, folder)
+            done.append(name)
+    return done
