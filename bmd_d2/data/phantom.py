@@ -445,7 +445,7 @@ def _draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
         p["matrix"] = max(32, int(round(opts.matrix * p["pixel_spacing"] / coarse_ps)))
         p["pixel_spacing"] = coarse_ps
     # generator v3: endplates are drawn less dense than the lateral cortex (v2's 1–2 mm plates at cortical density
-    # read 145–305 HU at 3 mm against 199 HU in the real CT, and made discs with their plates look like bodies)
+    # made the shell read 145–305 HU at 3 mm against 199 HU in the real CT)
     p["endplate_density_factor"] = float(rng.uniform(0.4, 0.8))
     # ... and the AP depth of the bodies varies on its own (depth/width 0.69–0.87; the real CT's bodies are 0.82)
     p["depth_factor"] = float(rng.uniform(0.95, 1.2))
