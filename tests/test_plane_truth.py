@@ -71,6 +71,8 @@ def test_lateral_error_against_truth(tiny_results):
     # on the 30 full-size validation phantoms mean 2.4 vs 2.7 mm, 5 vs 6 studies over 3 mm).
     # Generator v4 (ring-shaped posterior elements, less bone behind the canal): 18/20 within 3 mm, but seed 2
     # (contrast-enhanced kidneys, 7.3° scoliosis) 9.4 mm at T11 and 6.6 at S1 (5.3 / 3.1 with solid posterior elements).
+    # On 30 full-size studies (validation seeds) the rings help: worst level per study mean 2.1 vs 3.6 mm, max 8.5 vs
+    # 18.8 mm, 9 vs 13 studies over 3 mm.
     assert (errs <= 3.0).sum() >= 17, errs.round(1)
     assert errs.max() <= 10.0, errs.round(1)  # no plane tilted off the spine by its pelvic slabs (14-19 mm)
 
