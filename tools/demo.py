@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The main job: measure the bundled example CT with the shipped default model.
 
-1. The example study (``datasets/example/``) is generated on first use, deterministically (seed below): a 512² CT
+1. The example study (``datasets/example/``) is generated on first use and again after a phantom generator change
+   (``generator_version`` in its phantom.json), deterministically (seed below): a 512² CT
    DICOM series of a lumbar spine whose true BMD per vertebra is known, plus the scanner's calibration file (what a
    QCT calibration phantom scanned with the patient gives).
 2. ``bmd-measure`` runs on it with ``configs/bmd_default.yaml`` (``models/bmd_rcnn_MFEFPN_R18_cpu.pth``) and writes
@@ -15,6 +16,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -26,12 +28,19 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "bmd_default.yaml")
 
 def make_example(out_dir: str, regenerate: bool = False) -> str:
     """Write the example study once; return its DICOM folder."""
-    from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+    from bmd_d2.data.phantom import GENERATOR_VERSION, PhantomOptions, generate_study, write_study
 
     study_dir = os.path.join(out_dir, "studies", "example_0001")
     dicom_dir = os.path.join(study_dir, "dicom")
     if os.path.isdir(dicom_dir) and os.path.isfile(os.path.join(out_dir, "calibration.json")) and not regenerate:
-        return dicom_dir
+        try:  # an example written by an older phantom generator is rewritten (same seed, current anatomy)
+            with open(os.path.join(study_dir, "phantom.json")) as f:
+                current = json.load(f).get("generator_version") == GENERATOR_VERSION
+        except (OSError, ValueError):
+            current = False
+        if current:
+            return dicom_dir
+    shutil.rmtree(study_dir, ignore_errors=True)  # no slice of an older example may stay beside the new one
     t0 = time.time()
     opts = PhantomOptions(slice_thickness=1.25, slice_spacing=1.25, pixel_spacing=0.78, bmd_mg_cm3=105.0,
                           fracture=False, metal=False, contrast=False, transfer_syntax="explicit")

@@ -99,6 +99,11 @@ TRANSFER_SYNTAXES = {
 }
 
 # Per-level base anatomy (adult, mm): body height, AP depth, lateral width; disc height below the level.
+# Version of the rendering (bumped when the same seed gives a different study): 1 first release; 2 realism (sizes,
+# cortex, endplates, discs, muscle, islands, coarse pixels); 3 endplate density, body depth; 4 ring-shaped posterior
+# elements. Written to phantom.json as ``generator_version``.
+GENERATOR_VERSION = 4
+
 _BASE_HEIGHT = np.array([23.0, 24.0, 25.5, 26.5, 27.5, 27.5, 27.0, 28.0])
 _BASE_DEPTH = np.array([29.0, 31.0, 33.0, 34.0, 35.5, 36.0, 35.0, 34.0])
 _BASE_WIDTH = np.array([37.0, 40.0, 42.0, 44.0, 46.0, 48.0, 50.0, 48.0])
@@ -1312,7 +1317,7 @@ def write_study(study: PhantomStudy, study_dir, preview: bool = True) -> Path:
     write_dicom_series(study, d / "dicom")
     _save_nifti(study.labels, study.affine, d / "labels.nii.gz")
     _save_nifti(study.cores, study.affine, d / "cores.nii.gz")
-    rec = dict(study_id=study.study_id, truth=study.truth, params=study.params,
+    rec = dict(study_id=study.study_id, truth=study.truth, params=study.params, generator_version=GENERATOR_VERSION,
                affine_lps=study.affine.tolist(), shape_kji=list(study.hu.shape))
     (d / "phantom.json").write_text(json.dumps(rec, indent=1, sort_keys=True))
     if preview:
