@@ -912,6 +912,9 @@ class _Renderer:
             parts += [((side * (d * 0.9), d * 0.15, 0.0), (d * 0.55, 0.5 * d, 0.45 * h)) for side in (-1, 1)]
         width = (g.width(R[:, 0]) + g.width(R[:, 1]) + g.width(R[:, 2])) / 3
         shell = p.get("posterior_cortex_mm")
+        # v1-v3: solid bone; v4: a cortical shell first, then the cancellous core painted over every shell (no inner
+        # walls where parts overlap) -- real laminae and spinous processes are rings like small bodies
+        outer = hu if shell is None else self.calib(p["cortex_density"])
         boxes = []
         for (off, ax) in parts:
             pc = c + R @ np.asarray(off)
@@ -920,9 +923,6 @@ class _Renderer:
                 continue
             u, v, w = g.local(sl, pc, R)
             boxes.append((sl, u, v, w, ax))
-            # v1-v3: solid bone; v4: cortical shell here, the cancellous core painted below over every shell (no
-            # inner walls where parts overlap) -- real laminae and spinous processes are rings like small bodies
-            outer = hu if shell is None else self.calib(p["cortex_density"])
             _paint(vol, sl, _ellipsoid_frac(u, v, w, ax, width), outer)
             self._grow(sl)
         if shell is not None:
