@@ -11,8 +11,10 @@
 #   stage 1 batch 16, LR 0.02 after a 200-iteration warm-up, 550 iterations (an H200 GPU run: the planned 1100-
 #           iteration schedule with steps 770/990 was cut by the device's time limit, its 550-iteration checkpoint
 #           kept; the LR had not decayed yet, which MAX_ITER 550 reproduces), about 5 min on an H200
-#   stage 2 from stage 1: batch 4, LR 0.0005 (20-iteration warm-up) for 600 iterations, then 0.00005 to 800, on
-#           the CPU (about 25 min on 2 cores)
+#   stage 2 from stage 1, on the generator-v4 studies only: batch 4, LR 0.0005 (20-iteration warm-up) for 600
+#           iterations, then 0.00005 to 800, on the CPU (about 25 min on 2 cores). Stage 2 on both sets with scale
+#           augmentation 0.75-1.33 for 1200 iterations was tried too: no better on held-out phantoms
+#           (docs/real_vs_phantom.md, "Stage-2 variants").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,6 +25,7 @@ OUT="${OUT:-output/default_model}"
 CFG=configs/bmd_rcnn_MFEFPN_R18_cpu.yaml
 DEVICE="${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 TRAIN='("bmd_phantoms_train_v1", "bmd_phantoms_train")'
+TRAIN2='("bmd_phantoms_train",)'
 
 prepare() {  # dataset folder
   "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$1', skip_errors=True, workers=2)"
@@ -57,13 +60,13 @@ fi
 
 # 3. Stage 2 on the CPU from stage 1 (resumes from $OUT/stage2/last_checkpoint).
 "$PY" tools/train_net.py --config-file "$CFG" --resume SEED 42 MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage2" \
-  MODEL.WEIGHTS "$OUT/stage1/model_final.pth" DATASETS.TRAIN "$TRAIN" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 \
+  MODEL.WEIGHTS "$OUT/stage1/model_final.pth" DATASETS.TRAIN "$TRAIN2" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 \
   SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.0005 SOLVER.WARMUP_ITERS 20 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)" \
   SOLVER.CHECKPOINT_PERIOD 200
 
 # 4. Export the final weights (fp16 + the training config).
 "$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage2/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" SEED 42 DATASETS.TRAIN "$TRAIN" SOLVER.IMS_PER_BATCH 4 \
+  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" SEED 42 DATASETS.TRAIN "$TRAIN2" SOLVER.IMS_PER_BATCH 4 \
   SOLVER.BASE_LR 0.0005 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)" \
-  --info "iterations=550 (stage 1, batch 16) + 800 (stage 2, batch 4)" \
-  "data=phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200"
+  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU)" \
+  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200"
