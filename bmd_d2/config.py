@@ -178,6 +178,10 @@ def add_bmd_config(cfg):
     _C.MEASURE.HEIGHT_LOSS_GRADES = [0.20, 0.25, 0.40]
     # Level labels without a detected sacrum: "lowest_is_L5" (documented fallback, flagged) or "none".
     _C.MEASURE.UNANCHORED_LEVEL_RULE = "lowest_is_L5"
+    # Test-time shifts: extra model passes on the sagittal image moved by these [dy, dx] pixels (1 mm each; e.g.
+    # [[0, 1], [1, 0], [1, 1]]), merged with the unshifted pass (mean mask probability, box, learned BMD; see
+    # BMDStudyPredictor.detect). [] = one pass.
+    _C.MEASURE.TTA_SHIFTS = []
     # Evaluation: minimum mask IoU for a detection to match a ground-truth vertebra.
     _C.MEASURE.EVAL_MATCH_IOU = 0.5
     return cfg

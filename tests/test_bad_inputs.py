@@ -340,6 +340,17 @@ def test_bad_config_and_weights(tmp_path):
         get_bmd_cfg(QUICK, ["MODEL.WEIGHTS", str(tmp_path / "w.pth")])
 
 
+def test_bad_tta_shifts_is_one_line_error(tmp_path, capsys):
+    _series(tmp_path / "study")
+    for value, msg in (("[[0.5, 1]]", "MEASURE.TTA_SHIFTS must be a list of [dy, dx] integer pixel pairs"),
+                       ("1", "invalid config override: Type mismatch")):
+        code = main([str(tmp_path / "study"), "--config-file", QUICK, "-o", str(tmp_path / "o"), "-q",
+                     "MEASURE.TTA_SHIFTS", value] + FAST)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED_BY_PICKLE",))

@@ -76,9 +76,10 @@ def test_ground_truth_masks_score_dice_one_and_pass():
 
 DEFAULT_CFG = os.path.join(ROOT, "configs", "bmd_default.yaml")
 # What the shipped default model gives on the real CT (tools/eval_real_ct.py --config-file configs/bmd_default.yaml;
-# README "Real CT"): per level the Dice against the TotalSegmentator body label in the sagittal plane, asserted
-# with a 0.02 margin, so a model or pipeline change that loses a level, mislabels one or degrades a mask fails here.
-SHIPPED_DICE = {"T12": 0.91, "L1": 0.83, "L2": 0.92, "L3": 0.94, "L4": 0.92, "L5": 0.87}
+# README "Real CT"; the default config merges a one-pixel-shifted pass, MEASURE.TTA_SHIFTS): per level the Dice
+# against the TotalSegmentator body label in the sagittal plane, asserted with a 0.02 margin, so a model or pipeline
+# change that loses a level, mislabels one or degrades a mask fails here.
+SHIPPED_DICE = {"T12": 0.91, "L1": 0.84, "L2": 0.92, "L3": 0.94, "L4": 0.92, "L5": 0.87}
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,131 @@ def instances_to_arrays(instances) -> Dict[str, Optional[np.ndarray]]:
     return out
 
 
+def parse_tta_shifts(value) -> List[tuple]:
+    """``MEASURE.TTA_SHIFTS`` → list of ``(dy, dx)`` int pairs; ``BMDError`` naming the key for anything else.
+
+    ``(0, 0)`` is dropped (the unshifted pass always runs); shifts are limited to ±8 pixels.
+    """
+    shifts = []
+    for item in value or []:
+        ok = isinstance(item, (list, tuple)) and len(item) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 8 for v in item)
+        if not ok:
+            raise BMDError(f"MEASURE.TTA_SHIFTS must be a list of [dy, dx] integer pixel pairs within ±8, "
+                           f"got {list(value)!r}")
+        if tuple(item) != (0, 0) and tuple(item) not in shifts:
+            shifts.append(tuple(int(v) for v in item))
+    return shifts
+
+
+def shift_image(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``image`` moved by ``dy`` rows and ``dx`` columns (content leaving the frame is dropped, zeros enter)."""
+    out = np.zeros_like(image)
+    H, W = image.shape[:2]
+    if abs(dy) >= H or abs(dx) >= W:
+        return out
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        image[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+def unshift_pass(dets: Dict[str, Optional[np.ndarray]], dy: int, dx: int) -> Dict[str, Optional[np.ndarray]]:
+    """Map the detections of an image shifted by ``(dy, dx)`` back to the unshifted image."""
+    out = dict(dets)
+    out["boxes"] = dets["boxes"] - np.array([dx, dy, dx, dy], np.float64)
+    if dets.get("masks") is not None:
+        m = dets["masks"]
+        out["masks"] = np.stack([shift_image(x, -dy, -dx) for x in m]) if len(m) else m
+    return out
+
+
+def paste_soft_masks(masks, boxes, height: int, width: int) -> np.ndarray:
+    """Paste ``(R, M, M)`` mask probabilities into ``(R, height, width)`` float32 at XYXY ``boxes`` ``(R, 4)``.
+
+    The geometry of Detectron2's mask pasting: pixel centres mapped into the box and sampled bilinearly from the
+    mask grid (``grid_sample``, ``align_corners=False``, zeros outside), within the box's pixel range plus one pixel.
+    Thresholded at 0.5 it gives ``detector_postprocess``'s masks; here the probabilities are kept for averaging.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    R = int(masks.shape[0])
+    out = np.zeros((R, height, width), np.float32)
+    for i in range(R):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        c0, r0 = max(int(math.floor(x0)) - 1, 0), max(int(math.floor(y0)) - 1, 0)
+        c1, r1 = min(int(math.ceil(x1)) + 1, width), min(int(math.ceil(y1)) + 1, height)
+        if c1 <= c0 or r1 <= r0 or x1 <= x0 or y1 <= y0:
+            continue
+        gx = (torch.arange(c0, c1, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        gy = (torch.arange(r0, r1, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        grid = torch.stack([gx[None, :].expand(len(gy), -1), gy[:, None].expand(-1, len(gx))], dim=2)
+        pasted = F.grid_sample(masks[i][None, None].float(), grid[None], mode="bilinear", align_corners=False)
+        out[i, r0:r1, c0:c1] = pasted[0, 0].numpy()
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of XYXY boxes ``(N, 4)`` × ``(M, 4)``."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_iou: float = 0.5
+                         ) -> Dict[str, Optional[np.ndarray]]:
+    """Merge test-time passes (soft masks, all in the unshifted image's frame) into one detection set.
+
+    The first pass is the reference: its detections are the ones reported (no pass adds or removes a vertebra).
+    In every other pass each reference detection is matched, highest score first, to the unmatched detection of the
+    same class with the largest box IoU ≥ ``min_iou``. Per reference detection: the mask is the mean probability of
+    the matched passes thresholded at 0.5, box and learned BMD are the matched passes' means, and the score is the
+    mean over *all* passes (a pass that missed it counts 0, so an unstable detection loses confidence).
+
+    Returns:
+        as :func:`instances_to_arrays` (``masks`` bool).
+    """
+    ref = passes[0]
+    R = len(ref["scores"])
+    n_match = np.ones(R)
+    boxes = ref["boxes"].copy()
+    score_sum = ref["scores"].copy()
+    has_masks = ref.get("masks") is not None
+    mask_sum = ref["masks"].astype(np.float32).copy() if has_masks else None
+    has_bmd = ref.get("bmd") is not None
+    bmd_sum = ref["bmd"].copy() if has_bmd else None
+    order = np.argsort(-ref["scores"], kind="stable")
+    for other in passes[1:]:
+        if not len(other["scores"]) or not R:
+            continue
+        iou = _box_iou(ref["boxes"], other["boxes"])
+        iou[ref["classes"][:, None] != other["classes"][None, :]] = 0.0
+        taken = np.zeros(len(other["scores"]), bool)
+        for i in order:
+            cand = np.where(taken, -1.0, iou[i])
+            j = int(np.argmax(cand))
+            if cand[j] < min_iou:
+                continue
+            taken[j] = True
+            n_match[i] += 1
+            boxes[i] += other["boxes"][j]
+            score_sum[i] += other["scores"][j]
+            if has_masks and other.get("masks") is not None:
+                mask_sum[i] += other["masks"][j]
+            if has_bmd and other.get("bmd") is not None:
+                bmd_sum[i] += other["bmd"][j]
+    return {
+        "boxes": boxes / n_match[:, None],
+        "scores": score_sum / len(passes),
+        "classes": ref["classes"].copy(),
+        "masks": (mask_sum / n_match[:, None, None] >= 0.5) if has_masks else None,
+        "bmd": bmd_sum / n_match if has_bmd else None,
+    }
+
+
 def _float(x) -> Optional[float]:
     if x is None:
         return None
@@ -336,6 +461,7 @@ class BMDStudyPredictor:
         # DefaultPredictor resizes with ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), as BMDDatasetMapper does
         # at test time: the model sees exactly what evaluation feeds (tests/test_measure_cli.py checks it).
         self.model = self.predictor.model
+        self.tta_shifts = parse_tta_shifts(self.cfg.MEASURE.TTA_SHIFTS)
 
     def load(self, source) -> Any:
         """Load a study (DICOM folder/file/list, NIfTI path, or a ``Volume``) as a ``Volume``.
@@ -363,9 +489,55 @@ class BMDStudyPredictor:
         return np.ascontiguousarray(sagittal.image[:, :, ::-1])
 
     def detect(self, sagittal) -> Dict[str, Optional[np.ndarray]]:
-        """Run the model on a sagittal image; arrays as in :func:`instances_to_arrays` at the image's size."""
-        out = self.predictor(self.model_image(sagittal))
-        return instances_to_arrays(out["instances"])
+        """Run the model on a sagittal image; arrays as in :func:`instances_to_arrays` at the image's size.
+
+        With ``MEASURE.TTA_SHIFTS`` the image is also run shifted by each ``(dy, dx)`` (pixels, zero fill) and the
+        passes are merged by :func:`merge_shifted_passes`: the model sees the image at 1/2 of its resolution
+        (256² for the default), so a one-pixel shift samples the other phase of its grid, and the averaged mask no
+        longer jumps with the sub-pixel position of the anatomy.
+        """
+        image = self.model_image(sagittal)
+        if not self.tta_shifts:
+            return instances_to_arrays(self.predictor(image)["instances"])
+        passes = [self._soft_pass(image)]
+        for dy, dx in self.tta_shifts:
+            passes.append(unshift_pass(self._soft_pass(shift_image(image, dy, dx)), dy, dx))
+        return merge_shifted_passes(passes)
+
+    def _soft_pass(self, image: np.ndarray) -> Dict[str, Optional[np.ndarray]]:
+        """One forward pass as ``DefaultPredictor`` runs it, keeping the mask probabilities.
+
+        Returns:
+            as :func:`instances_to_arrays`, but ``masks`` are float32 ``(R, H, W)`` probabilities pasted into the
+            image (:func:`paste_soft_masks`) instead of the thresholded masks.
+        """
+        import torch
+
+        p = self.predictor
+        original = image[:, :, ::-1] if p.input_format == "RGB" else image
+        H, W = original.shape[:2]
+        x = p.aug.get_transform(original).apply_image(original)
+        x = torch.as_tensor(np.ascontiguousarray(x).astype("float32").transpose(2, 0, 1)).to(self.cfg.MODEL.DEVICE)
+        with torch.no_grad():
+            inst = self.model.inference([{"image": x, "height": H, "width": W}], do_postprocess=False)[0]
+        # detector_postprocess's geometry: boxes to the image's size, clipped, empty boxes dropped
+        h, w = inst.image_size
+        boxes = inst.pred_boxes.clone()
+        boxes.scale(W / w, H / h)
+        boxes.clip((H, W))
+        keep = boxes.nonempty()
+        inst, boxes = inst[keep], boxes[keep]
+        inst = inst.to("cpu")
+        masks = None
+        if inst.has("pred_masks"):
+            masks = paste_soft_masks(inst.pred_masks[:, 0].float(), boxes.tensor.cpu(), H, W)
+        return {
+            "boxes": boxes.tensor.cpu().numpy().astype(np.float64),
+            "scores": inst.scores.numpy().astype(np.float64),
+            "classes": inst.pred_classes.numpy().astype(np.int64),
+            "masks": masks,
+            "bmd": inst.pred_bmd.numpy().astype(np.float64).reshape(-1) if inst.has("pred_bmd") else None,
+        }
 
     def __call__(self, source: Union[str, os.PathLike, Sequence[str], Any], study_id: Optional[str] = None
                  ) -> StudyResult:
@@ -386,5 +558,6 @@ class BMDStudyPredictor:
         dets = self.detect(sag)
         result = measure_detections(dets, sag, self.cfg, volume=volume, study_id=sid)
         result.model.update({"weights": os.path.basename(self.cfg.MODEL.WEIGHTS) if self.cfg.MODEL.WEIGHTS
-                             else "(random init)", "meta_architecture": self.cfg.MODEL.META_ARCHITECTURE})
+                             else "(random init)", "meta_architecture": self.cfg.MODEL.META_ARCHITECTURE,
+                             "tta_shifts": [list(t) for t in self.tta_shifts]})
         return result

@@ -1,0 +1,142 @@
+"""Test-time shifts (MEASURE.TTA_SHIFTS): image shifting, pass merging, config validation, and the soft pass against
+DefaultPredictor on the shipped model."""
+import os
+
+import numpy as np
+import pytest
+
+from bmd_d2.config import get_bmd_cfg
+from bmd_d2.errors import BMDError
+from bmd_d2.measure.predictor import (instances_to_arrays, merge_shifted_passes, parse_tta_shifts, shift_image,
+                                      unshift_pass)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shift_image_moves_content_and_fills_zeros():
+    img = np.arange(1, 13, dtype=np.uint8).reshape(3, 4)
+    s = shift_image(img, 1, -2)
+    np.testing.assert_array_equal(s, [[0, 0, 0, 0], [3, 4, 0, 0], [7, 8, 0, 0]])
+    np.testing.assert_array_equal(shift_image(img, 0, 0), img)
+    assert not shift_image(img, 3, 0).any() and not shift_image(img, 0, -4).any()
+    rgb = np.random.default_rng(0).integers(0, 255, (5, 6, 3), dtype=np.uint8)
+    back = shift_image(shift_image(rgb, -1, 2), 1, -2)
+    np.testing.assert_array_equal(back[1:, :4], rgb[1:, :4])  # the kept part returns unchanged
+    assert not back[0].any() and not back[:, 4:].any()
+
+
+def test_unshift_pass_maps_boxes_and_masks_back():
+    m = np.zeros((1, 8, 8), np.float32)
+    m[0, 3:5, 4:7] = 0.9
+    dets = dict(boxes=np.array([[4.0, 3.0, 7.0, 5.0]]), scores=np.ones(1), classes=np.zeros(1, int), masks=m,
+                bmd=np.array([100.0]))
+    back = unshift_pass(dets, 1, 2)
+    np.testing.assert_allclose(back["boxes"], [[2.0, 2.0, 5.0, 4.0]])
+    assert back["masks"][0, 2:4, 2:5].min() == pytest.approx(0.9) and back["masks"].sum() == pytest.approx(0.9 * 6)
+    assert dets["boxes"][0, 0] == 4.0  # input untouched
+
+
+def _det(boxes, scores, classes, masks, bmd):
+    return dict(boxes=np.array(boxes, float), scores=np.array(scores, float), classes=np.array(classes, int),
+                masks=np.array(masks, np.float32), bmd=np.array(bmd, float))
+
+
+def test_merge_matches_by_box_and_class_and_averages():
+    H = W = 10
+    a = np.zeros((H, W), np.float32)
+    a[1:4, 1:4] = 0.8
+    b = np.zeros((H, W), np.float32)
+    b[6:9, 6:9] = 0.6
+    ref = _det([[1, 1, 4, 4], [6, 6, 9, 9]], [0.9, 0.8], [0, 1], [a, b], [100, 200])
+    # second pass: same objects in the other order, the first one's mask only half as sure, plus an extra detection
+    a2 = a * 0.5
+    extra = np.ones((H, W), np.float32)
+    p2 = _det([[6, 6, 9, 9], [1, 1, 4, 4], [0, 0, 10, 10]], [0.6, 0.7, 0.99], [1, 0, 0], [b, a2, extra],
+              [220, 110, 500])
+    # third pass: the sacrum-class object comes back as a vertebral body (class differs: not matched), object 1 moved
+    a3 = np.zeros((H, W), np.float32)
+    a3[2:5, 1:4] = 0.8
+    p3 = _det([[1, 2, 4, 5], [6, 6, 9, 9]], [0.5, 0.95], [0, 0], [a3, b], [130, 999])
+    out = merge_shifted_passes([ref, p2, p3])
+    assert len(out["scores"]) == 2  # the reference's detections only
+    np.testing.assert_array_equal(out["classes"], [0, 1])
+    np.testing.assert_allclose(out["scores"], [(0.9 + 0.7 + 0.5) / 3, (0.8 + 0.6 + 0.0) / 3])
+    np.testing.assert_allclose(out["bmd"], [(100 + 110 + 130) / 3, (200 + 220) / 2])
+    np.testing.assert_allclose(out["boxes"][0], [1, 4 / 3, 4, 13 / 3])
+    np.testing.assert_allclose(out["boxes"][1], [6, 6, 9, 9])
+    # object 0: mean probability (0.8 + 0.4 + 0.8) / 3 ≥ 0.5 on rows 2-3, (0.8 + 0.4 + 0) / 3 < 0.5 on row 1,
+    # (0 + 0 + 0.8) / 3 on row 4
+    assert out["masks"].dtype == bool
+    np.testing.assert_array_equal(np.nonzero(out["masks"][0].any(1))[0], [2, 3])
+    assert out["masks"][1].sum() == 9  # 0.6 in both matched passes
+
+
+def test_merge_of_one_pass_thresholds_its_masks():
+    m = np.array([[0.2, 0.5, 0.7]], np.float32)
+    ref = _det([[0, 0, 3, 1]], [0.9], [0], [m], [50])
+    out = merge_shifted_passes([ref])
+    np.testing.assert_array_equal(out["masks"][0], [[False, True, True]])
+    assert out["scores"][0] == pytest.approx(0.9) and out["bmd"][0] == pytest.approx(50)
+    empty = _det(np.zeros((0, 4)), [], [], np.zeros((0, 1, 3)), [])
+    out = merge_shifted_passes([empty, ref])
+    assert out["masks"].shape == (0, 1, 3) and len(out["scores"]) == 0
+
+
+def test_parse_tta_shifts_and_config_errors():
+    assert parse_tta_shifts([]) == []
+    assert parse_tta_shifts([[0, 0], [0, 1], [1, 1], [0, 1]]) == [(0, 1), (1, 1)]
+    for bad in ([[0.5, 1]], [[1, 2, 3]], [1, 2], [[9, 0]], [[True, 0]]):
+        with pytest.raises(BMDError, match=r"MEASURE\.TTA_SHIFTS must be a list of \[dy, dx\]"):
+            parse_tta_shifts(bad)
+    cfg = get_bmd_cfg("", ["MEASURE.TTA_SHIFTS", "[[0, 1], [1, 0]]"])
+    assert parse_tta_shifts(cfg.MEASURE.TTA_SHIFTS) == [(0, 1), (1, 0)]
+
+
+@pytest.fixture(scope="module")
+def shipped_predictor_and_image():
+    from bmd_d2.data.dicom import load_nifti
+    from bmd_d2.measure import BMDStudyPredictor
+
+    cfg = get_bmd_cfg(os.path.join(ROOT, "configs", "bmd_default.yaml"),
+                      ["MEASURE.TTA_SHIFTS", "[[0, 1], [1, 0], [1, 1]]"])
+    pred = BMDStudyPredictor(cfg)
+    vol = load_nifti(os.path.join(ROOT, "tests", "data", "real", "totalseg_example_ct", "example_ct.nii.gz"))
+    sag = pred.sagittal(vol)
+    return pred, sag
+
+
+def test_soft_pass_equals_default_predictor(shipped_predictor_and_image):
+    """The soft pass re-implements DefaultPredictor's preprocessing and detector_postprocess's geometry: same
+    detections, and its probabilities thresholded at 0.5 give exactly Detectron2's masks."""
+    pred, sag = shipped_predictor_and_image
+    image = pred.model_image(sag)
+    ref = instances_to_arrays(pred.predictor(image)["instances"])
+    soft = pred._soft_pass(image)
+    assert len(ref["scores"]) >= 6
+    np.testing.assert_allclose(soft["boxes"], ref["boxes"], atol=1e-3)
+    np.testing.assert_allclose(soft["scores"], ref["scores"], atol=1e-6)
+    np.testing.assert_array_equal(soft["classes"], ref["classes"])
+    np.testing.assert_allclose(soft["bmd"], ref["bmd"], atol=1e-3)
+    assert soft["masks"].dtype == np.float32 and 0.0 <= soft["masks"].min() and soft["masks"].max() <= 1.0
+    differ = np.count_nonzero((soft["masks"] >= 0.5) != ref["masks"])
+    assert differ == 0, differ
+
+
+def test_detect_with_shifts_keeps_the_reference_detections(shipped_predictor_and_image):
+    pred, sag = shipped_predictor_and_image
+    merged = pred.detect(sag)
+    shifts, pred.tta_shifts = pred.tta_shifts, []
+    try:
+        single = pred.detect(sag)
+    finally:
+        pred.tta_shifts = shifts
+    np.testing.assert_array_equal(merged["classes"], single["classes"])
+    assert merged["masks"].dtype == bool and merged["masks"].shape == single["masks"].shape
+    # vertebrae found in every pass keep their score; their merged masks stay close to the single pass's
+    for i in range(len(single["scores"])):
+        if single["scores"][i] > 0.9:
+            inter = np.logical_and(merged["masks"][i], single["masks"][i]).sum()
+            dice = 2 * inter / (merged["masks"][i].sum() + single["masks"][i].sum())
+            assert dice > 0.9, (i, dice)
+            assert abs(merged["scores"][i] - single["scores"][i]) < 0.1
+    np.testing.assert_allclose(merged["boxes"], single["boxes"], atol=3.0)
