@@ -12,9 +12,9 @@
 #           iteration schedule with steps 770/990 was cut by the device's time limit, its 550-iteration checkpoint
 #           kept; the LR had not decayed yet, which MAX_ITER 550 reproduces), about 5 min on an H200
 #   stage 2 from stage 1, on the generator-v4 studies only: batch 4, LR 0.0005 (20-iteration warm-up) for 600
-#           iterations, then 0.00005 to 800, on the CPU (about 25 min on 2 cores). Stage 2 on both sets with scale
-#           augmentation 0.75-1.33 for 1200 iterations was tried too: no better on held-out phantoms
-#           (docs/real_vs_phantom.md, "Stage-2 variants").
+#           iterations, then 0.00005 to 800, on the CPU (about 25 min on 2 cores). Tried too, none better on held-out
+#           phantoms (docs/real_vs_phantom.md, "Stage-2 variants"): both sets with scale augmentation 0.75-1.33
+#           for 1200 iterations; v4 + 100 coarse (1.5-3 mm) studies; v4 + 150 steeper-sacrum studies.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
