@@ -120,51 +120,40 @@ def paste_soft_masks(masks, boxes, height: int, width: int) -> np.ndarray:
     return out
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of XYXY boxes ``(N, 4)`` × ``(M, 4)``."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_iou: float = 0.5
                          ) -> Dict[str, Optional[np.ndarray]]:
     """Merge test-time passes (soft masks, all in the unshifted image's frame) into one detection set.
 
     The first pass is the reference: its detections are the ones reported (no pass adds or removes a vertebra).
-    In every other pass each reference detection is matched, highest score first, to the unmatched detection of the
-    same class with the largest box IoU ≥ ``min_iou``. Per reference detection: the mask is the mean probability of
-    the matched passes thresholded at 0.5, box and learned BMD are the matched passes' means, and the score is the
-    mean over *all* passes (a pass that missed it counts 0, so an unstable detection loses confidence).
+    Every other pass is matched to it one to one by box IoU ≥ ``min_iou`` between detections of the same class
+    (Detectron2's ``pairwise_iou``, the evaluation's :func:`~bmd_d2.evaluation.metrics.match_greedy`: highest IoU
+    first). Per reference detection: the mask is the mean probability of the matched passes thresholded at 0.5, box
+    and learned BMD are the matched passes' means, and the score is the mean over *all* passes (a pass that missed
+    it counts 0, so an unstable detection loses confidence).
 
     Returns:
         as :func:`instances_to_arrays` (``masks`` bool).
     """
+    import torch
+    from detectron2.structures import Boxes, pairwise_iou
+
+    from bmd_d2.evaluation.metrics import match_greedy
+
     ref = passes[0]
     R = len(ref["scores"])
     n_match = np.ones(R)
     boxes = ref["boxes"].copy()
     score_sum = ref["scores"].copy()
     has_masks = ref.get("masks") is not None
-    mask_sum = ref["masks"].astype(np.float32).copy() if has_masks else None
+    mask_sum = ref["masks"].astype(np.float32) if has_masks else None
     has_bmd = ref.get("bmd") is not None
     bmd_sum = ref["bmd"].copy() if has_bmd else None
-    order = np.argsort(-ref["scores"], kind="stable")
     for other in passes[1:]:
         if not len(other["scores"]) or not R:
             continue
-        iou = _box_iou(ref["boxes"], other["boxes"])
+        iou = pairwise_iou(Boxes(torch.as_tensor(ref["boxes"])), Boxes(torch.as_tensor(other["boxes"]))).numpy()
         iou[ref["classes"][:, None] != other["classes"][None, :]] = 0.0
-        taken = np.zeros(len(other["scores"]), bool)
-        for i in order:
-            cand = np.where(taken, -1.0, iou[i])
-            j = int(np.argmax(cand))
-            if cand[j] < min_iou:
-                continue
-            taken[j] = True
+        for i, j in match_greedy(iou, min_iou):
             n_match[i] += 1
             boxes[i] += other["boxes"][j]
             score_sum[i] += other["scores"][j]
