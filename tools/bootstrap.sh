@@ -22,9 +22,22 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "pip<26" wheel "setuptools<81"
 
 # torch/torchvision: the versions that load together here (see README). A user's own build is kept.
+# They are CUDA builds (they run on the CPU too): ~3 GB of wheels when pip downloads them, ~5.5 GB installed.
+free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
   log "installing torch 2.14.1 + torchvision 0.29.1 (a few minutes on a fresh machine)"
-  "${PIP[@]}" install "torch==2.14.1" "torchvision==0.29.1"
+  tmpdir="${TMPDIR:-/tmp}"
+  venv_free="$(free_gb "$VENV")"; tmp_free="$(free_gb "$tmpdir")"
+  if [ -n "$venv_free" ] && [ -n "$tmp_free" ] && awk -v a="$venv_free" -v b="$tmp_free" 'BEGIN { exit !(a < 9 || b < 3.5) }'; then
+    log "warning: torch needs ~5.5 GB in $VENV (${venv_free} GB free there) and ~3 GB of downloads in $tmpdir" \
+        "(${tmp_free} GB free there); the install may run out of space"
+  fi
+  # --no-cache-dir: do not keep a second copy of the downloaded wheels in pip's cache
+  if ! "${PIP[@]}" install --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"; then
+    echo "bootstrap: error: pip could not install torch 2.14.1 + torchvision 0.29.1 into $VENV (see pip's message" \
+         "above; free space now: $(free_gb "$VENV") GB there, $(free_gb "$tmpdir") GB in $tmpdir)" >&2
+    exit 1
+  fi
 fi
 
 # Detectron2: keep an importable one (e.g. a CUDA build from source); else install v0.6's pure-Python package.
