@@ -182,6 +182,10 @@ def add_bmd_config(cfg):
     # [[0, 1], [1, 0], [1, 1]]), merged with the unshifted pass (mean mask probability, box, learned BMD; see
     # BMDStudyPredictor.detect). [] = one pass.
     _C.MEASURE.TTA_SHIFTS = []
+    # Test-time sizes: extra unshifted passes with the model's input resized to these shortest-edge sizes instead of
+    # INPUT.MIN_SIZE_TEST (e.g. [288]; the longest edge scales with them), merged the same way; their learned BMD is
+    # not averaged (the BMD head is trained at one scale). [] = none.
+    _C.MEASURE.TTA_SIZES = []
     # Evaluation: minimum mask IoU for a detection to match a ground-truth vertebra.
     _C.MEASURE.EVAL_MATCH_IOU = 0.5
     return cfg

@@ -340,12 +340,14 @@ def test_bad_config_and_weights(tmp_path):
         get_bmd_cfg(QUICK, ["MODEL.WEIGHTS", str(tmp_path / "w.pth")])
 
 
-def test_bad_tta_shifts_is_one_line_error(tmp_path, capsys):
+def test_bad_tta_settings_are_one_line_errors(tmp_path, capsys):
     _series(tmp_path / "study")
-    for value, msg in (("[[0.5, 1]]", "MEASURE.TTA_SHIFTS must be a list of [dy, dx] integer pixel pairs"),
-                       ("1", "invalid config override: Type mismatch")):
+    for key, value, msg in (
+            ("MEASURE.TTA_SHIFTS", "[[0.5, 1]]", "MEASURE.TTA_SHIFTS must be a list of [dy, dx] integer pixel pairs"),
+            ("MEASURE.TTA_SHIFTS", "1", "invalid config override: Type mismatch"),
+            ("MEASURE.TTA_SIZES", "[0]", "MEASURE.TTA_SIZES must be a list of integer image sizes")):
         code = main([str(tmp_path / "study"), "--config-file", QUICK, "-o", str(tmp_path / "o"), "-q",
-                     "MEASURE.TTA_SHIFTS", value] + FAST)
+                     key, value] + FAST)
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err

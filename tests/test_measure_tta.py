@@ -1,5 +1,5 @@
-"""Test-time shifts (MEASURE.TTA_SHIFTS): image shifting, pass merging, config validation, and the soft pass against
-DefaultPredictor on the shipped model."""
+"""Test-time shifts and sizes (MEASURE.TTA_SHIFTS, MEASURE.TTA_SIZES): image shifting, pass merging, config
+validation, and the soft pass against DefaultPredictor on the shipped model."""
 import os
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.errors import BMDError
-from bmd_d2.measure.predictor import (instances_to_arrays, merge_shifted_passes, parse_tta_shifts, shift_image,
-                                      unshift_pass)
+from bmd_d2.measure.predictor import (instances_to_arrays, merge_shifted_passes, parse_tta_shifts, parse_tta_sizes,
+                                      shift_image, unshift_pass)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +92,29 @@ def test_parse_tta_shifts_and_config_errors():
     assert parse_tta_shifts(cfg.MEASURE.TTA_SHIFTS) == [(0, 1), (1, 0)]
 
 
+def test_merge_skips_the_bmd_of_passes_without_one():
+    m = np.zeros((4, 4), np.float32)
+    m[1:3, 1:3] = 0.9
+    ref = _det([[1, 1, 3, 3]], [0.9], [0], [m], [100])
+    same_size = _det([[1, 1, 3, 3]], [0.8], [0], [m], [120])
+    other_size = dict(_det([[1, 1, 3, 3]], [0.7], [0], [m * 0.1], [0]), bmd=None)
+    out = merge_shifted_passes([ref, same_size, other_size])
+    assert out["bmd"][0] == pytest.approx(110)  # (100 + 120) / 2: the pass without BMD is not counted
+    assert out["scores"][0] == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    # but its mask is: (0.9 + 0.9 + 0.09) / 3 = 0.63
+    assert out["masks"][0].sum() == 4
+
+
+def test_parse_tta_sizes_and_config_errors():
+    assert parse_tta_sizes([], 256) == []
+    assert parse_tta_sizes([240, 256, 272, 240], 256) == [240, 272]  # the base size is the reference pass already
+    for bad in ([27], [272.0], ["272"], [True], [5000]):
+        with pytest.raises(BMDError, match=r"MEASURE\.TTA_SIZES must be a list of integer image sizes"):
+            parse_tta_sizes(bad, 256)
+    cfg = get_bmd_cfg("", ["MEASURE.TTA_SIZES", "[240, 272]"])
+    assert parse_tta_sizes(cfg.MEASURE.TTA_SIZES, cfg.INPUT.MIN_SIZE_TEST) == [240, 272]
+
+
 @pytest.fixture(scope="module")
 def shipped_predictor_and_image():
     from bmd_d2.data.dicom import load_nifti
@@ -140,3 +163,42 @@ def test_detect_with_shifts_keeps_the_reference_detections(shipped_predictor_and
             assert dice > 0.9, (i, dice)
             assert abs(merged["scores"][i] - single["scores"][i]) < 0.1
     np.testing.assert_allclose(merged["boxes"], single["boxes"], atol=3.0)
+
+
+def test_soft_pass_at_another_size(shipped_predictor_and_image):
+    """A pass at another input size reports in the image's own frame: at the base size it is the plain soft pass;
+    at 272 px the same vertebrae come back at (nearly) the same place."""
+    pred, sag = shipped_predictor_and_image
+    image = pred.model_image(sag)
+    base = pred._soft_pass(image)
+    same = pred._soft_pass(image, int(pred.cfg.INPUT.MIN_SIZE_TEST))
+    np.testing.assert_allclose(same["boxes"], base["boxes"], atol=1e-4)
+    np.testing.assert_array_equal(same["masks"], base["masks"])
+    big = pred._soft_pass(image, 272)
+    assert big["masks"].shape == (len(big["scores"]),) + image.shape[:2]
+    confident = np.nonzero(base["scores"] > 0.9)[0]
+    assert len(confident) >= 5
+    for i in confident:
+        d = np.abs(big["boxes"] - base["boxes"][i]).max(1)
+        j = int(np.argmin(d))
+        assert d[j] < 6.0 and big["classes"][j] == base["classes"][i], (i, d[j])
+        a, b = base["masks"][i] >= 0.5, big["masks"][j] >= 0.5
+        assert 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()) > 0.85
+
+
+def test_detect_with_sizes_keeps_the_reference_detections_and_bmd(shipped_predictor_and_image):
+    pred, sag = shipped_predictor_and_image
+    shifts, sizes = pred.tta_shifts, pred.tta_sizes
+    try:
+        pred.tta_shifts, pred.tta_sizes = [], []
+        single = pred.detect(sag)
+        pred.tta_sizes = [240, 272]
+        merged = pred.detect(sag)
+    finally:
+        pred.tta_shifts, pred.tta_sizes = shifts, sizes
+    np.testing.assert_array_equal(merged["classes"], single["classes"])
+    # the learned BMD comes from the passes at the training size only: here the reference pass alone
+    np.testing.assert_allclose(merged["bmd"], single["bmd"], atol=1e-4)
+    np.testing.assert_allclose(merged["boxes"], single["boxes"], atol=4.0)
+    changed = [np.count_nonzero(merged["masks"][i] != single["masks"][i]) for i in range(len(single["scores"]))]
+    assert max(changed) > 0  # the other sizes do move the mask outlines

@@ -73,6 +73,19 @@ def parse_tta_shifts(value) -> List[tuple]:
     return shifts
 
 
+def parse_tta_sizes(value, base: int) -> List[int]:
+    """``MEASURE.TTA_SIZES`` → list of shortest-edge sizes other than ``base`` (``INPUT.MIN_SIZE_TEST``);
+    ``BMDError`` naming the key for anything but integers in 32…4096."""
+    sizes = []
+    for item in value or []:
+        if not (isinstance(item, int) and not isinstance(item, bool) and 32 <= item <= 4096):
+            raise BMDError(f"MEASURE.TTA_SIZES must be a list of integer image sizes (shortest edge, 32-4096 px), "
+                           f"got {list(value)!r}")
+        if item != base and item not in sizes:
+            sizes.append(int(item))
+    return sizes
+
+
 def shift_image(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """``image`` moved by ``dy`` rows and ``dx`` columns (content leaving the frame is dropped, zeros enter)."""
     out = np.zeros_like(image)
@@ -129,7 +142,8 @@ def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_
     (Detectron2's ``pairwise_iou``, the evaluation's :func:`~bmd_d2.evaluation.metrics.match_greedy`: highest IoU
     first). Per reference detection: the mask is the mean probability of the matched passes thresholded at 0.5, box
     and learned BMD are the matched passes' means, and the score is the mean over *all* passes (a pass that missed
-    it counts 0, so an unstable detection loses confidence).
+    it counts 0, so an unstable detection loses confidence). A pass whose ``bmd`` is None (e.g. one at another input
+    size) contributes to everything but the learned BMD.
 
     Returns:
         as :func:`instances_to_arrays` (``masks`` bool).
@@ -142,6 +156,7 @@ def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_
     ref = passes[0]
     R = len(ref["scores"])
     n_match = np.ones(R)
+    n_bmd = np.ones(R)
     boxes = ref["boxes"].copy()
     score_sum = ref["scores"].copy()
     has_masks = ref.get("masks") is not None
@@ -161,12 +176,13 @@ def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_
                 mask_sum[i] += other["masks"][j]
             if has_bmd and other.get("bmd") is not None:
                 bmd_sum[i] += other["bmd"][j]
+                n_bmd[i] += 1
     return {
         "boxes": boxes / n_match[:, None],
         "scores": score_sum / len(passes),
         "classes": ref["classes"].copy(),
         "masks": (mask_sum / n_match[:, None, None] >= 0.5) if has_masks else None,
-        "bmd": bmd_sum / n_match if has_bmd else None,
+        "bmd": bmd_sum / n_bmd if has_bmd else None,
     }
 
 
@@ -451,6 +467,7 @@ class BMDStudyPredictor:
         # at test time: the model sees exactly what evaluation feeds (tests/test_measure_cli.py checks it).
         self.model = self.predictor.model
         self.tta_shifts = parse_tta_shifts(self.cfg.MEASURE.TTA_SHIFTS)
+        self.tta_sizes = parse_tta_sizes(self.cfg.MEASURE.TTA_SIZES, int(self.cfg.INPUT.MIN_SIZE_TEST))
 
     def load(self, source) -> Any:
         """Load a study (DICOM folder/file/list, NIfTI path, or a ``Volume``) as a ``Volume``.
@@ -483,18 +500,27 @@ class BMDStudyPredictor:
         With ``MEASURE.TTA_SHIFTS`` the image is also run shifted by each ``(dy, dx)`` (pixels, zero fill) and the
         passes are merged by :func:`merge_shifted_passes`: the model sees the image at 1/2 of its resolution
         (256² for the default), so a one-pixel shift samples the other phase of its grid, and the averaged mask no
-        longer jumps with the sub-pixel position of the anatomy.
+        longer jumps with the sub-pixel position of the anatomy. With ``MEASURE.TTA_SIZES`` it is also run once per
+        size with the model input resized to it (unshifted), merged the same way except for the learned BMD, which
+        stays the mean of the passes at the training size.
         """
         image = self.model_image(sagittal)
-        if not self.tta_shifts:
+        if not self.tta_shifts and not self.tta_sizes:
             return instances_to_arrays(self.predictor(image)["instances"])
         passes = [self._soft_pass(image)]
         for dy, dx in self.tta_shifts:
             passes.append(unshift_pass(self._soft_pass(shift_image(image, dy, dx)), dy, dx))
+        for size in self.tta_sizes:
+            passes.append(dict(self._soft_pass(image, size), bmd=None))
         return merge_shifted_passes(passes)
 
-    def _soft_pass(self, image: np.ndarray) -> Dict[str, Optional[np.ndarray]]:
+    def _soft_pass(self, image: np.ndarray, size: Optional[int] = None) -> Dict[str, Optional[np.ndarray]]:
         """One forward pass as ``DefaultPredictor`` runs it, keeping the mask probabilities.
+
+        Args:
+            image: as :meth:`model_image` returns it.
+            size: shortest edge of the model input instead of ``INPUT.MIN_SIZE_TEST`` (the longest-edge limit
+                ``INPUT.MAX_SIZE_TEST`` scales by the same factor); None = ``DefaultPredictor``'s own resize.
 
         Returns:
             as :func:`instances_to_arrays`, but ``masks`` are float32 ``(R, H, W)`` probabilities pasted into the
@@ -505,7 +531,13 @@ class BMDStudyPredictor:
         p = self.predictor
         original = image[:, :, ::-1] if p.input_format == "RGB" else image
         H, W = original.shape[:2]
-        x = p.aug.get_transform(original).apply_image(original)
+        aug = p.aug
+        if size is not None:
+            from detectron2.data import transforms as T
+
+            base = int(self.cfg.INPUT.MIN_SIZE_TEST)
+            aug = T.ResizeShortestEdge([size, size], int(round(self.cfg.INPUT.MAX_SIZE_TEST * size / base)))
+        x = aug.get_transform(original).apply_image(original)
         x = torch.as_tensor(np.ascontiguousarray(x).astype("float32").transpose(2, 0, 1)).to(self.cfg.MODEL.DEVICE)
         with torch.no_grad():
             inst = self.model.inference([{"image": x, "height": H, "width": W}], do_postprocess=False)[0]
@@ -548,5 +580,5 @@ class BMDStudyPredictor:
         result = measure_detections(dets, sag, self.cfg, volume=volume, study_id=sid)
         result.model.update({"weights": os.path.basename(self.cfg.MODEL.WEIGHTS) if self.cfg.MODEL.WEIGHTS
                              else "(random init)", "meta_architecture": self.cfg.MODEL.META_ARCHITECTURE,
-                             "tta_shifts": [list(t) for t in self.tta_shifts]})
+                             "tta_shifts": [list(t) for t in self.tta_shifts], "tta_sizes": list(self.tta_sizes)})
         return result
