@@ -535,7 +535,7 @@ class BMDStudyPredictor:
         if size is not None:
             from detectron2.data import transforms as T
 
-            base = int(self.cfg.INPUT.MIN_SIZE_TEST)
+            base = int(self.cfg.INPUT.MIN_SIZE_TEST) or min(H, W)  # 0 = no resize: the reference pass sees H × W
             aug = T.ResizeShortestEdge([size, size], int(round(self.cfg.INPUT.MAX_SIZE_TEST * size / base)))
         x = aug.get_transform(original).apply_image(original)
         x = torch.as_tensor(np.ascontiguousarray(x).astype("float32").transpose(2, 0, 1)).to(self.cfg.MODEL.DEVICE)
