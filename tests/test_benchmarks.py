@@ -195,7 +195,8 @@ def test_benchmark_accuracy_cli_tiny(tmp_path, capsys):
     out = tmp_path / "acc" / "accuracy.json"
     torch.manual_seed(0)
     rc = benchmark_accuracy.main(["--config-file", QUICK, "--phantom", "tiny", "--n", "1", "--rescan-patients", "1",
-                                  "--rescans", "1", "--output", str(out), "-q", "INPUT.DICOM.IMAGE_SIZE", "256"])
+                                  "--rescans", "1", "--phantom-option", "slice_thickness=2.0", "--output", str(out),
+                                  "-q", "INPUT.DICOM.IMAGE_SIZE", "256"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Targets" in text and "Re-scan precision" in text and "classical_true_cal" in text
@@ -215,8 +216,25 @@ def test_benchmark_accuracy_cli_tiny(tmp_path, capsys):
     if rep["detection"]["matched"] == 0:  # random weights usually detect nothing at score 0.5
         assert rep["dice"]["vertebrae_mean"] is None and rep["targets"]["dice_vertebrae"]["met"] is None
     assert rep["precision"]["scans_per_patient"] == [2]
+    # --phantom-option fixes the field for every study (the tiny preset draws 1.5-3 mm otherwise)
+    assert rep["phantom_options"] == {"slice_thickness": 2.0}
+    assert [d["slice_thickness"] for d in rep["studies_detail"]] == [2.0]
     for paths in rep["plots"].values():
         assert all(os.path.isfile(p) for p in paths)
+
+
+def test_benchmark_accuracy_bad_phantom_option(tmp_path, capsys):
+    import benchmark_accuracy
+
+    for item, msg in (("pixel_size=3", "expected KEY=VALUE with KEY a PhantomOptions field"),
+                      ("slice_thickness", "expected KEY=VALUE"), ("rescan_seed=1", "PhantomOptions field"),
+                      ("slice_thickness=thick", "the value is not a Python literal")):
+        rc = benchmark_accuracy.main(["--config-file", QUICK, "--phantom", "tiny", "--n", "1", "--phantom-option", item,
+                                      "--output", str(tmp_path / "a.json"), "-q"])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --phantom-option") and msg in lines[0], err
+    assert not (tmp_path / "a.json").exists()
 
 
 def test_true_calibration_follows_withheld_values():

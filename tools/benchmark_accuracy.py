@@ -6,6 +6,8 @@ precision. Prints tables, writes JSON and Bland–Altman / scatter PNGs.
         --n 50 --output output/benchmark/accuracy.json
     python tools/benchmark_accuracy.py ... --calibration phantom.json     # classical BMD with a file calibration
     python tools/benchmark_accuracy.py ... --phantom tiny --n 2 --rescan-patients 1   # smoke test (seconds)
+    python tools/benchmark_accuracy.py ... --n 12 --rescan-patients 0 \
+        --phantom-option matrix=144 --phantom-option pixel_spacing=3.0 --phantom-option slice_thickness=3.0  # 3 mm
 
 Held-out studies: study i has seed ``study_seed(--seed, i)`` (default base 9000; training uses other base seeds) and
 the generator's full variation (``--phantom full``: 512² series, random kVp/calibration, noise, slice thickness
@@ -146,7 +148,7 @@ def run(args) -> Dict[str, Any]:
     iou = float(cfg.MEASURE.EVAL_MATCH_IOU)
     torch.manual_seed(0)
     predictor = BMDStudyPredictor(cfg)
-    opts = phantom_options(args.phantom)
+    opts = phantom_options(args.phantom, **args.phantom_options)
     t0 = time.perf_counter()
     records: List[Dict] = []
     truths: List[List[Dict]] = []
@@ -163,7 +165,7 @@ def run(args) -> Dict[str, Any]:
             if i < args.rescan_patients and args.rescans > 0:
                 scans = [rec]
                 for r in range(1, args.rescans + 1):
-                    o = phantom_options(args.phantom, rescan_seed=r)
+                    o = phantom_options(args.phantom, rescan_seed=r, **args.phantom_options)
                     rs = generate_study(study_seed(args.seed, i), o, f"heldout_{i:05d}_rescan{r}")
                     scans.append(measure_phantom(predictor, rs, tmp, iou))
                 patients.append(scans)
@@ -172,7 +174,7 @@ def run(args) -> Dict[str, Any]:
     rep: Dict[str, Any] = OrderedDict(
         benchmark="accuracy", config_file=args.config_file, weights=cfg.MODEL.WEIGHTS or "(random init)",
         random_init=not cfg.MODEL.WEIGHTS, machine=describe_machine(cfg.MODEL.DEVICE), phantom=args.phantom,
-        seed=args.seed, study_seeds=[study_seed(args.seed, i) for i in range(args.n)], iou_threshold=iou,
+        seed=args.seed, phantom_options=dict(args.phantom_options), study_seeds=[study_seed(args.seed, i) for i in range(args.n)], iou_threshold=iou,
         score_threshold=float(cfg.MEASURE.SCORE_THRESHOLD),
         calibration={"configured": {"source": cal.source, "slope": cal.slope, "intercept": cal.intercept},
                      "note": CALIBRATION_NOTE.format(source=cal.source, slope=cal.slope, intercept=cal.intercept)})
@@ -272,6 +274,29 @@ def _n(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
+def parse_phantom_options(items: List[str]) -> Dict[str, Any]:
+    """``["pixel_spacing=3.0", ...]`` → ``{"pixel_spacing": 3.0}``; ``ValueError`` naming the item for an unknown
+    ``PhantomOptions`` field or a value that is not a Python literal."""
+    import ast
+    import dataclasses
+
+    from bmd_d2.data.phantom import PhantomOptions
+
+    fields = {f.name for f in dataclasses.fields(PhantomOptions)} - {"rescan_seed"}  # re-scans: --rescans
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"--phantom-option {item!r}: expected KEY=VALUE with KEY a PhantomOptions field "
+                             f"({', '.join(sorted(fields))})")
+        try:
+            out[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--phantom-option {item!r}: the value is not a Python literal") from None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter,
                                  epilog="Trailing KEY VALUE pairs override config keys.")
@@ -281,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=50, help="held-out studies (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=9000, help="base seed: study i uses study_seed(seed, i)")
     ap.add_argument("--phantom", choices=("full", "tiny"), default="full", help="study size (tiny: tests only)")
+    ap.add_argument("--phantom-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fix a PhantomOptions field for every study, e.g. pixel_spacing=3.0 (repeatable; the value\n"
+                         "is read as a Python literal: 3.0, 144, True, 'j2k')")
     ap.add_argument("--calibration", metavar="JSON", help="calibration file for 'classical' (MEASURE.CALIBRATION_FILE)")
     ap.add_argument("--rescan-patients", type=int, default=10, help="studies re-scanned for precision")
     ap.add_argument("--rescans", type=int, default=2, help="extra scans per re-scanned study")
@@ -299,6 +327,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.n < 1:
         print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        args.phantom_options = parse_phantom_options(args.phantom_option)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         rep = run(args)
