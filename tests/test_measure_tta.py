@@ -7,7 +7,7 @@ import pytest
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.errors import BMDError
-from bmd_d2.measure.predictor import (instances_to_arrays, merge_shifted_passes, parse_tta_shifts, parse_tta_sizes,
+from bmd_d2.measure.predictor import (instances_to_arrays, merge_tta_passes, parse_tta_shifts, parse_tta_sizes,
                                       shift_image, unshift_pass)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_merge_matches_by_box_and_class_and_averages():
     a3 = np.zeros((H, W), np.float32)
     a3[2:5, 1:4] = 0.8
     p3 = _det([[1, 2, 4, 5], [6, 6, 9, 9]], [0.5, 0.95], [0, 0], [a3, b], [130, 999])
-    out = merge_shifted_passes([ref, p2, p3])
+    out = merge_tta_passes([ref, p2, p3])
     assert len(out["scores"]) == 2  # the reference's detections only
     np.testing.assert_array_equal(out["classes"], [0, 1])
     np.testing.assert_allclose(out["scores"], [(0.9 + 0.7 + 0.5) / 3, (0.8 + 0.6 + 0.0) / 3])
@@ -74,11 +74,11 @@ def test_merge_matches_by_box_and_class_and_averages():
 def test_merge_of_one_pass_thresholds_its_masks():
     m = np.array([[0.2, 0.5, 0.7]], np.float32)
     ref = _det([[0, 0, 3, 1]], [0.9], [0], [m], [50])
-    out = merge_shifted_passes([ref])
+    out = merge_tta_passes([ref])
     np.testing.assert_array_equal(out["masks"][0], [[False, True, True]])
     assert out["scores"][0] == pytest.approx(0.9) and out["bmd"][0] == pytest.approx(50)
     empty = _det(np.zeros((0, 4)), [], [], np.zeros((0, 1, 3)), [])
-    out = merge_shifted_passes([empty, ref])
+    out = merge_tta_passes([empty, ref])
     assert out["masks"].shape == (0, 1, 3) and len(out["scores"]) == 0
 
 
@@ -98,7 +98,7 @@ def test_merge_skips_the_bmd_of_passes_without_one():
     ref = _det([[1, 1, 3, 3]], [0.9], [0], [m], [100])
     same_size = _det([[1, 1, 3, 3]], [0.8], [0], [m], [120])
     other_size = dict(_det([[1, 1, 3, 3]], [0.7], [0], [m * 0.1], [0]), bmd=None)
-    out = merge_shifted_passes([ref, same_size, other_size])
+    out = merge_tta_passes([ref, same_size, other_size])
     assert out["bmd"][0] == pytest.approx(110)  # (100 + 120) / 2: the pass without BMD is not counted
     assert out["scores"][0] == pytest.approx((0.9 + 0.8 + 0.7) / 3)
     # but its mask is: (0.9 + 0.9 + 0.09) / 3 = 0.63

@@ -133,9 +133,9 @@ def paste_soft_masks(masks, boxes, height: int, width: int) -> np.ndarray:
     return out
 
 
-def merge_shifted_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_iou: float = 0.5
-                         ) -> Dict[str, Optional[np.ndarray]]:
-    """Merge test-time passes (soft masks, all in the unshifted image's frame) into one detection set.
+def merge_tta_passes(passes: Sequence[Dict[str, Optional[np.ndarray]]], min_iou: float = 0.5
+                     ) -> Dict[str, Optional[np.ndarray]]:
+    """Merge test-time passes (shifted or resized; soft masks, all in the reference image's frame) into one set.
 
     The first pass is the reference: its detections are the ones reported (no pass adds or removes a vertebra).
     Every other pass is matched to it one to one by box IoU ≥ ``min_iou`` between detections of the same class
@@ -498,7 +498,7 @@ class BMDStudyPredictor:
         """Run the model on a sagittal image; arrays as in :func:`instances_to_arrays` at the image's size.
 
         With ``MEASURE.TTA_SHIFTS`` the image is also run shifted by each ``(dy, dx)`` (pixels, zero fill) and the
-        passes are merged by :func:`merge_shifted_passes`: the model sees the image at 1/2 of its resolution
+        passes are merged by :func:`merge_tta_passes`: the model sees the image at 1/2 of its resolution
         (256² for the default), so a one-pixel shift samples the other phase of its grid, and the averaged mask no
         longer jumps with the sub-pixel position of the anatomy. With ``MEASURE.TTA_SIZES`` it is also run once per
         size with the model input resized to it (unshifted), merged the same way except for the learned BMD, which
@@ -512,7 +512,7 @@ class BMDStudyPredictor:
             passes.append(unshift_pass(self._soft_pass(shift_image(image, dy, dx)), dy, dx))
         for size in self.tta_sizes:
             passes.append(dict(self._soft_pass(image, size), bmd=None))
-        return merge_shifted_passes(passes)
+        return merge_tta_passes(passes)
 
     def _soft_pass(self, image: np.ndarray, size: Optional[int] = None) -> Dict[str, Optional[np.ndarray]]:
         """One forward pass as ``DefaultPredictor`` runs it, keeping the mask probabilities.
