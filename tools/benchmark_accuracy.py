@@ -174,7 +174,8 @@ def run(args) -> Dict[str, Any]:
     rep: Dict[str, Any] = OrderedDict(
         benchmark="accuracy", config_file=args.config_file, weights=cfg.MODEL.WEIGHTS or "(random init)",
         random_init=not cfg.MODEL.WEIGHTS, machine=describe_machine(cfg.MODEL.DEVICE), phantom=args.phantom,
-        seed=args.seed, phantom_options=dict(args.phantom_options), study_seeds=[study_seed(args.seed, i) for i in range(args.n)], iou_threshold=iou,
+        seed=args.seed, phantom_options=dict(args.phantom_options),
+        study_seeds=[study_seed(args.seed, i) for i in range(args.n)], iou_threshold=iou,
         score_threshold=float(cfg.MEASURE.SCORE_THRESHOLD),
         calibration={"configured": {"source": cal.source, "slope": cal.slope, "intercept": cal.intercept},
                      "note": CALIBRATION_NOTE.format(source=cal.source, slope=cal.slope, intercept=cal.intercept)})

@@ -26,6 +26,9 @@ CFG=configs/bmd_rcnn_MFEFPN_R18_cpu.yaml
 DEVICE="${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 TRAIN='("bmd_phantoms_train_v1", "bmd_phantoms_train")'
 TRAIN2='("bmd_phantoms_train",)'
+# stage 2's settings, given to training and to the export (which stores them in the weights' config) alike
+STAGE2=(SEED 42 DATASETS.TRAIN "$TRAIN2" SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.0005 SOLVER.MAX_ITER 800
+  SOLVER.STEPS "(600,)")
 
 prepare() {  # dataset folder
   "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$1', skip_errors=True, workers=2)"
@@ -59,14 +62,12 @@ if [ ! -f "$OUT/stage1/model_final.pth" ]; then
 fi
 
 # 3. Stage 2 on the CPU from stage 1 (resumes from $OUT/stage2/last_checkpoint).
-"$PY" tools/train_net.py --config-file "$CFG" --resume SEED 42 MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage2" \
-  MODEL.WEIGHTS "$OUT/stage1/model_final.pth" DATASETS.TRAIN "$TRAIN2" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 \
-  SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.0005 SOLVER.WARMUP_ITERS 20 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)" \
+"$PY" tools/train_net.py --config-file "$CFG" --resume "${STAGE2[@]}" MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage2" \
+  MODEL.WEIGHTS "$OUT/stage1/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.WARMUP_ITERS 20 \
   SOLVER.CHECKPOINT_PERIOD 200
 
 # 4. Export the final weights (fp16 + the training config).
 "$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage2/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" SEED 42 DATASETS.TRAIN "$TRAIN2" SOLVER.IMS_PER_BATCH 4 \
-  SOLVER.BASE_LR 0.0005 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)" \
+  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE2[@]}" \
   --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU)" \
   "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200"
