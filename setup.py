@@ -37,7 +37,7 @@ setup(
         "opencv-python-headless>=4.5",
         "Pillow>=7.1",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
     entry_points={
         "console_scripts": [
             "bmd-measure=bmd_d2.measure.cli:main",

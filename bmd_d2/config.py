@@ -144,9 +144,16 @@ def add_bmd_config(cfg):
     # Minimum pixels of the eroded ROI in one sagittal slice; fewer gives no classical value (flag roi_too_small).
     _C.MEASURE.MIN_ROI_PIXELS = 20
     # 3-D core: the eroded ROI extruded +-HALF_WIDTH mm perpendicular to the sagittal plane, sampled in the volume;
-    # not computed when the volume's largest voxel spacing exceeds CORE_MAX_SPACING_MM (mm).
+    # not computed (reason slices_too_thick / pixels_too_large) when the slice thickness (the larger of SliceThickness
+    # and the slice spacing) or the pixel spacing exceeds CORE_MAX_SPACING_MM (mm; was 3.5 and compared the spacing
+    # only; 5 mm slices, overlapping or with gaps, measure without bias on the phantoms, docs/measurement.md).
     _C.MEASURE.CORE_HALF_WIDTH_MM = 5.0
-    _C.MEASURE.CORE_MAX_SPACING_MM = 3.5
+    _C.MEASURE.CORE_MAX_SPACING_MM = 5.0
+    # The core's ROI keeps at least this many slice spacings from the endplates: the mask edge is known to half a
+    # spacing and trilinear sampling reaches one spacing, so a shallower core blends in the slice nearest the endplate
+    # (weight 1.5 - this at the core's edge). Deeper than the sagittal ROI (EROSION_MM + EROSION_SLICE_FRACTION x
+    # thickness) only for spacings above (3 + thickness / 2) / 1.25 mm, e.g. 5 mm; up to 4 mm nothing changes.
+    _C.MEASURE.CORE_MIN_EROSION_SLICES = 1.25
     # Plausible mean trabecular HU of bone (HU): below the low end the detection is rejected as not bone; above
     # the high end (metal, sclerosis) BMD is withheld (flag implausible_hu).
     _C.MEASURE.PLAUSIBLE_HU = [-100.0, 800.0]

@@ -29,6 +29,7 @@ from bmd_d2.measure.cli import main
 from bmd_d2.measure.predictor import measure_detections
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _dciodvfy  # noqa: E402
 from test_measure_classical import _gt_detections, truth_sagittal  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,7 @@ def measured(tmp_path_factory):
     sag = truth_sagittal(st, vol, cfg)
     dets, _ = _gt_detections(st, sag)
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration(), study_id="ph3")
+    res.model["weights"] = "bmd_rcnn_MFEFPN_R18_cpu.pth"  # what BMDStudyPredictor records (the file name)
     paths = report.write_study(res, str(root / "out"), dicom=do.KINDS)
     return st, vol, res, paths, json.loads(open(paths["json"]).read())
 
@@ -238,6 +240,7 @@ def test_cli_writes_dicom_outputs(measured, tmp_path, caplog):
     sr = hd.sr.srread(str(sdir / do.SR_FILE))
     assert sr.StudyInstanceUID == vol.meta["StudyInstanceUID"]
     assert pydicom.dcmread(str(sdir / do.SC_FILE)).SOPClassUID == SC_CLASS
+    assert sr.content.get_observer_contexts()[0].observer_identifying_attributes.model_name == "(random init)"
     groups = sr.content.get_volumetric_roi_measurement_groups()
     if (sdir / do.SEG_FILE).exists():
         seg = hd.seg.segread(str(sdir / do.SEG_FILE))
@@ -266,3 +269,91 @@ def test_uid_helpers_are_valid(measured):
         ds = pydicom.dcmread(paths[k], stop_before_pixels=True)
         for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             assert UID(getattr(ds, kw)).is_valid, (k, kw)
+
+
+def test_objects_pass_dciodvfy(measured):
+    """dciodvfy (dicom3tools) finds no error in the three objects; its warnings (99BMDD2 is a local coding scheme it
+    does not know; docs/dicom_outputs.md) are listed, never counted."""
+    st, vol, res, paths, saved = measured
+    iods = {"dicom_seg": "Segmentation", "dicom_sr": "Comprehensive3DSR", "dicom_sc": "SCImage"}
+    for k, iod in iods.items():
+        warnings = _dciodvfy.assert_valid(paths[k], iod)
+        print(k, len(warnings), sorted(set(warnings)))
+        assert all("99BMDD2" in w for w in warnings), warnings  # nothing else on the phantom
+    # de-identified source: PatientIdentityRemoved YES carried over with a De-identification Method (Type 1C)
+    for k in iods:
+        ds = pydicom.dcmread(paths[k], stop_before_pixels=True)
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod == do.DEIDENTIFICATION_NOT_RECORDED
+    assert pydicom.dcmread(paths["dicom_sc"], stop_before_pixels=True).ImageLaterality == "U"
+    # the phantom has every UID: nothing generated, no flag
+    assert "generated_uids" not in saved["study"] and do.UIDS_FLAG not in saved["qc_flags"]
+
+
+def test_model_name_from_weights(measured):
+    """SEG and SR name the model by its weights file (result.model["weights"]), not a key nothing sets."""
+    st, vol, res, paths, saved = measured
+    seg = pydicom.dcmread(paths["dicom_seg"], stop_before_pixels=True)
+    assert seg.ManufacturerModelName == "bmd_rcnn_MFEFPN_R18_cpu"
+    params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert params == "model=bmd_rcnn_MFEFPN_R18_cpu"
+    sr = hd.sr.srread(paths["dicom_sr"])
+    assert sr.content.get_observer_contexts()[0].observer_identifying_attributes.model_name == \
+        "bmd_rcnn_MFEFPN_R18_cpu"
+    assert saved["model"]["weights"] == "bmd_rcnn_MFEFPN_R18_cpu.pth"
+    model = type(res)(study_id="x")
+    assert do.model_name(model) == "bmd_d2"
+    model.model = {"weights": "(random init)"}
+    assert do.model_name(model) == "(random init)"
+    model.model = {"weights": "/models/run3/model_final.pth", "config": "configs/bmd_default.yaml"}
+    assert do.model_name(model) == "model_final"
+    model.model = {"config": "configs/bmd_default.yaml"}
+    assert do.model_name(model) == "bmd_default"
+
+
+def test_prepare_sources_copies_and_is_deterministic(measured):
+    """prepare_sources never changes the datasets it is given; emptied UIDs get the same generated values twice."""
+    import copy
+
+    st, vol, res, paths, saved = measured
+    raw = do.read_source_datasets(res)
+    for ds in raw:
+        ds.StudyInstanceUID = ""
+        del ds.SOPInstanceUID
+        del ds.PatientBirthDate
+    before = [copy.deepcopy(ds) for ds in raw]
+    runs = []
+    for _ in range(2):
+        r = copy.copy(res)
+        r.study, r.qc_flags = dict(res.study), list(res.qc_flags)
+        prepared = do.prepare_sources(r, raw)
+        runs.append((r.study["generated_uids"], [ds.SOPInstanceUID for ds in prepared]))
+        assert do.UIDS_FLAG in r.qc_flags and do.UIDS_FLAG not in res.qc_flags
+        assert all("PatientBirthDate" in ds and not ds.PatientBirthDate for ds in prepared)  # Type 2: present, empty
+        assert {ds.StudyInstanceUID for ds in prepared} == {r.study["generated_uids"]["StudyInstanceUID"]}
+        assert do.prepare_sources(r, prepared) is not prepared and do.prepare_sources(r, prepared)[0] is prepared[0]
+    assert raw == before  # the given datasets are untouched
+    assert runs[0] == runs[1]
+    gen = runs[0][0]
+    assert set(gen) == {"StudyInstanceUID", "SOPInstanceUID"} and gen["SOPInstanceUID"] == runs[0][1]
+    assert len(set(runs[0][1])) == len(raw) and all(UID(u).is_valid for u in runs[0][1])
+    assert gen["StudyInstanceUID"] != vol.meta["StudyInstanceUID"]
+
+
+def test_failure_message_names_output_file_and_attribute():
+    """Exceptions from highdicom/pydicom become one line naming the output, the source file and the attribute."""
+    a, b = pydicom.Dataset(), pydicom.Dataset()
+    a.filename, b.filename = "/data/ct/img0001.dcm", "/data/ct/img0002.dcm"
+    a.PatientBirthDate = ""
+    missing = AttributeError("'FileDataset' object has no attribute 'PatientBirthDate'")
+    assert do.failure_message("sr", missing, [a, b]) == \
+        "DICOM SR not written: /data/ct/img0002.dcm: PatientBirthDate is missing"
+    assert do.failure_message("seg", KeyError(0x00200037), [a]) == \
+        "DICOM SEG not written: /data/ct/img0001.dcm: ImageOrientationPatient is missing"
+    other = AttributeError("module 'highdicom.sr' has no attribute 'Foo'")
+    assert do.failure_message("sc", other, [a]) == \
+        "DICOM SC not written: /data/ct/img0001.dcm: AttributeError: module 'highdicom.sr' has no attribute 'Foo'"
+    msg = do.failure_message("seg", ValueError("Source images must all be part\nof the same series."), [a])
+    assert msg == "DICOM SEG not written: /data/ct/img0001.dcm: ValueError: Source images must all be part of the " \
+                  "same series."
+    assert do.failure_message("seg", do.SourceHeaderError("/x/1.dcm: Rows is empty"), [a]) == \
+        "DICOM SEG not written: /x/1.dcm: Rows is empty"

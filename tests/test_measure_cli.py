@@ -117,7 +117,7 @@ def test_cli_batch_isolates_failures_and_resumes(studies, tmp_path, capsys):
     args = [str(studies), "--config-file", QUICK, "-o", str(out), "-q", "INPUT.DICOM.IMAGE_SIZE", "256"]
     assert main(args) == 1  # one broken study
     text = capsys.readouterr().out
-    assert "2 measured" in text and "1 failed" in text
+    assert "2 measured (2 this run, 0 already done)" in text and "1 failed" in text
     fails = list(csv.DictReader(open(out / "failures.csv")))
     assert [f["study_id"] for f in fails] == ["broken"] and fails[0]["reason"]
     assert "\n" not in fails[0]["reason"]
@@ -126,7 +126,9 @@ def test_cli_batch_isolates_failures_and_resumes(studies, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["failed"] == 1
     mtime = os.path.getmtime(out / "ph0" / "result.json")
     assert main(args) == 1
-    assert "0 measured, 2 already done (skipped), 1 failed" in capsys.readouterr().out
+    assert "3 studies: 2 measured (0 this run, 2 already done), 1 failed" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["measured"], summary["failed"], summary["this_run"]["skipped"]) == (2, 1, 2)
     assert os.path.getmtime(out / "ph0" / "result.json") == mtime
     assert not [p for p in os.listdir(out / "ph0") if ".tmp" in p]  # no temp files left
 

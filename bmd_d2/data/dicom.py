@@ -13,6 +13,15 @@ Rules (documented contract):
   Pass ``series_uid=`` (config ``INPUT.DICOM.SERIES_UID``) to choose explicitly; :func:`list_series` lists them.
 * **Sorting.** Slices are ordered by ImagePositionPatient projected on the slice normal (row × column direction of
   ImageOrientationPatient), never by file name or InstanceNumber.
+* **Missing, empty or malformed attributes.** Geometry (ImagePositionPatient, ImageOrientationPatient,
+  PixelSpacing, Rows, Columns), the stored format (TransferSyntaxUID, BitsAllocated, PixelRepresentation) and Pixel
+  Data are required: an error names the file and the attribute; so does any malformed value of these or of the
+  rescale (never silently read as missing). Assumed with a warning: SamplesPerPixel 1, PhotometricInterpretation
+  MONOCHROME2, BitsStored = BitsAllocated, RescaleSlope 1, RescaleIntercept 0, and Modality CT when the SOP Class
+  (or the file meta's Media Storage SOP Class) is a CT Image Storage class. Identifiers and acquisition facts are
+  optional (an empty or missing SeriesInstanceUID stays "" in ``Volume.meta``; such files form one series).
+  Uncompressed Pixel Data a row or more longer than Rows × Columns needs is an error (wrong geometry); damaged
+  bytes the fast walker cannot account for (unknown or unexpected VRs) go to pydicom, whose reading is the rule.
 * **HU.** Every slice gets its own RescaleSlope/RescaleIntercept (missing → 1/0 with a warning); signed/unsigned
   storage and BitsStored < BitsAllocated are honoured. The HU array is float32 by default; ``dtype="auto"`` returns
   int16 when that holds the same numbers (integer slope and intercept on every slice, no resampling, values within
@@ -82,6 +91,7 @@ _HEADER_CHUNK = 1 << 14  # first read of a file's header; grown to fit the previ
 _TAGS: Dict[int, Tuple[str, str]] = {
     0x00020010: ("TransferSyntaxUID", "s"),
     0x00020002: ("MediaStorageSOPClassUID", "s"),
+    0x00080005: ("SpecificCharacterSet", "m"),  # unused, but pydicom fails on a damaged one: so must the walker
     0x00080008: ("ImageType", "m"),
     0x00080016: ("SOPClassUID", "s"),
     0x00080018: ("SOPInstanceUID", "s"),
@@ -113,8 +123,15 @@ _TAGS: Dict[int, Tuple[str, str]] = {
     0x52009229: ("SharedFunctionalGroupsSequence", "q"),
     0x52009230: ("PerFrameFunctionalGroupsSequence", "q"),
 }
+# VRs the walker accepts for a wanted tag of each kind (explicit VR files): the standard's VR, or UN (the same value
+# bytes, as written by some de-identification tools). Any other VR means damaged or unusual bytes: pydicom decides.
+_KIND_VRS = {"s": {b"UI", b"CS", b"LO", b"SH", b"UN"}, "m": {b"CS", b"UN"}, "f": {b"DS", b"UN"}, "i": {b"IS", b"UN"},
+             "u": {b"US", b"UN"}, "q": {b"SQ", b"UN"}}
 _PIXEL_TAG = 0x7FE00010
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# VRs with a 16-bit length; anything that is neither is not an explicit-VR element (damaged bytes): pydicom decides
+_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL",
+              b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
@@ -216,8 +233,8 @@ _NO_TAGS: Dict[int, Tuple[str, str]] = {}
 def _convert(raw: bytes, kind: str):
     """Value bytes → Python value of ``kind`` (see ``_TAGS``); unparsable numbers → None."""
     if kind == "u":
-        return _UNPACK_U16(raw)[0] if len(raw) >= 2 else None
-    raw = raw.strip(b"\x00 ")
+        return _UNPACK_U16(raw)[0] if len(raw) == 2 else None  # US of VM 1: exactly 2 bytes
+    raw = raw.rstrip(b"\x00 ").lstrip(b" ")  # padding is trailing (NUL or space); leading spaces are allowed
     if kind == "s":
         return raw.decode("latin-1")
     if kind == "m":
@@ -225,13 +242,23 @@ def _convert(raw: bytes, kind: str):
     if not raw:
         return None
     try:  # float() accepts ASCII bytes and surrounding whitespace
-        if kind == "f":
-            return [float(p) for p in raw.split(b"\\") if p.strip()]
+        if kind == "f":  # an empty component makes the whole value malformed (pydicom would read VM + 1 values)
+            return [float(p) for p in raw.split(b"\\")]
         if kind == "i":
             return int(float(raw.split(b"\\")[0]))
     except ValueError:
         return None
     return raw.decode("latin-1")
+
+
+def _store(out: dict, kw: str, kind: str, raw: bytes) -> None:
+    """``out[kw]`` = the value of ``raw``; a value that does not convert is left out and kept, as text, in
+    ``out["_malformed"]`` so that messages can tell a malformed value from a missing one."""
+    value = _convert(raw, kind)
+    if value is None and raw.rstrip(b"\x00 ").lstrip(b" "):
+        out.setdefault("_malformed", {})[kw] = raw[:40].decode("latin-1")
+        return
+    out[kw] = value
 
 
 def _skip_items(buf: bytes, pos: int, explicit: bool) -> int:
@@ -261,7 +288,7 @@ def _walk(buf: bytes, pos: int, explicit: bool, out: Optional[dict], nested: boo
     """
     n = len(buf)
     wanted = _TAGS_BY_WORD if out is not None and not nested else _NO_TAGS
-    long_vrs = _LONG_VRS
+    long_vrs, short_vrs = _LONG_VRS, _SHORT_VRS
     while True:
         if pos + 8 > n:
             raise _NeedMore
@@ -286,17 +313,24 @@ def _walk(buf: bytes, pos: int, explicit: bool, out: Optional[dict], nested: boo
                 raise _NeedMore
             length = _UNPACK_U32(buf, start)[0]
             start = pos + 12
+        elif explicit and vr not in short_vrs:
+            raise _Unsupported("unknown VR")
         want = wanted.get(word)
+        if want is not None and explicit and vr not in _KIND_VRS[want[1]]:
+            raise _Unsupported("unexpected VR")
         if length == 0xFFFFFFFF:
             pos = _skip_items(buf, start, explicit and vr != b"UN")
             if want is not None and want[1] == "q":
-                out[want[0]] = True
+                out[want[0]] = pos > start + 8  # more than the sequence delimiter: at least one item
             continue
         pos = start + length
         if want is not None:
             if pos > n:
                 raise _NeedMore
-            out[want[0]] = True if want[1] == "q" else _convert(buf[start:pos], want[1])
+            if want[1] == "q":
+                out[want[0]] = length > 0
+            else:
+                _store(out, want[0], want[1], buf[start:pos])
 
 
 def _fast_header(path: str, chunk: int = _HEADER_CHUNK) -> dict:
@@ -330,14 +364,22 @@ def _parse_buffer(buf: bytes, size: int) -> dict:
             break
         vr = buf[pos + 4:pos + 6]
         if vr in _LONG_VRS:
+            if pos + 12 > n:
+                raise _NeedMore
             length = struct.unpack_from("<I", buf, pos + 8)[0]
             start = pos + 12
-        else:
+        elif vr in _SHORT_VRS:
             length = struct.unpack_from("<H", buf, pos + 6)[0]
             start = pos + 8
+        else:
+            raise _Unsupported("unknown VR in the file meta information")
         tag = (g << 16) | e
+        if start + length > n:
+            raise _NeedMore
         if tag in _TAGS:
-            h[_TAGS[tag][0]] = _convert(buf[start:start + length], _TAGS[tag][1])
+            if vr not in _KIND_VRS[_TAGS[tag][1]]:
+                raise _Unsupported("unexpected VR in the file meta information")
+            _store(h, _TAGS[tag][0], _TAGS[tag][1], buf[start:start + length])
         pos = start + length
     ts = h.get("TransferSyntaxUID", "")
     if ts in (_DEFLATED_LE, _EXPLICIT_BE) or not ts:
@@ -364,15 +406,15 @@ def _parse_buffer(buf: bytes, size: int) -> dict:
 def _pydicom_header(path: str) -> dict:
     """Header via pydicom (fallback); same keys as :func:`_fast_header` (no pixel offset)."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, struct.error, KeyError, TypeError) as ex:
+        h = _dataset_header(ds)  # values are converted on access: damaged ones raise here
+        meta = getattr(ds, "file_meta", None)
+        h["TransferSyntaxUID"] = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+        h["MediaStorageSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""
+    except Exception as ex:  # pydicom raises many types on damaged files (InvalidDicomError, BytesLengthException, ...)
         raise BMDError(f"not a readable DICOM file ({type(ex).__name__})", path=path) from None
-    h = _dataset_header(ds)
-    h["TransferSyntaxUID"] = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    h["MediaStorageSOPClassUID"] = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     h["_has_pixels"] = None  # unknown until decoded (stop_before_pixels drops it)
     h["_pixel_offset"] = None
     return h
@@ -387,7 +429,7 @@ def _dataset_header(ds) -> dict:
         if v is None or v == "":
             continue
         if kind == "q":
-            h[kw] = True
+            h[kw] = len(v) > 0  # an empty sequence holds no functional groups
         elif kind == "m":
             h[kw] = [str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__")
                                        and not isinstance(v, str) else [v])]
@@ -395,12 +437,14 @@ def _dataset_header(ds) -> dict:
             try:
                 h[kw] = [float(x) for x in v] if hasattr(v, "__iter__") and not isinstance(v, str) else [float(v)]
             except (TypeError, ValueError):
-                pass
+                h.setdefault("_malformed", {})[kw] = str(v)[:40]
         elif kind in ("i", "u"):
             try:
+                if kind == "u" and not isinstance(v, int):  # US read as text or several values: damaged
+                    raise TypeError
                 h[kw] = int(v)
             except (TypeError, ValueError):
-                pass
+                h.setdefault("_malformed", {})[kw] = str(v)[:40]
         else:
             h[kw] = str(v)
     if "PixelData" in ds or "FloatPixelData" in ds:
@@ -473,12 +517,19 @@ def _scan(source) -> Tuple[List[dict], List[str]]:
         if h.get("_pixel_offset"):  # files of one series have headers of about the same size
             chunk = max(_HEADER_CHUNK, h["_pixel_offset"] + 4096)
         if h.get("MediaStorageSOPClassUID") == _DICOMDIR_CLASS:
+            if explicit_list:
+                raise BMDError("is a DICOMDIR (an index of a DICOM medium, no image); pass the folder that holds "
+                               "the images", path=path)
             continue
         if not h.get("Rows") or not h.get("Columns"):
+            why = ", ".join(f"{k} {_shown(h, k)}" for k in ("Rows", "Columns") if not h.get(k))
             if explicit_list:
-                raise BMDError("DICOM object without an image (no Rows/Columns/Pixel Data)", path=path)
-            skipped.append(f"{path}: no image")
+                raise BMDError(f"DICOM object without an image ({why})", path=path)
+            skipped.append(f"{path}: no image ({why})")
             continue
+        if not h.get("Modality") and _sop_class(h) in _CT_CLASSES:
+            h["Modality"] = "CT"  # the CT Image IODs require Modality CT; load_series says it was assumed
+            h["_modality_assumed"] = True
         headers.append(h)
     if not headers:
         where = source if not isinstance(source, (list, tuple)) else f"{len(files)} files"
@@ -487,21 +538,29 @@ def _scan(source) -> Tuple[List[dict], List[str]]:
     return headers, skipped
 
 
+def _sop_class(h: dict) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID (de-identified exports sometimes empty the first)."""
+    return h.get("SOPClassUID") or h.get("MediaStorageSOPClassUID") or ""
+
+
 def _is_localizer(h: dict) -> bool:
     return any(t.upper() == "LOCALIZER" for t in (h.get("ImageType") or []))
+
+
+_NO_SERIES_UID = "<no SeriesInstanceUID>"  # group key of the images without one (never put into Volume.meta)
 
 
 def _group(headers: List[dict]) -> Dict[str, List[dict]]:
     groups: Dict[str, List[dict]] = {}
     for h in headers:
-        groups.setdefault(h.get("SeriesInstanceUID") or "<no SeriesInstanceUID>", []).append(h)
+        groups.setdefault(h.get("SeriesInstanceUID") or _NO_SERIES_UID, []).append(h)
     return groups
 
 
 def _info(uid: str, hs: List[dict]) -> SeriesInfo:
     h0 = hs[0]
     frames = sum(max(1, int(h.get("NumberOfFrames") or 1)) for h in hs)
-    return SeriesInfo(series_uid=uid, modality=h0.get("Modality", "") or "?",
+    return SeriesInfo(series_uid=uid, modality=h0.get("Modality", "") or "no Modality",
                       description=h0.get("SeriesDescription", "") or "", num_images=frames,
                       is_localizer=all(_is_localizer(h) for h in hs),
                       matrix=(int(h0.get("Rows") or 0), int(h0.get("Columns") or 0)),
@@ -571,6 +630,7 @@ def _multiframe_frames(h: dict, warnings: List[str]) -> Tuple[List[_Frame], np.n
     path = h["_path"]
     try:
         ds = pydicom.dcmread(path)
+        _apply_assumed(ds, h)
         pix = ds.pixel_array
     except Exception as ex:  # pydicom raises many types for broken pixel data
         raise BMDError(f"cannot decode multi-frame pixel data ({type(ex).__name__}: {ex})", path=path) from None
@@ -621,16 +681,34 @@ def _multiframe_frames(h: dict, warnings: List[str]) -> Tuple[List[_Frame], np.n
 def _single_frame(h: dict, warnings_once: set) -> _Frame:
     path = h["_path"]
     ipp, iop = h.get("ImagePositionPatient"), h.get("ImageOrientationPatient")
-    if not ipp or len(ipp) != 3 or not iop or len(iop) != 6:
-        raise BMDError("missing or malformed ImagePositionPatient/ImageOrientationPatient", path=path)
+    if not ipp or len(ipp) != 3 or not np.isfinite(ipp).all():
+        raise BMDError(f"missing or malformed ImagePositionPatient ({_shown(h, 'ImagePositionPatient')}; need 3 "
+                       f"numbers)", path=path)
+    if not iop or len(iop) != 6 or not np.isfinite(iop).all() or min(np.linalg.norm(iop[:3]),
+                                                                     np.linalg.norm(iop[3:])) < 0.5:
+        raise BMDError(f"missing or malformed ImageOrientationPatient ({_shown(h, 'ImageOrientationPatient')}; "
+                       f"need two unit vectors)", path=path)
     ps = h.get("PixelSpacing")
-    if not ps or len(ps) != 2 or min(ps) <= 0:
-        raise BMDError("missing or invalid PixelSpacing", path=path)
+    if not ps or len(ps) != 2 or not np.isfinite(ps).all() or min(ps) <= 0:
+        raise BMDError(f"missing or invalid PixelSpacing ({_shown(h, 'PixelSpacing')}; need 2 positive numbers)",
+                       path=path)
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        if kw in (h.get("_malformed") or {}):
+            raise BMDError(f"{kw} {_shown(h, kw)} is not a number", path=path)
+        if len(h.get(kw) or ()) > 1:
+            raise BMDError(f"{kw} has {len(h[kw])} values ({_shown(h, kw)}); it must have one", path=path)
     slope, intercept = h.get("RescaleSlope"), h.get("RescaleIntercept")
     if not slope or not intercept:
-        warnings_once.add("RescaleSlope/RescaleIntercept missing; stored values used as HU")
+        if not slope and not intercept:
+            warnings_once.add("RescaleSlope/RescaleIntercept missing or empty; stored values used as HU")
+        elif not slope:
+            warnings_once.add("RescaleSlope missing or empty; 1 assumed (HU = stored value + RescaleIntercept)")
+        else:
+            warnings_once.add("RescaleIntercept missing or empty; 0 assumed (HU = stored value x RescaleSlope)")
         slope, intercept = slope or [1.0], intercept or [0.0]
     _check_rescale(float(slope[0]), float(intercept[0]), path)
+    if h.get("TransferSyntaxUID") in _RAW_SYNTAXES and h.get("_pixel_length") is not None:
+        _check_pixel_length(h["_pixel_length"], h, warnings_once)
     return _Frame(path=path, frame=None, ipp=np.array(ipp, dtype=np.float64), iop=np.array(iop, dtype=np.float64),
                   pixel_spacing=(float(ps[0]), float(ps[1])), slope=float(slope[0]), intercept=float(intercept[0]),
                   sop_uid=h.get("SOPInstanceUID", ""), header=h)
@@ -638,6 +716,24 @@ def _single_frame(h: dict, warnings_once: set) -> _Frame:
 
 _MAX_SLOPE = 100.0  # HU per stored unit; CT uses 1 (sometimes 0.5-2); anything near this is not a CT image
 _MAX_INTERCEPT = 32768.0
+
+
+def _check_pixel_length(length: int, h: dict, notes: Optional[set]) -> None:
+    """Uncompressed single-frame Pixel Data longer than Rows × Columns × BitsAllocated/8 (+1 padding byte).
+
+    A surplus of a whole row or more means Rows/Columns/BitsAllocated do not describe the stored image (the rows
+    would be cut or sheared): an error. A smaller surplus is ignored, with a note (when ``notes`` is given). Too
+    short pixel data is caught while reading.
+    """
+    bpp = int(h["BitsAllocated"]) // 8
+    need = int(h["Rows"]) * int(h["Columns"]) * bpp
+    extra = length - need
+    if extra >= int(h["Columns"]) * bpp:
+        raise BMDError(f"PixelData holds {length} bytes, {extra} more than Rows x Columns x BitsAllocated/8 = {need} "
+                       f"(Rows {h['Rows']}, Columns {h['Columns']} or BitsAllocated {h['BitsAllocated']} wrong?)",
+                       path=h["_path"])
+    if extra > 1 and notes is not None:
+        notes.add(f"PixelData longer than Rows x Columns need ({extra} surplus bytes ignored)")
 
 
 def _check_rescale(slope: float, intercept: float, path: str) -> None:
@@ -648,16 +744,73 @@ def _check_rescale(slope: float, intercept: float, path: str) -> None:
         raise BMDError(f"implausible RescaleIntercept {intercept:g}", path=path)
 
 
-def _check_image_format(h: dict, source: str):
+def _shown(h: dict, kw: str) -> str:
+    """How a header value reads in a message: its value (shortened), "malformed '<text>'" or "missing or empty"."""
+    bad = (h.get("_malformed") or {}).get(kw)
+    if bad is not None:
+        return f"malformed {bad!r}"
+    value = h.get(kw)
+    if value is None or (isinstance(value, (list, str)) and not value):
+        return "missing or empty"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Image Pixel attributes a CT file may lack with one safe reading: keyword -> (assumed value, why it is safe);
+# the value replaces the missing one in the header and, for pydicom's decoders, in the dataset (_apply_assumed).
+_PIXEL_DEFAULTS = {
+    "SamplesPerPixel": (1, "1 assumed (grey-scale)"),
+    "PhotometricInterpretation": ("MONOCHROME2", "MONOCHROME2 assumed (HU come from the rescale either way)"),
+}
+
+
+def _check_image_format(h: dict, notes: set) -> None:
+    """Refuse what cannot be read as one grey-scale CT image; fill in safe defaults for missing pixel attributes.
+
+    A missing TransferSyntaxUID, BitsAllocated or PixelRepresentation is an error (a guess could give wrong HU);
+    a missing SamplesPerPixel, PhotometricInterpretation or BitsStored (= BitsAllocated: no masking) is assumed and
+    noted in ``notes`` (one warning per kind).
+    """
     path = h["_path"]
-    spp = int(h.get("SamplesPerPixel") or 1)
-    photo = (h.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    if not h.get("TransferSyntaxUID"):
+        raise BMDError("TransferSyntaxUID missing or empty in the file meta information (the pixel data cannot be "
+                       "decoded without it)", path=path)
+    malformed = h.get("_malformed") or {}
+    for kw in ("BitsAllocated", "PixelRepresentation", "BitsStored", "SamplesPerPixel"):
+        required = kw in ("BitsAllocated", "PixelRepresentation")  # the other two have a default when missing
+        if h.get(kw) is None and (required or kw in malformed):
+            raise BMDError(f"{kw} {_shown(h, kw)} (the stored pixel format is unknown)", path=path)
+    assumed = dict(h.get("_assumed") or {})
+    for kw, (value, why) in _PIXEL_DEFAULTS.items():
+        if h.get(kw) in (None, ""):
+            assumed[kw] = value
+            notes.add(f"{kw} missing or empty; {why}")
+    bits = int(h["BitsAllocated"])
+    if bits not in (8, 16, 32):
+        raise BMDError(f"unsupported BitsAllocated={bits}", path=path)
+    if h["PixelRepresentation"] not in (0, 1):
+        raise BMDError(f"invalid PixelRepresentation={h['PixelRepresentation']} (0 unsigned or 1 signed)", path=path)
+    stored = h.get("BitsStored")
+    if stored is None:
+        assumed["BitsStored"] = bits
+        notes.add(f"BitsStored missing or empty; BitsAllocated ({bits}) assumed")
+    elif not 1 <= stored <= bits:
+        raise BMDError(f"invalid BitsStored={stored} (BitsAllocated={bits})", path=path)
+    if assumed:
+        h.update(assumed)
+        h["_assumed"] = assumed
+    spp = int(h["SamplesPerPixel"])
+    photo = str(h["PhotometricInterpretation"]).upper()
     if spp != 1 or photo not in ("MONOCHROME1", "MONOCHROME2"):
         raise BMDError(f"not a grey-scale CT image (SamplesPerPixel={spp}, PhotometricInterpretation={photo})",
                        path=path)
-    bits = int(h.get("BitsAllocated") or 16)
-    if bits not in (8, 16, 32):
-        raise BMDError(f"unsupported BitsAllocated={bits}", path=path)
+
+
+def _apply_assumed(ds, h: dict) -> None:
+    """Put the values :func:`_check_image_format` assumed for missing attributes into pydicom's dataset ``ds``, so
+    that its pixel decoders read the same format as the header."""
+    for kw, value in (h.get("_assumed") or {}).items():
+        setattr(ds, kw, value)
 
 
 def _raw_dtype(h: dict) -> np.dtype:
@@ -685,8 +838,11 @@ def _read_raw_into(fr: _Frame, dst: np.ndarray) -> None:
     h = fr.header
     need = dst.nbytes
     length = h.get("_pixel_length")
-    if length is not None and length < need:
-        raise BMDError(f"pixel data too short ({length} of {need} bytes)", path=fr.path)
+    if length is None:  # undefined length: encapsulated, impossible in an uncompressed transfer syntax
+        raise BMDError(f"PixelData has an undefined length in the uncompressed transfer syntax "
+                       f"{h.get('TransferSyntaxUID')}", path=fr.path)
+    if length < need:
+        raise BMDError(f"pixel data too short (PixelData holds {length} of {need} bytes)", path=fr.path)
     view = memoryview(dst.reshape(-1)).cast("B")
     if _HAVE_PREADV:  # one open and one read syscall, no buffered-reader object
         fd = os.open(fr.path, os.O_RDONLY)
@@ -704,7 +860,7 @@ def _read_raw_into(fr: _Frame, dst: np.ndarray) -> None:
             f.seek(h["_pixel_offset"])
             got = f.readinto(view)
     if got != need:
-        raise BMDError(f"truncated pixel data ({got} of {need} bytes)", path=fr.path)
+        raise BMDError(f"truncated pixel data (PixelData: {got} of {need} bytes in the file)", path=fr.path)
     if dst.dtype.byteorder == ">":
         dst.byteswap(inplace=True)
     _fix_bits(dst, h)
@@ -751,6 +907,16 @@ def _jpeg_ls_direct(fr: _Frame) -> Optional[np.ndarray]:
     return arr.astype(np.uint16, copy=False)
 
 
+def _pixel_data_empty(ds) -> bool:
+    """Whether the dataset's Pixel Data holds no bytes, or (encapsulated) nothing after its Basic Offset Table."""
+    value = ds.PixelData
+    if not value:
+        return True
+    if len(value) >= 8 and value[:4] == b"\xfe\xff\x00\xe0":  # encapsulated: items, the first is the offset table
+        return len(value) < 8 + _UNPACK_U32(value, 4)[0] + 8  # no room for a fragment item after the table
+    return False
+
+
 def _decode_pydicom(fr: _Frame) -> np.ndarray:
     """Decode one single-frame file's pixels (stored values, any transfer syntax) with pydicom's handlers; JPEG-LS
     with CharLS directly once the first slice of its folder and format decoded identically both ways."""
@@ -765,7 +931,12 @@ def _decode_pydicom(fr: _Frame) -> np.ndarray:
     try:
         ds = pydicom.dcmread(fr.path)
         if "PixelData" not in ds:
-            raise BMDError("no Pixel Data", path=fr.path)
+            raise BMDError("no PixelData element (no image)", path=fr.path)
+        if _pixel_data_empty(ds):
+            raise BMDError("PixelData is empty (no encoded frame)", path=fr.path)
+        _apply_assumed(ds, fr.header)
+        if fr.header.get("TransferSyntaxUID") in _RAW_SYNTAXES and fr.frame is None:
+            _check_pixel_length(len(ds.PixelData), fr.header, None)
         arr = ds.pixel_array
     except BMDError:
         raise
@@ -1093,7 +1264,11 @@ def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optiona
     uid, hs = _choose_series(_group(headers), series_uid, src, warnings)
     modality = hs[0].get("Modality", "")
     if modality != "CT":
-        raise BMDError(f"series {uid} has modality {modality or 'unknown'}, not CT", path=src)
+        raise BMDError(f"series {uid} has modality {modality or 'unknown (no Modality)'}, not CT", path=src)
+    assumed = [h for h in hs if h.get("_modality_assumed")]
+    if assumed:
+        warnings.append(f"Modality missing or empty in {len(assumed)} file(s) (e.g. {assumed[0]['_path']}); CT "
+                        f"assumed from the SOP Class UID (CT Image Storage)")
     loc = [h for h in hs if _is_localizer(h)]
     if loc and len(loc) < len(hs):
         warnings.append(f"dropped {len(loc)} localizer image(s) from series {uid}")
@@ -1102,7 +1277,7 @@ def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optiona
     pixels: Dict[int, np.ndarray] = {}
     notes: set = set()
     for h in hs:
-        _check_image_format(h, src)
+        _check_image_format(h, notes)
         if int(h.get("NumberOfFrames") or 1) > 1 or h.get("PerFrameFunctionalGroupsSequence"):
             fr, pix = _multiframe_frames(h, warnings)
             for i, f in enumerate(fr):
@@ -1118,7 +1293,7 @@ def load_series(source: Union[PathLike, Sequence[PathLike]], series_uid: Optiona
     meta = {
         "source": src,
         "StudyInstanceUID": h0.get("StudyInstanceUID", ""),
-        "SeriesInstanceUID": uid,
+        "SeriesInstanceUID": "" if uid == _NO_SERIES_UID else uid,
         "FrameOfReferenceUID": h0.get("FrameOfReferenceUID", ""),
         "SOPClassUID": h0.get("SOPClassUID", ""),
         "SOPInstanceUIDs": [f.sop_uid for f in frames],

@@ -8,8 +8,12 @@ Discovery rule (:func:`discover_studies`), for an input folder:
 
 Output layout (``<out>/``): ``<study_id>/{result.json, vertebrae.csv, overlay.png[, masks.nii.gz]}`` per study,
 ``studies.csv`` (one row per study incl. failures), ``all_vertebrae.csv``, ``failures.csv`` (study_id, source,
-reason), ``summary.json``. A study is finished when its ``result.json`` exists (written last, atomically); a rerun
-with resume skips finished studies and retries failed ones. With ``torch.distributed`` (Detectron2 ``launch``),
+reason), ``summary.json``. A study is finished when its ``result.json`` says so (``outputs.complete``, written last,
+atomically, after every requested output; :func:`report.is_finished`); a rerun with resume skips finished studies,
+re-measures unfinished ones (temporary files of an interrupted write are removed) and retries failed ones. The
+batch-level files describe the whole batch, whichever run measured each study, so a batch killed at any moment
+(even SIGKILL) and run again ends with the same files as one run without interruption; what this run did is in
+``summary.json["this_run"]``. With ``torch.distributed`` (Detectron2 ``launch``),
 rank ``r`` of ``w`` measures the sorted studies ``r, r + w, r + 2w, …``; rank 0 writes the batch-level files after
 all ranks are done.
 """
@@ -141,6 +145,7 @@ class StudyOutcome:
     status: str
     reason: str = ""
     seconds: float = 0.0
+    output_warning: bool = False  # measured, but an optional output failed (QC flag output_not_written)
 
 
 @dataclass
@@ -152,20 +157,21 @@ class BatchSummary:
         return sum(o.status == status for o in self.outcomes)
 
     def to_dict(self) -> Dict:
-        return {"studies": len(self.outcomes), "measured": self.count("ok"), "skipped": self.count("skipped"),
-                "failed": self.count("failed"), "seconds": round(self.seconds, 3),
+        """The batch's state (whichever run measured each study) plus ``this_run``: what this run did."""
+        done = [o for o in self.outcomes if o.status in ("ok", "skipped")]
+        return {"studies": len(self.outcomes), "measured": len(done),
+                "with_output_warnings": sum(o.output_warning for o in done), "failed": self.count("failed"),
                 "failures": [{"study_id": o.study_id, "reason": o.reason} for o in self.outcomes
-                             if o.status == "failed"]}
+                             if o.status == "failed"],
+                "this_run": {"measured": self.count("ok"), "skipped": self.count("skipped"),
+                             "failed": self.count("failed"), "seconds": round(self.seconds, 3)}}
 
     def text(self) -> str:
         d = self.to_dict()
-        return (f"{d['studies']} studies: {d['measured']} measured, {d['skipped']} already done (skipped), "
-                f"{d['failed']} failed in {d['seconds']:.1f} s")
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return msg if isinstance(e, BMDError) else f"{type(e).__name__}: {msg}"
+        r = d["this_run"]
+        warn = f", {d['with_output_warnings']} with output warnings" if d["with_output_warnings"] else ""
+        return (f"{d['studies']} studies: {d['measured']} measured ({r['measured']} this run, {r['skipped']} already "
+                f"done){warn}, {d['failed']} failed in {r['seconds']:.1f} s")
 
 
 def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, str]], out_root: str, *,
@@ -178,7 +184,7 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
         studies: ``(study_id, source)`` pairs (all ranks pass the same list).
         out_root: output folder.
         overlay, masks, dicom: which optional reports to write (``dicom``: see :func:`report.write_study`).
-        resume: skip studies whose ``result.json`` exists.
+        resume: skip finished studies (:func:`report.is_finished` with the optional outputs asked for now).
         rank, world_size: shard; default from ``detectron2.utils.comm``.
         progress: show a progress bar (tqdm, on stderr) on the main process.
 
@@ -193,6 +199,7 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
     world_size = comm.get_world_size() if world_size is None else world_size
     os.makedirs(out_root, exist_ok=True)
     shard = studies[rank::world_size]
+    requested = report.requested_outputs(masks=masks, dicom=dicom)
     t0 = time.time()
     outcomes: List[StudyOutcome] = []
     bar = tqdm(shard, desc=f"measuring (rank {rank})" if world_size > 1 else "measuring", unit="study",
@@ -201,16 +208,19 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
         t = time.time()
         try:
             out_dir = safe_study_dir(out_root, sid)
-            if resume and report.is_finished(out_dir):
-                outcomes.append(StudyOutcome(sid, src, "skipped"))
+            if resume and report.is_finished(out_dir, requested):
+                d = report.read_result(out_dir) or {}
+                outcomes.append(StudyOutcome(sid, src, "skipped",
+                                             output_warning="output_not_written" in (d.get("qc_flags") or [])))
                 continue
             result = measure(src, sid)
             report.write_study(result, out_dir, overlay=overlay, masks=masks, dicom=dicom)
-            outcomes.append(StudyOutcome(sid, src, "ok", seconds=time.time() - t))
+            outcomes.append(StudyOutcome(sid, src, "ok", seconds=time.time() - t,
+                                         output_warning="output_not_written" in result.qc_flags))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # isolate every study: one bad input must not stop the batch
-            reason = _one_line(e)
+            reason = report.one_line_reason(e)
             logger.error("study %s failed: %s", sid, reason)
             logger.debug("study %s traceback", sid, exc_info=True)
             outcomes.append(StudyOutcome(sid, src, "failed", reason=reason, seconds=time.time() - t))
@@ -237,7 +247,7 @@ def write_batch_files(summary: BatchSummary, out_root: str):
         if d is None:
             study_rows.append(report.study_row({"study_id": o.study_id}, "failed", "result.json unreadable"))
             continue
-        study_rows.append(report.study_row(d, o.status))
+        study_rows.append(report.study_row(d, "ok"))
         try:
             with open(os.path.join(out_root, o.study_id, report.VERTEBRAE_CSV), encoding="utf-8") as f:
                 lines = f.read().splitlines()

@@ -5,8 +5,14 @@
     bmd-measure FOLDER ... --num-gpus 8                                         # one process per GPU, sharded
     bmd-measure STUDY ... --calibration phantom.json --masks MEASURE.EROSION_MM 2.0
 
-Exit codes: 0 all measured; 1 a batch finished but some studies failed (listed in ``<out>/failures.csv``);
-2 a user error (bad arguments, config, weights, or the single study cannot be read) printed as one ``error:`` line.
+Exit codes (also in ``--help`` and docs/measurement.md):
+
+* 0: every study measured and every requested output written;
+* 3: every study measured, but an optional output (DICOM SEG/SR/SC, masks) could not be written for some: the
+  measurement and its result.json/vertebrae.csv/overlay are kept, the study carries the QC flag
+  ``output_not_written`` and a one-line warning names the output, the source file and the attribute;
+* 1: a batch finished but some studies failed (listed in ``<out>/failures.csv``; the others are measured);
+* 2: a user error (bad arguments, config, weights, or the single study cannot be read), one ``error:`` line.
 """
 import argparse
 import json
@@ -16,6 +22,7 @@ import sys
 from typing import List, Optional
 
 from bmd_d2.errors import BMDError
+from bmd_d2.utils.logs import redact, setup_cli_logging
 
 logger = logging.getLogger("bmd_d2.measure")
 
@@ -24,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bmd-measure",
         description="Measure vertebral BMD (learned and classical) in CT studies; writes JSON, CSV and overlay PNG.",
-        epilog="Trailing KEY VALUE pairs override config keys, e.g. MEASURE.SCORE_THRESHOLD 0.7.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Trailing KEY VALUE pairs override config keys, e.g. MEASURE.SCORE_THRESHOLD 0.7.\n\n"
+               "exit codes:\n"
+               "  0  measured, every requested output written\n"
+               "  3  measured, but an optional output (DICOM SEG/SR/SC, masks) failed for some study: the\n"
+               "     measurement is kept (QC flag output_not_written, one warning line per output)\n"
+               "  1  batch finished, some studies failed (see <out>/failures.csv)\n"
+               "  2  user error (arguments, config, weights, unreadable single study): one 'error:' line")
     p.add_argument("input", help="a study (DICOM folder/file, .nii/.nii.gz) or a folder of studies")
     p.add_argument("-o", "--output", default="bmd_output", help="output folder (default: %(default)s)")
     p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
@@ -48,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name outputs by a hash of the source path instead of folder/file names")
     p.add_argument("--json", action="store_true", help="single study: print the JSON result instead of the table")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr, no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also the libraries' INFO messages (highdicom, pydicom, ...); -vv: DEBUG. Patient data "
+                        "(names, IDs, dates) never appears in the log at any level")
     p.add_argument("--num-gpus", type=int, default=0, help="processes (GPUs) per machine for a batch")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
@@ -87,19 +104,6 @@ def setup_cfg(args):
     return cfg
 
 
-def _setup_logging(quiet: bool, rank: int):
-    level = logging.WARNING if quiet or rank > 0 else logging.INFO
-    root = logging.getLogger()
-    if not any(getattr(h, "_bmd_measure", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%H:%M:%S"))
-        h._bmd_measure = True
-        root.addHandler(h)
-    root.setLevel(level)
-    for noisy in ("fvcore", "detectron2", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
 def dicom_kinds(args) -> tuple:
     """The DICOM objects requested: subset of ("seg", "sr", "sc")."""
     return tuple(k for k in ("seg", "sr", "sc") if args.dicom_outputs or getattr(args, f"dicom_{k}"))
@@ -120,7 +124,7 @@ def worker(args) -> int:
                         sanitize_study_id, study_id_from_path)
     from .predictor import BMDStudyPredictor
 
-    _setup_logging(args.quiet, comm.get_rank())
+    setup_cli_logging(quiet=args.quiet, verbosity=args.verbose, rank=comm.get_rank())
     cfg = setup_cfg(args)
     single = args.single or (not args.batch and looks_like_single_study(args.input))
     if not os.path.exists(args.input):
@@ -140,7 +144,7 @@ def worker(args) -> int:
         else:
             print(report.format_table(result))
             print(f"reports: {os.path.dirname(paths['json'])}")
-        return 0
+        return 3 if "output_not_written" in result.qc_flags else 0
 
     studies = discover_studies(args.input, exclude=(args.output,))
     if args.hash_ids:
@@ -156,7 +160,9 @@ def worker(args) -> int:
             if o.status == "failed":
                 print(f"  failed {o.study_id}: {o.reason}")
         print(f"reports: {args.output} (studies.csv, all_vertebrae.csv, failures.csv, summary.json)")
-        return 1 if summary.count("failed") else 0
+        if summary.count("failed"):
+            return 1
+        return 3 if summary.to_dict()["with_output_warnings"] else 0
     return 0
 
 
@@ -174,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             code = worker(args)
     except BMDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         code = 2
     if argv is None:
         sys.exit(code)

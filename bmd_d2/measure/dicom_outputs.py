@@ -9,10 +9,11 @@ a PACS or viewer files them next to the CT; each is a new series.
   source images are the referenced images). The sagittal masks are mapped back with
   :func:`bmd_d2.data.sagittal.sagittal_mask_to_volume` over the slab the sagittal measurement covered (the 3 channels:
   ``3 × channel spacing`` mm around the mid-sagittal plane), as ``masks.nii.gz`` is. Algorithm ``bmd_d2`` /
-  package version, family DCM 123110 "Artificial Intelligence", type AUTOMATIC.
+  package version / ``model=<model name>``, family DCM 123110 "Artificial Intelligence", type AUTOMATIC.
 * **SR** (:func:`build_report`, Comprehensive 3D SR, TID 1500 Measurement Report): one TID 1411 volumetric measurement
   group per vertebra that references its SEG segment (``ReferencedSegment``) and carries the values of
-  ``result.json``; one TID 1501 group with the patient-level values. Observer: the device ``bmd_d2``.
+  ``result.json``; one TID 1501 group with the patient-level values. Observer: the device ``bmd_d2``; the
+  algorithm is identified per group (it covers the group's measurements).
 * **SC** (:func:`build_overlay_sc`, Secondary Capture, RGB): the overlay PNG, for viewers that show nothing else.
 
 Codes (every standard code is taken from ``pydicom.sr.codedict.codes``; nothing is typed in by hand):
@@ -39,6 +40,13 @@ QC flags are qualitative evaluations with name ``99BMDD2 qc-flag`` and a value c
 flag name (e.g. ``levels_unanchored``; meanings in :data:`bmd_d2.measure.result.QC_FLAGS`): highdicom's TID 1411/1501
 groups hold coded, not free-text, evaluations.
 
+Real-world (de-identified) sources: the writers get copies of the source headers prepared by :func:`prepare_sources`
+(missing Type 2 attributes present and empty; empty or missing Study/Series/SOP Instance/Frame of Reference UIDs
+generated deterministically, recorded in ``study["generated_uids"]`` and the study flag ``source_uids_generated``).
+The objects' own Series/SOP Instance UIDs are deterministic (:func:`output_uids`). The model is named after its
+weights file (:func:`model_name`). :func:`write_dicom_outputs` builds each object on its own and reports a failure as
+one line naming the output, the source file and the attribute (docs/dicom_outputs.md, "Real-world sources").
+
 When nothing was measured (e.g. a model that detects nothing) no SEG is written (a SEG needs at least one segment)
 and a warning says so; the SR is still written (patient group with the study QC flags, e.g.
 ``no_vertebrae_detected``). DICOM outputs need a DICOM source: a NIfTI input gives :class:`DicomOutputsUnavailable`.
@@ -46,12 +54,20 @@ and a warning says so; the SR is still written (patient group with the study QC 
 Unlike ``result.json``, these objects carry the source's patient module (name, ID, ...): that is what links them to the
 study in a PACS. Treat them as patient data.
 """
+import copy
+import hashlib
+import json
 import logging
 import os
+import re
 import tempfile
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from bmd_d2.errors import BMDError
+from bmd_d2.utils.logs import redact, register_phi_from_dataset
 
 from .result import StudyResult
 
@@ -142,17 +158,52 @@ def _flag_items(flags: Sequence[str]):
 # ---------------------------------------------------------------------------------------------------------------------
 # Source images and geometry
 # ---------------------------------------------------------------------------------------------------------------------
+# UIDs the outputs take from the source; empty or missing ones are generated (see prepare_sources)
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+# Type 2 attributes of the source that highdicom copies or reads: present-and-empty when missing
+SOURCE_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "AccessionNumber", "ReferringPhysicianName", "StudyID", "SeriesNumber", "PositionReferenceIndicator")
+# geometry the SEG needs from every source image (the loader needs them too: only a file changed since is caught here)
+SOURCE_GEOMETRY = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+_CT_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.2.2")
+DEIDENTIFICATION_NOT_RECORDED = "not recorded in the source images"
+UIDS_FLAG = "source_uids_generated"
+_DROP_IF_EMPTY = ("SpecificCharacterSet", "LossyImageCompression")
+
+
+class SourceHeaderError(BMDError):
+    """A source image lacks an attribute the writer needs, or has a bad value (message: ``<file>: <problem>``)."""
+
+
 def is_dicom_result(result: StudyResult) -> bool:
     """Whether ``result`` was measured on a DICOM series whose files are listed in ``result.volume.meta``."""
     meta = getattr(result.volume, "meta", None) or {}
     return bool(meta.get("files")) and bool(meta.get("SOPInstanceUIDs")) and meta.get("format") != "nifti"
 
 
+def _text(ds, keyword: str) -> str:
+    """The value of ``keyword`` in ``ds`` as stripped text; "" when missing or empty."""
+    if keyword not in ds:
+        return ""
+    value = ds[keyword].value
+    return "" if value is None else str(value).strip()
+
+
+def _measured_series_uid(meta: Dict) -> str:
+    """The measured SeriesInstanceUID; "" when the images had none (the loader then groups them under a placeholder
+    in angle brackets)."""
+    uid = str(meta.get("SeriesInstanceUID") or "")
+    return "" if uid.startswith("<") else uid
+
+
 def read_source_datasets(result: StudyResult) -> List:
     """The source CT datasets (headers, no pixel data) in slice order, one per file of ``volume.meta["files"]``.
 
     Raises:
-        DicomOutputsUnavailable: not a DICOM input, or a file cannot be read / is not the series measured.
+        DicomOutputsUnavailable: not a DICOM input, or a file cannot be read / is not the series measured (the
+            message says which: a file of another series, or one whose SeriesInstanceUID is empty or missing).
     """
     import pydicom
 
@@ -160,22 +211,209 @@ def read_source_datasets(result: StudyResult) -> List:
         src = (getattr(result.volume, "meta", None) or {}).get("source") or result.study.get("source") or "input"
         raise DicomOutputsUnavailable(f"DICOM outputs need a DICOM series as input; {src} is not one")
     meta = result.volume.meta
+    want = _measured_series_uid(meta)
     files = list(dict.fromkeys(meta["files"]))  # a multi-frame file is listed once per frame
     out = []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as e:  # pydicom raises several types
-            raise DicomOutputsUnavailable(f"cannot re-read source image {f}: {type(e).__name__}: {e}") from None
-        if ds.get("SeriesInstanceUID") != meta.get("SeriesInstanceUID"):
-            raise DicomOutputsUnavailable(f"source image {f} is not in the measured series")
+            raise DicomOutputsUnavailable(f"cannot re-read source image {f}: {type(e).__name__}: "
+                                          f"{redact(str(e), third_party=True)}") from None
+        register_phi_from_dataset(ds)  # before highdicom reads (and may log) any of its values
+        got = _text(ds, "SeriesInstanceUID")
+        if got != want:
+            if not want:
+                why = f"belongs to series {got}, but the measured images had no SeriesInstanceUID"
+            elif not got:
+                why = (f"has {'an empty' if 'SeriesInstanceUID' in ds else 'no'} SeriesInstanceUID, but the measured "
+                       f"series is {want}")
+            else:
+                why = f"belongs to series {got}, not the measured series {want} (changed since it was measured?)"
+            raise DicomOutputsUnavailable(f"source image {f} {why}")
         out.append(ds)
     return out
 
 
+def _path(ds) -> str:
+    return str(getattr(ds, "filename", None) or "source image")
+
+
+def _source_key(datasets) -> str:
+    """A stable identity of the source series for generated UIDs: its SeriesInstanceUID when it has one, else a
+    digest of the file names and sizes and the bytes of its first and last file (independent of the folder)."""
+    series = Counter(s for s in (_text(ds, "SeriesInstanceUID") for ds in datasets) if s)
+    if series:
+        return series.most_common(1)[0][0]
+    h = hashlib.sha256()
+    paths = [_path(ds) for ds in datasets]
+    for p in paths:
+        h.update(os.path.basename(p).encode("utf-8", "replace") + b"\0")
+        h.update(str(os.path.getsize(p) if os.path.isfile(p) else -1).encode() + b"\0")
+    for p in dict.fromkeys((paths[0], paths[-1])):
+        if os.path.isfile(p):
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def _slice_spacing(datasets) -> Optional[float]:
+    """Median distance (mm) of consecutive source slice positions along the slice normal, or None."""
+    try:
+        iop = np.array([float(x) for x in datasets[0].ImageOrientationPatient])
+        pos = np.array([[float(x) for x in ds.ImagePositionPatient] for ds in datasets])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    d = np.abs(np.diff(pos @ np.cross(iop[:3], iop[3:])))
+    d = d[d > _POS_TOL_MM]
+    return float(np.median(d)) if d.size else None
+
+
+def _carriable(ds, keyword: str) -> bool:
+    """Whether the value of a :data:`SOURCE_TYPE2` attribute can be written as it is: a date/time that its VR parses
+    (highdicom converts them) and a PatientSex of M, F or O; other attributes always."""
+    from pydicom.valuerep import DA, DT, TM
+
+    text = _text(ds, keyword)
+    if not text:
+        return True
+    vr = ds[keyword].VR
+    try:
+        if vr in ("DA", "TM", "DT"):
+            {"DA": DA, "TM": TM, "DT": DT}[vr](text)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return keyword != "PatientSex" or text in ("M", "F", "O")
+
+
+def prepare_sources(result: StudyResult, datasets: Sequence, *, copy_datasets: bool = True) -> List:
+    """Copies of the source datasets that the writers (highdicom) can use for any real-world (de-identified) source.
+
+    The source files are never changed, nor are ``datasets`` unless ``copy_datasets=False`` (for datasets the caller
+    has just read and owns, e.g. :func:`write_dicom_outputs`: saves the deep copies). In the copies:
+
+    * a missing Type 2 attribute of :data:`SOURCE_TYPE2` is added empty (an empty one stays empty); one whose value
+      the outputs cannot carry (a malformed date/time, a PatientSex other than M/F/O) is emptied and its name (never
+      the value) listed in ``result.study["emptied_attributes"]``;
+    * an empty or missing UID of :data:`SOURCE_UIDS` gets a value: Study/Series/Frame of Reference UIDs the value the
+      other images of the series carry (the most common), else one generated UID for the series; SOPInstanceUID one
+      generated UID per file. Generated UIDs are deterministic (``generate_uid(entropy_srcs=...)`` of the series'
+      identity (:func:`_source_key`), the attribute, and for SOP instances the file name, InstanceNumber and
+      ImagePositionPatient), so measuring the same files again references the same UIDs;
+    * an empty or missing SOPClassUID becomes the file meta's MediaStorageSOPClassUID when that is a CT class, else
+      CT Image Storage (Enhanced CT Image Storage for a multi-frame file);
+    * an empty or missing SliceThickness (single-frame images) becomes the slice spacing of the positions;
+    * PatientIdentityRemoved ``YES`` without DeidentificationMethod (Code Sequence) gets DeidentificationMethod
+      :data:`DEIDENTIFICATION_NOT_RECORDED` (Type 1C then); an empty DeidentificationMethod is removed otherwise;
+    * an empty attribute of :data:`_DROP_IF_EMPTY` (Type 1/1C where the writers copy it) is removed: the default
+      character repertoire, and highdicom's default LossyImageCompression ``00``.
+
+    Whatever was filled in for a UID is recorded in ``result.study["generated_uids"]`` (attribute → value; for
+    SOPInstanceUID a list per file, None where the file had its own) and flags the study :data:`UIDS_FLAG`. Copies
+    already prepared are returned as they are.
+    """
+    from pydicom.datadict import dictionary_VR
+    from pydicom.uid import generate_uid
+
+    datasets = list(datasets)
+    if all(getattr(ds, "_bmd_d2_prepared", False) for ds in datasets):
+        return datasets
+    out = [copy.deepcopy(ds) for ds in datasets] if copy_datasets else datasets
+    key = None
+    generated: Dict = {}
+
+    def uid(*parts) -> str:
+        nonlocal key
+        if key is None:
+            key = _source_key(datasets)
+        return str(generate_uid(entropy_srcs=[key, *[str(p) for p in parts]]))
+
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = [_text(ds, kw) for ds in out]
+        if all(values):
+            continue
+        present = Counter(v for v in values if v)
+        value = present.most_common(1)[0][0] if present else uid(kw)
+        for ds, v in zip(out, values):
+            if not v:
+                ds.add_new(kw, "UI", value)
+        generated[kw] = value
+    sop = [None] * len(out)
+    for i, ds in enumerate(out):
+        if not _text(ds, "SOPInstanceUID"):
+            sop[i] = uid("SOPInstanceUID", os.path.basename(_path(ds)), _text(ds, "InstanceNumber"),
+                         _text(ds, "ImagePositionPatient"), i)
+            ds.add_new("SOPInstanceUID", "UI", sop[i])
+    if any(sop):
+        generated["SOPInstanceUID"] = sop
+    for ds in out:
+        if not _text(ds, "SOPClassUID"):
+            meta_class = _text(getattr(ds, "file_meta", None) or {}, "MediaStorageSOPClassUID")
+            multi = "PerFrameFunctionalGroupsSequence" in ds or _text(ds, "NumberOfFrames") not in ("", "1")
+            value = meta_class if meta_class in _CT_CLASSES else \
+                (ENHANCED_CT_IMAGE_STORAGE if multi else CT_IMAGE_STORAGE)
+            ds.add_new("SOPClassUID", "UI", value)
+            generated["SOPClassUID"] = value
+    thickness = None
+    emptied = []
+    for ds in out:
+        for kw in SOURCE_TYPE2:
+            if kw not in ds:
+                ds.add_new(kw, dictionary_VR(kw), None)
+            elif not _carriable(ds, kw):
+                ds.add_new(kw, dictionary_VR(kw), None)
+                emptied.append(kw)
+        if not _text(ds, "SliceThickness") and "PerFrameFunctionalGroupsSequence" not in ds:
+            thickness = thickness if thickness is not None else _slice_spacing(out)
+            if thickness is not None:
+                ds.add_new("SliceThickness", "DS", f"{thickness:.6g}")
+        for kw in _DROP_IF_EMPTY:
+            if kw in ds and not _text(ds, kw):
+                del ds[kw]
+        if not _text(ds, "DeidentificationMethod") and not ds.get("DeidentificationMethodCodeSequence"):
+            if _text(ds, "PatientIdentityRemoved").upper() == "YES":
+                ds.add_new("DeidentificationMethod", "LO", DEIDENTIFICATION_NOT_RECORDED)
+            elif "DeidentificationMethod" in ds:
+                del ds["DeidentificationMethod"]
+        object.__setattr__(ds, "_bmd_d2_prepared", True)
+    if emptied:
+        result.study["emptied_attributes"] = sorted(set(emptied) | set(result.study.get("emptied_attributes") or []))
+    if generated:
+        result.study["generated_uids"] = generated
+        if UIDS_FLAG not in result.qc_flags:
+            result.qc_flags.append(UIDS_FLAG)
+    return out
+
+
+def _check_geometry(datasets):
+    """Raise :class:`SourceHeaderError` naming the first source file whose geometry attribute is missing or bad."""
+    if _is_multiframe(datasets):
+        return  # checked frame by frame in _frame_geometry
+    sizes = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "Rows": 1, "Columns": 1}
+    for ds in datasets:
+        for kw in SOURCE_GEOMETRY:
+            if kw not in ds:
+                raise SourceHeaderError(f"{_path(ds)}: {kw} is missing")
+            value = ds[kw].value
+            if value is None or value == "" or (hasattr(value, "__len__") and not isinstance(value, str)
+                                                 and len(value) == 0):
+                raise SourceHeaderError(f"{_path(ds)}: {kw} is empty")
+            values = list(value) if hasattr(value, "__len__") and not isinstance(value, str) else [value]
+            try:
+                ok = len(values) == sizes[kw] and all(np.isfinite(float(x)) for x in values)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or (kw in ("Rows", "Columns", "PixelSpacing") and min(float(x) for x in values) <= 0):
+                raise SourceHeaderError(f"{_path(ds)}: {kw} is malformed ({value})")
+
+
+def _is_multiframe(datasets) -> bool:
+    return len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1
+
+
 def _frame_geometry(datasets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Tuple[int, int]]:
     """Per-frame ImagePositionPatient ``(N, 3)``, orientation ``(6,)``, PixelSpacing ``(2,)``, ``(rows, cols)``."""
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+    if _is_multiframe(datasets):
         ds = datasets[0]
         shared = ds.SharedFunctionalGroupsSequence[0]
         per = ds.PerFrameFunctionalGroupsSequence
@@ -184,7 +422,7 @@ def _frame_geometry(datasets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Tuple
             for item in (per[i], shared):
                 if seq in item:
                     return getattr(item[seq].value[0], kw)
-            raise DicomOutputsUnavailable(f"multi-frame source lacks {seq}")
+            raise SourceHeaderError(f"{_path(ds)}: frame {i + 1} lacks {seq}")
 
         pos = np.array([[float(x) for x in fg(i, "PlanePositionSequence", "ImagePositionPatient")]
                         for i in range(len(per))])
@@ -244,15 +482,62 @@ def source_frame_masks(result: StudyResult, datasets) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------------------------------------
+OUTPUT_NAMES = {"seg": "dicom_seg", "sr": "dicom_sr", "sc": "dicom_sc"}
+OUTPUT_LABELS = {"seg": "DICOM SEG", "sr": "DICOM SR", "sc": "DICOM SC"}
+# study flags the writers themselves add: left out of the measurement digest of the output UIDs
+_WRITER_FLAGS = (UIDS_FLAG, "output_not_written")
+
+
 def _version() -> str:
     from bmd_d2 import __version__
 
     return str(__version__)
 
 
-def _model_name(result: StudyResult) -> str:
-    cfg = (result.model or {}).get("config") or ""
-    return (os.path.splitext(os.path.basename(str(cfg)))[0] or "bmd_d2")[:64]
+def model_name(result: StudyResult) -> str:
+    """Name of the model that measured ``result`` (≤ 64 characters): the weights file name without its extension
+    (``result.model["weights"]``, set by :class:`~bmd_d2.measure.predictor.BMDStudyPredictor`; ``(random init)``
+    without weights), else a ``config`` file name, else ``bmd_d2`` (e.g. detections measured directly)."""
+    model = result.model or {}
+    for key in ("weights", "config"):
+        value = str(model.get(key) or "").strip()
+        if value:
+            name = os.path.basename(value)
+            stem = os.path.splitext(name)[0] if name.lower().endswith((".pth", ".pkl", ".pt", ".yaml", ".yml")) \
+                else name
+            return (stem or name)[:64]
+    return "bmd_d2"
+
+
+def _measurement_digest(result: StudyResult) -> str:
+    """SHA-256 of what was measured (values of ``result.json`` except the source identifiers and output bookkeeping,
+    plus the masks): the same measurement gives the same digest."""
+    d = result.to_dict()
+    keep = {k: d.get(k) for k in ("vertebrae", "patient", "calibration", "model", "rejected", "qc")}
+    keep["qc_flags"] = [f for f in d.get("qc_flags") or [] if f not in _WRITER_FLAGS]
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
+    for v in result.vertebrae:
+        if v.mask is not None:
+            m = np.asarray(v.mask, bool)
+            h.update(str(m.shape).encode() + np.packbits(m).tobytes())
+    return h.hexdigest()
+
+
+def output_uids(result: StudyResult, sources: Sequence, kind: str, *extra) -> Tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the ``kind`` object, deterministic: ``generate_uid(entropy_srcs=...)``
+    of the source SeriesInstanceUID (as prepared), the kind, the package version, :func:`_measurement_digest` and
+    ``extra`` (the SR: the SEG it references). A re-sent report of the same measurement replaces the earlier one."""
+    from pydicom.uid import generate_uid
+
+    base = [_text(sources[0], "SeriesInstanceUID"), kind, _version(), _measurement_digest(result),
+            *[str(x) for x in extra]]
+    return str(generate_uid(entropy_srcs=base + ["series"])), str(generate_uid(entropy_srcs=base + ["instance"]))
+
+
+def _derived_uid(*parts) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
 def segment_label(v) -> str:
@@ -262,28 +547,37 @@ def segment_label(v) -> str:
     return f"{v.level} vertebral body" if v.level else "unnamed vertebral body"
 
 
+def _sources(result: StudyResult, source_datasets: Optional[Sequence]) -> List:
+    return prepare_sources(result, source_datasets if source_datasets is not None else read_source_datasets(result))
+
+
 def build_segmentation(result: StudyResult, source_datasets: Optional[Sequence] = None):
     """The DICOM SEG of the measured vertebrae, or None when no vertebra maps to any source voxel.
 
     Args:
         result: a measured DICOM study (with ``volume`` and ``sagittal``).
-        source_datasets: the source CT datasets (default :func:`read_source_datasets`).
+        source_datasets: the source CT datasets (default :func:`read_source_datasets`); prepared by
+            :func:`prepare_sources` unless they already are.
 
     Returns:
         ``(segmentation, segment_numbers)``: the ``highdicom.seg.Segmentation`` (or None) and, per vertebra of
         ``result.vertebrae``, its segment number (None for a vertebra without voxels in the source geometry).
+
+    Raises:
+        SourceHeaderError: a source image lacks a geometry attribute (:data:`SOURCE_GEOMETRY`) or has a bad one.
     """
     import highdicom as hd
-    from pydicom.uid import generate_uid
 
     from .report import _COLORS
 
     codes = _codes()
-    datasets = list(source_datasets) if source_datasets is not None else read_source_datasets(result)
+    datasets = _sources(result, source_datasets)
+    _check_geometry(datasets)
     masks = source_frame_masks(result, datasets)
+    series_uid, sop_uid = output_uids(result, datasets, "seg")
+    model = model_name(result)
     algo = hd.AlgorithmIdentificationSequence(
-        name="bmd_d2", family=codes.cid7162.ArtificialIntelligence, version=_version(),
-        parameters={"model": _model_name(result)})
+        name="bmd_d2", family=codes.cid7162.ArtificialIntelligence, version=_version(), parameters={"model": model})
     keep, numbers, descriptions = [], [], []
     for s, v in enumerate(result.vertebrae):
         if not masks[..., s].any():
@@ -299,28 +593,45 @@ def build_segmentation(result: StudyResult, source_datasets: Optional[Sequence] 
             segment_number=len(keep), segment_label=label,
             segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=level_code(v.level), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo, tracking_uid=generate_uid(), tracking_id=label,
-            anatomic_regions=[level_code(v.level)], display_color=hd.color.CIELabColor.from_rgb(*rgb)))
+            algorithm_identification=algo, tracking_uid=_derived_uid(sop_uid, "segment", len(keep)),
+            tracking_id=label, anatomic_regions=[level_code(v.level)],
+            display_color=hd.color.CIELabColor.from_rgb(*rgb)))
     if not keep:
         return None, numbers
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=masks[..., keep].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS["seg"], sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=_model_name(result),
+        series_instance_uid=series_uid, series_number=SERIES_NUMBERS["seg"], sop_instance_uid=sop_uid,
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=model,
         software_versions=_version(), device_serial_number="1", content_label="VERTEBRAE",
         content_description="bmd_d2 vertebral bodies (sagittal slab)", series_description="bmd_d2 vertebrae SEG",
         omit_empty_frames=True)
+    _fix_dimension_organization_uid(seg, _derived_uid(sop_uid, "dimension-organization"))
     return seg, numbers
 
 
-def _num(name, value, unit, algo, **kw):
+def _fix_dimension_organization_uid(ds, uid: str):
+    """Replace the random DimensionOrganizationUID highdicom draws (no constructor argument sets it) with ``uid``
+    everywhere it occurs, so that the same measurement gives the same object."""
+    old = {item.DimensionOrganizationUID for item in ds.get("DimensionOrganizationSequence", [])
+           if "DimensionOrganizationUID" in item}
+    for item in ds.get("DimensionOrganizationSequence", []):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = uid
+    for item in ds.get("DimensionIndexSequence", []):
+        if item.get("DimensionOrganizationUID") in old:
+            item.DimensionOrganizationUID = uid
+
+
+def _num(name, value, unit, **kw):
+    """A TID 300 measurement. No per-measurement algorithm: the group's algorithm identification (TID 4019) covers
+    every measurement of the group (repeating it per value doubled the SR's size and build time)."""
     import highdicom as hd
 
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algo, **kw)
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)
 
 
-def _vertebra_group(v, seg, segment_number, algo, source_series_uid):
+def _vertebra_group(v, seg, segment_number, algo, source_series_uid, tracking_uid):
     """TID 1411 (or TID 1501 without a segment) group of one vertebra."""
     import highdicom as hd
 
@@ -330,18 +641,18 @@ def _vertebra_group(v, seg, segment_number, algo, source_series_uid):
     for _, value, meaning, attr in BMD_CODES:
         x = getattr(v, attr)
         if x is not None and np.isfinite(x):
-            measurements.append(_num(_private(value, meaning), x, _mg_cm3(), algo))
+            measurements.append(_num(_private(value, meaning), x, _mg_cm3()))
     hu_items = (("trabecular_hu", codes.SCT.Mean, "sagittal"),
                 ("trabecular_hu_sd", codes.SCT.StandardDeviation, "sagittal"),
                 ("trabecular_hu_3d", codes.SCT.Mean, "3d"))
     for attr, derivation, method in hu_items:
         x = getattr(v, attr)
         if x is not None and np.isfinite(x):
-            measurements.append(_num(codes.DCM.AttenuationCoefficient, x, codes.UCUM.HounsfieldUnit, algo,
+            measurements.append(_num(codes.DCM.AttenuationCoefficient, x, codes.UCUM.HounsfieldUnit,
                                      derivation=derivation, method=_private(*METHODS[method])))
     evaluations = [e for e in [_category_item("acr", v.category)] if e] + _flag_items(v.qc_flags)
     common = dict(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=segment_label(v)),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=segment_label(v)),
         finding_type=codes.SCT.Sacrum if v.level == "S1" else codes.SCT.Vertebra, algorithm_id=algo,
         finding_sites=[hd.sr.FindingSite(site)], measurements=measurements or None,
         qualitative_evaluations=evaluations or None)
@@ -353,7 +664,7 @@ def _vertebra_group(v, seg, segment_number, algo, source_series_uid):
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common)
 
 
-def _patient_group(result: StudyResult, algo):
+def _patient_group(result: StudyResult, algo, tracking_uid):
     """TID 1501 group of the patient-level values (ACR BMD/category, L1 HU/category) and the study QC flags."""
     import highdicom as hd
 
@@ -363,16 +674,16 @@ def _patient_group(result: StudyResult, algo):
     for key, value, meaning in (("acr_bmd", "acr-bmd", "ACR QCT patient BMD, mean of two lumbar vertebrae"),
                                 ("acr_bmd_classical", "acr-bmd-classical", "ACR QCT patient BMD, classical")):
         if p.get(key) is not None:
-            ms.append(_num(_private(value, meaning), p[key], _mg_cm3(), algo))
+            ms.append(_num(_private(value, meaning), p[key], _mg_cm3()))
     if p.get("l1_hu") is not None:
-        ms.append(_num(codes.DCM.AttenuationCoefficient, p["l1_hu"], codes.UCUM.HounsfieldUnit, algo,
+        ms.append(_num(codes.DCM.AttenuationCoefficient, p["l1_hu"], codes.UCUM.HounsfieldUnit,
                        derivation=codes.SCT.Mean, method=_private(*METHODS["sagittal"]),
                        finding_sites=[hd.sr.FindingSite(codes.SCT.L1Vertebra)]))
     evals = [e for e in (_category_item("acr", p.get("acr_category")),
                          _category_item("acr_classical", p.get("acr_category_classical")),
                          _category_item("hu", p.get("hu_category"))) if e] + _flag_items(result.qc_flags)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="patient"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="patient"),
         finding_type=codes.SCT.LumbarSpine, algorithm_id=algo, finding_sites=[hd.sr.FindingSite(codes.SCT.LumbarSpine)],
         measurements=ms or None, qualitative_evaluations=evals or None)
 
@@ -385,37 +696,44 @@ def build_report(result: StudyResult, seg=None, segment_numbers: Optional[Sequen
         result: a measured DICOM study.
         seg: the SEG from :func:`build_segmentation` (None: the groups reference no segment, TID 1501).
         segment_numbers: per vertebra, its segment number in ``seg`` (from :func:`build_segmentation`).
-        source_datasets: the source CT datasets (default :func:`read_source_datasets`).
+        source_datasets: the source CT datasets (default :func:`read_source_datasets`); prepared by
+            :func:`prepare_sources` unless they already are.
 
     Returns:
-        ``highdicom.sr.Comprehensive3DSR``: groups per vertebra (cranial → caudal) then the patient group; evidence =
-        the source images and the SEG.
+        ``highdicom.sr.Comprehensive3DSR``: groups per vertebra (cranial → caudal) then the patient group (with the
+        study QC flags, :data:`UIDS_FLAG` among them when UIDs were generated); evidence = the source images and the
+        SEG. The local coding scheme :data:`PRIVATE_SCHEME` is declared in CodingSchemeIdentificationSequence.
     """
     import highdicom as hd
-    from pydicom.uid import generate_uid
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
 
     codes = _codes()
-    datasets = list(source_datasets) if source_datasets is not None else read_source_datasets(result)
+    datasets = _sources(result, source_datasets)
     numbers = list(segment_numbers) if segment_numbers is not None else [None] * len(result.vertebrae)
-    algo = hd.sr.AlgorithmIdentification(name="bmd_d2", version=_version(), manufacturer=MANUFACTURER,
-                                         family=codes.cid7162.ArtificialIntelligence)
-    series_uid = result.volume.meta["SeriesInstanceUID"]
-    groups = [_vertebra_group(v, seg, n, algo, series_uid) for v, n in zip(result.vertebrae, numbers)]
-    groups.append(_patient_group(result, algo))
+    series_uid, sop_uid = output_uids(result, datasets, "sr", seg.SOPInstanceUID if seg is not None else "no SEG")
+    model = model_name(result)
+    algo = hd.sr.AlgorithmIdentification(name="bmd_d2", version=_version(), parameters=[f"model={model}"[:64]],
+                                         manufacturer=MANUFACTURER, family=codes.cid7162.ArtificialIntelligence)
+    source_series = _text(datasets[0], "SeriesInstanceUID")
+    groups = [_vertebra_group(v, seg, n, algo, source_series, _derived_uid(sop_uid, "tracking", i))
+              for i, (v, n) in enumerate(zip(result.vertebrae, numbers))]
+    groups.append(_patient_group(result, algo, _derived_uid(sop_uid, "tracking", "patient")))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["bmd_d2", _version(), _model_name(result)]), name="bmd_d2",
-            manufacturer_name=MANUFACTURER, model_name=_model_name(result)))
+            uid=_derived_uid("bmd_d2", _version(), model), name="bmd_d2", manufacturer_name=MANUFACTURER,
+            model_name=model))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=groups)
     evidence = datasets + ([seg] if seg is not None else [])
+    scheme = CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="bmd_d2 local codes",
+                                                  responsible_organization=MANUFACTURER)
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report[0], series_instance_uid=generate_uid(),
-        series_number=SERIES_NUMBERS["sr"], sop_instance_uid=generate_uid(), instance_number=1,
+        evidence=evidence, content=report[0], series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["sr"], sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        series_description="bmd_d2 BMD report")
+        series_description="bmd_d2 BMD report", coding_schemes=[scheme])
 
 
 def _orientation_letter(vec) -> str:
@@ -424,26 +742,37 @@ def _orientation_letter(vec) -> str:
     return ("L", "P", "H")[a] if v[a] > 0 else ("R", "A", "F")[a]
 
 
-def build_overlay_sc(result: StudyResult, png_path: str, source_dataset):
+def build_overlay_sc(result: StudyResult, png_path: str, source_dataset=None):
     """Secondary Capture (RGB) of the overlay PNG, in the source study.
 
     PatientOrientation comes from the sagittal transform (direction of increasing column / row index); the PNG is a
-    figure (image plus labels), so no pixel spacing is given.
+    figure (image plus labels), so no pixel spacing is given. Patient and study come from ``source_dataset`` (default:
+    the first prepared source image; pass one of :func:`prepare_sources`' copies so that generated UIDs agree with
+    the SEG/SR), with PatientIdentityRemoved / De-identification Method copied; ImageLaterality ``U`` (unpaired).
     """
     import highdicom as hd
     from PIL import Image
-    from pydicom.uid import generate_uid
 
+    if source_dataset is None:
+        src = _sources(result, None)[0]
+    else:
+        src = source_dataset if getattr(source_dataset, "_bmd_d2_prepared", False) else \
+            prepare_sources(result, [source_dataset])[0]
     with Image.open(png_path) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     t = np.asarray(result.sagittal.transform)
+    series_uid, sop_uid = output_uids(result, [src], "sc")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source_dataset, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
+        ref_dataset=src, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"],
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER,
         patient_orientation=(_orientation_letter(t[:3, 0]), _orientation_letter(t[:3, 1])),
         transfer_syntax_uid="1.2.840.10008.1.2.1")
     sc.SeriesDescription = "bmd_d2 overlay"
+    sc.ImageLaterality = "U"  # unpaired structure (the spine): no series Laterality (Type 2C) is required
+    for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if kw in src:
+            sc[kw] = copy.deepcopy(src[kw])
     return sc
 
 
@@ -457,52 +786,125 @@ def _save(ds, path: str):
         ds.save_as(tmp, enforce_file_format=True)
 
 
+_NO_ATTRIBUTE = re.compile(r"'\w*Dataset' object has no attribute '(\w+)'")
+
+
+def failure_message(kind: str, exc: BaseException, sources: Sequence = ()) -> str:
+    """One line: ``"DICOM SEG not written: <source file>: <problem>"``; the attribute named where it can be told (a
+    :class:`SourceHeaderError`'s own message; a missing attribute that highdicom or pydicom tripped over)."""
+    from pydicom.datadict import keyword_for_tag, tag_for_keyword
+    from pydicom.tag import Tag
+
+    label = f"{OUTPUT_LABELS.get(kind, kind)} not written"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, BMDError):
+        return f"{label}: {text}"
+    sources = list(sources or [])
+    where = _path(sources[0]) if sources else "source images"
+    keyword = None
+    if isinstance(exc, AttributeError):
+        m = _NO_ATTRIBUTE.search(text)
+        keyword = m.group(1) if m and tag_for_keyword(m.group(1)) is not None else None
+    elif isinstance(exc, KeyError) and exc.args:
+        try:
+            keyword = keyword_for_tag(Tag(exc.args[0])) or None
+        except Exception:  # not a tag: the KeyError is about something else
+            keyword = None
+    if keyword:
+        lacking = next((ds for ds in sources if keyword not in ds), None)
+        if lacking is not None:
+            return f"{label}: {_path(lacking)}: {keyword} is missing"
+        return f"{label}: {where}: {keyword} is missing or unusable ({type(exc).__name__}: {text})"
+    return f"{label}: {where}: {type(exc).__name__}: {text}"
+
+
 def write_dicom_outputs(result: StudyResult, out_dir: str, kinds: Sequence[str] = KINDS,
-                        overlay_png: Optional[str] = None) -> Dict[str, str]:
+                        overlay_png: Optional[str] = None, *,
+                        errors: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Write the requested DICOM objects into ``out_dir`` (each atomically).
 
     Args:
-        result: a measured DICOM study.
+        result: a measured DICOM study. Source headers are prepared with :func:`prepare_sources` (which may add
+            ``study["generated_uids"]`` and the :data:`UIDS_FLAG` flag to ``result``).
         out_dir: the study's output folder.
         kinds: any of ``"seg"``, ``"sr"``, ``"sc"``. The SR references the SEG only when the SEG is written too.
         overlay_png: the overlay PNG for the SC (default: rendered to a temporary file).
+        errors: None: the first output that fails raises. A dict: every requested output is attempted on its own; a
+            failure is recorded as ``errors["dicom_seg" | "dicom_sr" | "dicom_sc"]`` = one line naming the output, the
+            source file and the missing/bad attribute where known (:func:`failure_message`), nothing is logged, and
+            the other outputs are still written (the SR without segment references when the SEG failed).
 
     Returns:
         name (``dicom_seg``, ``dicom_sr``, ``dicom_sc``) → path of the files written. An empty SEG (nothing
         measured) is skipped with a warning.
 
     Raises:
-        DicomOutputsUnavailable: not a DICOM input (NIfTI) or the source images cannot be re-read.
+        DicomOutputsUnavailable: not a DICOM input (NIfTI); with ``errors=None`` also when the source images cannot
+            be re-read (with a dict, that is a failure of each output).
+        BMDError: with ``errors=None``, the first output that cannot be built or saved (the message as above).
     """
     kinds = [k for k in KINDS if k in set(kinds)]
-    datasets = read_source_datasets(result)
     paths: Dict[str, str] = {}
+    if not kinds:
+        return paths
+    if not is_dicom_result(result):
+        read_source_datasets(result)  # raises DicomOutputsUnavailable with the reason
+    os.makedirs(out_dir, exist_ok=True)
+
+    def failed(kind: str, exc: BaseException, sources: Sequence = ()):
+        msg = failure_message(kind, exc, sources)
+        if errors is None:
+            raise BMDError(msg) from exc
+        errors[OUTPUT_NAMES[kind]] = msg
+
+    try:
+        sources = prepare_sources(result, read_source_datasets(result), copy_datasets=False)  # read here: ours
+    except DicomOutputsUnavailable as e:
+        if errors is None:
+            raise
+        for k in kinds:
+            errors[OUTPUT_NAMES[k]] = f"{OUTPUT_LABELS[k]} not written: {' '.join(str(e).split())}"
+        return paths
+    except Exception as e:  # preparing the copies failed (e.g. a file vanished while hashing it)
+        for k in kinds:
+            failed(k, e)
+        return paths
     seg, numbers = None, None
     if "seg" in kinds:
-        seg, numbers = build_segmentation(result, datasets)
-        if seg is None:
-            logger.warning("%s: no measured vertebra: DICOM SEG not written", result.study_id)
-        else:
-            paths["dicom_seg"] = os.path.join(out_dir, SEG_FILE)
-            _save(seg, paths["dicom_seg"])
+        try:
+            seg, numbers = build_segmentation(result, sources)
+            if seg is None:
+                logger.warning("%s: no measured vertebra: DICOM SEG not written", result.study_id)
+            else:
+                _save(seg, os.path.join(out_dir, SEG_FILE))
+                paths["dicom_seg"] = os.path.join(out_dir, SEG_FILE)
+        except Exception as e:  # highdicom/pydicom raise many types for odd headers; each becomes one line
+            seg, numbers = None, None
+            failed("seg", e, sources)
     if "sr" in kinds:
-        paths["dicom_sr"] = os.path.join(out_dir, SR_FILE)
-        _save(build_report(result, seg, numbers, datasets), paths["dicom_sr"])
+        try:
+            _save(build_report(result, seg, numbers, sources), os.path.join(out_dir, SR_FILE))
+            paths["dicom_sr"] = os.path.join(out_dir, SR_FILE)
+        except Exception as e:
+            failed("sr", e, sources)
     if "sc" in kinds:
-        paths["dicom_sc"] = os.path.join(out_dir, SC_FILE)
-        if overlay_png and os.path.isfile(overlay_png):
-            _save(build_overlay_sc(result, overlay_png, datasets[0]), paths["dicom_sc"])
-        else:
-            from .report import write_overlay
+        tmp = None
+        try:
+            png = overlay_png if overlay_png and os.path.isfile(overlay_png) else None
+            if png is None:
+                from .report import write_overlay
 
-            fd, tmp = tempfile.mkstemp(prefix=".overlay.", suffix=".png", dir=out_dir)
-            os.close(fd)
-            try:
+                fd, tmp = tempfile.mkstemp(prefix=".overlay.", suffix=".png", dir=out_dir)
+                os.close(fd)
                 write_overlay(result, tmp)
-                _save(build_overlay_sc(result, tmp, datasets[0]), paths["dicom_sc"])
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                png = tmp
+            _save(build_overlay_sc(result, png, sources[0]), os.path.join(out_dir, SC_FILE))
+            paths["dicom_sc"] = os.path.join(out_dir, SC_FILE)
+        except Exception as e:
+            failed("sc", e, sources)
+        finally:
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
     return paths
 
 
@@ -511,14 +913,11 @@ def write_if_possible(result: StudyResult, out_dir: str, kinds: Sequence[str],
     """:func:`write_dicom_outputs` for the report writer: a non-DICOM input is a warning (nothing written).
 
     Raises:
-        BMDError: the objects could not be built from a DICOM input (one line, names the study).
+        BMDError: an object could not be built from a DICOM input (one line naming the output, the source file and
+            the attribute where known).
     """
-    from bmd_d2.errors import BMDError
-
     try:
         return write_dicom_outputs(result, out_dir, kinds, overlay_png=overlay_png)
     except DicomOutputsUnavailable as e:
         logger.warning("%s: DICOM outputs skipped: %s", result.study_id, e)
         return {}
-    except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom rejects odd source geometry/headers
-        raise BMDError(f"study {result.study_id}: cannot write DICOM outputs ({type(e).__name__}: {e})") from e

@@ -19,8 +19,8 @@ from bmd_d2.data.levels import SACRUM_CLASS, VERTEBRAL_BODY_CLASS
 from bmd_d2.errors import BMDError
 
 from .categories import acr_category, hu_category
-from .classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_mask,
-                        sagittal_roi_hu, slice_thickness_mm, vertebral_heights)
+from .classical import (Calibration, Core3D, calibration_from_cfg, core_min_rows_erosion_mm, core_volume_reason,
+                        erode_mask, measure_core_3d, sagittal_roi_hu, slice_thickness_mm, vertebral_heights)
 from .levels import Detection, assign_levels
 from .qc import contrast_check, genant_grade, height_loss, mask_has_bone, metal_in_mask, volume_flags
 from .result import StudyResult, VertebraResult
@@ -245,7 +245,8 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
     lo_hu, hi_hu = float(m.PLAUSIBLE_HU[0]), float(m.PLAUSIBLE_HU[1])
     radius_px = float(m.EROSION_MM) / sp
     radius_rows_px = (float(m.EROSION_MM) + float(m.EROSION_SLICE_FRACTION) * slice_thickness_mm(volume)) / sp
-    use_core = volume is not None and max(volume.spacing) <= float(m.CORE_MAX_SPACING_MM)
+    core_reason, core_detail = core_volume_reason(volume, float(m.CORE_MAX_SPACING_MM))
+    core_rows_px = 0.0 if core_reason else core_min_rows_erosion_mm(volume, float(m.CORE_MIN_EROSION_SLICES)) / sp
 
     cand: List[int] = []
     pre: Dict[int, Dict[str, Any]] = {}
@@ -317,9 +318,16 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
                            centroid_px=[cx, cy], centroid_lps=(transform @ [cx, cy, 0.0, 1.0])[:3].tolist())
         v.qc_flags = list(la.flags[k]) + info["flags"]
         v.trabecular_hu, v.trabecular_hu_sd, v.roi_pixels = info["hu"], info["sd"], int(info["n"])
-        if use_core and info["hu"] is not None:
-            pts = core_points_lps(transform, info["roi"], float(m.CORE_HALF_WIDTH_MM))
-            v.trabecular_hu_3d, v.roi_voxels_3d = core_hu_3d(volume.data, volume.affine, pts)
+        if core_reason is None and info["hu"] is not None:
+            # the sagittal ROI, unless the slice spacing asks for a deeper one (spacing 5 mm; up to 4 mm it never does)
+            roi = info["roi"] if core_rows_px <= radius_rows_px else erode_mask(masks[r], radius_px, core_rows_px)
+            core = measure_core_3d(volume, transform, roi, float(m.CORE_HALF_WIDTH_MM), int(m.MIN_ROI_PIXELS))
+        elif core_reason is None:
+            core = Core3D(reason="no_roi", detail="the sagittal ROI is too small (roi_too_small)")
+        else:
+            core = Core3D(reason=core_reason, detail=core_detail)
+        v.trabecular_hu_3d, v.roi_voxels_3d = core.hu, core.n
+        v.core_3d_reason, v.core_3d_detail = core.reason, core.detail
         if v.trabecular_hu_3d is None:
             v.qc_flags.append("no_3d_core")
         withhold = any(f in v.qc_flags for f in WITHHOLDING_FLAGS)

@@ -22,6 +22,8 @@ CSV columns (``vertebrae.csv``; empty cell = not available):
 ``trabecular_hu_3d``        mean HU in the 3-D core (± CORE_HALF_WIDTH_MM laterally)
 ``roi_pixels``              pixels in the sagittal ROI (3 slices together)
 ``roi_voxels_3d``           samples in the 3-D core
+``core_3d_reason``          why ``trabecular_hu_3d`` is empty (slices_too_thick, outside_volume, no_roi, ...; figures
+                            in result.json ``core_3d_detail``)
 ``height_{anterior,middle,posterior}_mm``  vertebral heights, mm
 ``height_loss_pct``         height reduction, % (wedge/biconcave/crush; bmd_d2.measure.qc)
 ``genant_grade``            Genant semi-quantitative grade 0–3 (20/25/40 % reduction)
@@ -57,7 +59,7 @@ MASKS_NII = "masks.nii.gz"
 VERTEBRA_COLUMNS = [
     "study_id", "level", "structure", "score", "bmd_mg_cm3", "category", "learned_bmd_mg_cm3",
     "classical_bmd_mg_cm3", "classical_bmd_3d_mg_cm3", "bmd_difference_mg_cm3", "trabecular_hu", "trabecular_hu_sd",
-    "trabecular_hu_3d", "roi_pixels", "roi_voxels_3d", "height_anterior_mm", "height_middle_mm",
+    "trabecular_hu_3d", "roi_pixels", "roi_voxels_3d", "core_3d_reason", "height_anterior_mm", "height_middle_mm",
     "height_posterior_mm", "height_loss_pct", "genant_grade", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
     "box_x0", "box_y0", "box_x1", "box_y1", "qc_flags",
 ]
@@ -141,7 +143,8 @@ def vertebra_rows(result: StudyResult) -> List[Dict]:
             "classical_bmd_3d_mg_cm3": d["classical_bmd_3d"], "bmd_difference_mg_cm3": d["bmd_difference"],
             "trabecular_hu": d["trabecular_hu"], "trabecular_hu_sd": d["trabecular_hu_sd"],
             "trabecular_hu_3d": d["trabecular_hu_3d"], "roi_pixels": d["roi_pixels"],
-            "roi_voxels_3d": d["roi_voxels_3d"], "height_anterior_mm": h.get("anterior"),
+            "roi_voxels_3d": d["roi_voxels_3d"], "core_3d_reason": d["core_3d_reason"],
+            "height_anterior_mm": h.get("anterior"),
             "height_middle_mm": h.get("middle"), "height_posterior_mm": h.get("posterior"),
             "height_loss_pct": d["height_loss_pct"], "genant_grade": d["genant_grade"],
             "centroid_x_mm": c[0], "centroid_y_mm": c[1], "centroid_z_mm": c[2],
@@ -293,44 +296,150 @@ def write_masks_nifti(result: StudyResult, path: str):
         nib.save(img, tmp)
 
 
-def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, masks: bool = False,
-                dicom: Iterable[str] = ()) -> Dict[str, str]:
-    """Write every report of one study into ``out_dir``; ``result.json`` last (the "finished" marker).
+OPTIONAL_OUTPUTS = ("masks", "dicom_seg", "dicom_sr", "dicom_sc")
+DICOM_OUTPUT_NAMES = {"seg": "dicom_seg", "sr": "dicom_sr", "sc": "dicom_sc"}
 
-    ``dicom``: DICOM objects to add (``"seg"``, ``"sr"``, ``"sc"``; see :mod:`bmd_d2.measure.dicom_outputs`),
-    skipped with a warning for a non-DICOM input.
+
+def remove_stale_temp_files(out_dir: str) -> int:
+    """Delete the temporary files an interrupted :func:`atomic_path` left in ``out_dir`` (e.g. after SIGKILL).
 
     Returns:
-        name → path of the files written.
+        how many were removed.
     """
+    n = 0
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError:
+        return 0
+    for e in entries:
+        if e.is_file() and e.name.startswith(".") and ".tmp" in e.name:
+            try:
+                os.remove(e.path)
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def requested_outputs(*, masks: bool = False, dicom: Iterable[str] = ()) -> List[str]:
+    """Names (:data:`OPTIONAL_OUTPUTS`) of the optional outputs that these :func:`write_study` arguments ask for."""
+    kinds = set(dicom)
+    unknown = kinds - set(DICOM_OUTPUT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown DICOM output kind(s) {sorted(unknown)}; expected seg, sr, sc")
+    return (["masks"] if masks else []) + [DICOM_OUTPUT_NAMES[k] for k in ("seg", "sr", "sc") if k in kinds]
+
+
+def _source_hint(result: StudyResult) -> str:
+    meta = getattr(result.volume, "meta", None) or {}
+    return str(meta.get("source") or result.study.get("source") or result.study_id)
+
+
+def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, masks: bool = False,
+                dicom: Iterable[str] = ()) -> Dict[str, str]:
+    """Write every report of one study into ``out_dir``; a failing optional output never loses the measurement.
+
+    Order: ``vertebrae.csv`` and ``overlay.png``, then ``result.json`` (``outputs.complete`` false while optional
+    outputs remain), then each optional output in turn (``masks.nii.gz``; the DICOM objects ``"seg"``, ``"sr"``,
+    ``"sc"`` of :mod:`bmd_d2.measure.dicom_outputs`), then ``result.json`` again with ``outputs`` filled in and
+    ``complete`` true: that second write marks the study finished (:func:`is_finished`). Every file is atomic.
+
+    An optional output that fails becomes ``outputs.failed[name]`` (a one-line reason naming the output, the source
+    file and the attribute where known), the study QC flag ``output_not_written`` and a one-line warning; the other
+    outputs are still written. DICOM outputs of a non-DICOM input are ``outputs.skipped`` with a warning.
+
+    Returns:
+        name → path of the files written (``csv``, ``overlay``, ``json``, ``masks``, ``dicom_seg``, ...).
+    """
+    requested = requested_outputs(masks=masks, dicom=dicom)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"csv": os.path.join(out_dir, VERTEBRAE_CSV)}
+    remove_stale_temp_files(out_dir)
+    paths = {"csv": os.path.join(out_dir, VERTEBRAE_CSV), "json": os.path.join(out_dir, RESULT_JSON)}
+    result.outputs = {"requested": requested, "written": [], "failed": {}, "skipped": {},
+                      "complete": not requested}
     write_csv(result, paths["csv"])
     if overlay:
-        paths["overlay"] = os.path.join(out_dir, OVERLAY_PNG)
-        write_overlay(result, paths["overlay"])
-    if masks:
-        paths["masks"] = os.path.join(out_dir, MASKS_NII)
-        write_masks_nifti(result, paths["masks"])
-    if dicom:
-        from .dicom_outputs import write_if_possible
+        try:
+            path = os.path.join(out_dir, OVERLAY_PNG)
+            write_overlay(result, path)
+            paths["overlay"] = path
+        except Exception as e:  # a figure that cannot be drawn must not cost the measurement
+            _output_failed(result, "overlay", f"overlay not written: {one_line_reason(e)}")
+    result.outputs["written"] = sorted(os.path.basename(p) for k, p in paths.items() if k != "json")
+    write_json(result, paths["json"])
+    if not requested:
+        return paths
 
-        paths.update(write_if_possible(result, out_dir, list(dicom), overlay_png=paths.get("overlay")))
-    paths["json"] = os.path.join(out_dir, RESULT_JSON)
+    if masks:
+        try:
+            path = os.path.join(out_dir, MASKS_NII)
+            write_masks_nifti(result, path)
+            paths["masks"] = path
+        except Exception as e:
+            _output_failed(result, "masks", f"masks.nii.gz not written: {_source_hint(result)}: {one_line_reason(e)}")
+    kinds = [k for k in ("seg", "sr", "sc") if k in set(dicom)]
+    if kinds:
+        from .dicom_outputs import DicomOutputsUnavailable, write_dicom_outputs
+
+        errors: Dict[str, str] = {}
+        try:
+            paths.update(write_dicom_outputs(result, out_dir, kinds, overlay_png=paths.get("overlay"),
+                                             errors=errors))
+        except DicomOutputsUnavailable as e:
+            for k in kinds:
+                result.outputs["skipped"][DICOM_OUTPUT_NAMES[k]] = one_line_reason(e)
+            logger.warning("%s: DICOM outputs skipped: %s", result.study_id, one_line_reason(e))
+        except Exception as e:  # anything the writers did not isolate themselves
+            errors.setdefault("dicom", f"DICOM outputs not written: {_source_hint(result)}: {one_line_reason(e)}")
+        for name, msg in errors.items():
+            _output_failed(result, name, msg)
+    result.outputs["written"] = sorted(os.path.basename(p) for k, p in paths.items() if k != "json")
+    result.outputs["complete"] = True
     write_json(result, paths["json"])
     return paths
 
 
-def is_finished(out_dir: str) -> bool:
-    """Whether ``out_dir`` holds a complete ``result.json`` (written last by :func:`write_study`)."""
-    p = os.path.join(out_dir, RESULT_JSON)
-    if not os.path.isfile(p):
+def one_line_reason(e: BaseException) -> str:
+    """An exception as one line: a ``BMDError``'s message as it is, anything else prefixed by its type name.
+
+    A library's message may quote header values (e.g. pydicom's "Unable to convert '19450317' to 'DA'"): it is
+    redacted like a third-party log line (:func:`bmd_d2.utils.logs.redact`), as it goes into logs and CSV files.
+    """
+    from bmd_d2.errors import BMDError
+    from bmd_d2.utils.logs import redact
+
+    msg = " ".join(str(e).split())
+    return redact(msg) if isinstance(e, BMDError) else f"{type(e).__name__}: {redact(msg, third_party=True)}"
+
+
+def _output_failed(result: StudyResult, name: str, message: str):
+    from bmd_d2.utils.logs import redact
+
+    # the writers' messages may quote a source header's value (e.g. a malformed birth date): never keep it
+    message = redact(" ".join(str(message).split()), third_party=True)
+    result.outputs["failed"][name] = message
+    if "output_not_written" not in result.qc_flags:
+        result.qc_flags.append("output_not_written")
+    logger.warning("%s: %s", result.study_id, message)
+
+
+def is_finished(out_dir: str, requested: Optional[Iterable[str]] = None) -> bool:
+    """Whether ``out_dir`` holds a finished study: ``result.json`` with ``outputs.complete`` (written last by
+    :func:`write_study`; a ``result.json`` of an older version without ``outputs`` counts as finished).
+
+    Args:
+        requested: optional outputs (:data:`OPTIONAL_OUTPUTS` names) the caller wants; a study written without one
+            of them is not finished for this caller (a rerun with ``--dicom-outputs`` adds them).
+    """
+    d = read_result(out_dir)
+    if not isinstance(d, dict) or "vertebrae" not in d:
         return False
-    try:
-        with open(p, encoding="utf-8") as f:
-            return "vertebrae" in json.load(f)
-    except (OSError, ValueError):
+    outputs = d.get("outputs")
+    if outputs is None:
+        return not requested
+    if not isinstance(outputs, dict) or outputs.get("complete") is not True:
         return False
+    return set(requested or ()) <= set(outputs.get("requested") or ())
 
 
 def read_result(out_dir: str) -> Optional[Dict]:

@@ -28,7 +28,8 @@ QC_FLAGS: Dict[str, str] = {
     "no_vertebrae_detected": "no vertebral body above the score threshold",
     # classical measurement (bmd_d2.measure.classical)
     "roi_too_small": "the eroded trabecular ROI has too few pixels: no classical value",
-    "no_3d_core": "the 3-D core does not fit in the scanned volume (or slices too thick): 3-D value not given",
+    "no_3d_core": "no 3-D core value; core_3d_reason says why (slices_too_thick, outside_volume, no_roi, ...) and "
+                  "core_3d_detail gives the figures",
     "implausible_hu": "trabecular HU outside the plausible range for bone: values withheld",
     "implausible_size": "mask area outside the plausible range for a vertebral body: not measured",
     "acr_levels_substituted": "the ACR patient value uses lumbar levels other than L1+L2",
@@ -36,6 +37,13 @@ QC_FLAGS: Dict[str, str] = {
     "internal_reference_failed": "air/fat internal reference not found: default calibration used",
     "large_learned_classical_difference": "learned and classical BMD differ by more than MEASURE.MAX_BMD_DIFFERENCE",
     "volume_warning": "the volume loader reported a warning (see study.warnings)",
+    # reports (bmd_d2.measure.report)
+    "output_not_written": "an optional output (DICOM SEG/SR/SC, masks) could not be written; the measurement stands "
+                          "(see outputs.failed in result.json)",
+    # DICOM outputs (bmd_d2.measure.dicom_outputs)
+    "source_uids_generated": "the source images lack Study/Series/SOP Instance/Frame of Reference (or SOP Class) UIDs: "
+                             "the DICOM outputs reference generated ones (study.generated_uids), not UIDs a PACS "
+                             "knows",
     # robustness checks (bmd_d2.measure.qc)
     "slice_gaps": "missing slices or uneven slice spacing: the volume was resampled onto a uniform grid",
     "gantry_tilt": "gantry-tilted acquisition: sheared slice geometry (kept exactly; check the sagittal image)",
@@ -93,6 +101,11 @@ class VertebraResult:
         category: ACR QCT category of ``bmd`` for this vertebra alone (the diagnosis uses ``patient``).
         roi_pixels: pixels in the eroded sagittal ROI (summed over the 3 slices).
         roi_voxels_3d: samples in the 3-D core.
+        core_3d_reason: why ``trabecular_hu_3d`` is None (a key of ``bmd_d2.measure.classical.CORE_3D_REASONS``:
+            ``slices_too_thick``, ``pixels_too_large``, ``outside_volume``, ``no_roi``, ``no_volume``); None when
+            measured.
+        core_3d_detail: one line with the figures behind ``core_3d_reason`` (or, when measured, the edge samples
+            that took the edge voxel's value); "" when there is nothing to say.
         heights_mm: anterior/middle/posterior heights (mm).
         height_loss_pct: height reduction (%): the larger of the wedge/biconcave ratio (1 - min/max of the three
             heights) and the crush ratio against the neighbouring bodies (see ``bmd_d2.measure.qc``).
@@ -118,6 +131,8 @@ class VertebraResult:
     category: Optional[str] = None
     roi_pixels: int = 0
     roi_voxels_3d: int = 0
+    core_3d_reason: Optional[str] = None
+    core_3d_detail: str = ""
     heights_mm: Dict[str, Optional[float]] = field(default_factory=dict)
     height_loss_pct: Optional[float] = None
     genant_grade: Optional[int] = None
@@ -144,6 +159,10 @@ class StudyResult:
         rejected: detections not reported, as ``{"box_xyxy", "score", "category_id", "reason"}``.
         qc: details of the study-level checks: ``plane_method`` (``"fallback"`` = no spine found), ``contrast``
             (see :func:`bmd_d2.measure.qc.contrast_check`).
+        outputs: what the report writer did (set by :func:`bmd_d2.measure.report.write_study`): ``requested``
+            (optional outputs asked for), ``written`` (file names), ``failed`` (output → one-line reason),
+            ``skipped`` (output → reason it does not apply, e.g. DICOM outputs of a NIfTI input) and ``complete``
+            (every requested output was attempted; false only while they are being written).
         sagittal: the ``SagittalImage`` measured (not serialised).
         volume: the ``Volume`` (not serialised).
     """
@@ -157,6 +176,7 @@ class StudyResult:
     model: Dict[str, Any] = field(default_factory=dict)
     rejected: List[Dict[str, Any]] = field(default_factory=list)
     qc: Dict[str, Any] = field(default_factory=dict)
+    outputs: Dict[str, Any] = field(default_factory=dict)
     sagittal: Any = None
     volume: Any = None
 
@@ -176,4 +196,5 @@ class StudyResult:
             "model": _clean(self.model),
             "rejected": _clean(self.rejected),
             "qc": _clean(self.qc),
+            "outputs": _clean(self.outputs),
         }
