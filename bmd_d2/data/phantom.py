@@ -272,6 +272,16 @@ class PhantomStudy:
 
 
 # ------------------------------------------------------------------------------------------------------------ seeds
+EXAMPLE_SEED = 20261125
+
+
+def example_options() -> "PhantomOptions":
+    """The options of the bundled example study (``tools/demo.py``): a 512² CT at 1.25 mm, BMD about 105 mg/cm³,
+    no fracture, metal or contrast; generated with :data:`EXAMPLE_SEED`."""
+    return PhantomOptions(slice_thickness=1.25, slice_spacing=1.25, pixel_spacing=0.78, bmd_mg_cm3=105.0,
+                          fracture=False, metal=False, contrast=False, transfer_syntax="explicit")
+
+
 def study_seed(base_seed: int, index: int) -> int:
     """Deterministic 63-bit seed of study ``index`` of a dataset drawn with ``base_seed``."""
     ss = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, int(index)])
