@@ -208,10 +208,10 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
         t = time.time()
         try:
             out_dir = safe_study_dir(out_root, sid)
-            if resume and report.is_finished(out_dir, requested):
-                d = report.read_result(out_dir) or {}
+            done = report.read_result(out_dir) if resume else None
+            if report.is_finished_result(done, requested):
                 outcomes.append(StudyOutcome(sid, src, "skipped",
-                                             output_warning="output_not_written" in (d.get("qc_flags") or [])))
+                                             output_warning="output_not_written" in (done.get("qc_flags") or [])))
                 continue
             result = measure(src, sid)
             report.write_study(result, out_dir, overlay=overlay, masks=masks, dicom=dicom)

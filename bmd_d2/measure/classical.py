@@ -197,18 +197,22 @@ def disk(radius_px: float) -> np.ndarray:
     return (x * x + y * y) <= radius_px * radius_px + 1e-9
 
 
+def _dicom_slice_thickness(volume) -> Optional[float]:
+    """DICOM ``SliceThickness`` of ``volume`` (mm), or None when missing, malformed or not positive."""
+    meta = volume.meta if isinstance(getattr(volume, "meta", None), dict) else {}
+    try:
+        thick = float(meta.get("SliceThickness") or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return thick if math.isfinite(thick) and thick > 0 else None
+
+
 def slice_thickness_mm(volume) -> float:
     """Reconstructed slice thickness of ``volume`` (mm): the larger of the slice spacing and the DICOM
     ``SliceThickness`` (overlapping reconstructions are thicker than their spacing); 0 without a volume."""
     if volume is None:
         return 0.0
-    spacing = float(volume.spacing[0])
-    thick = volume.meta.get("SliceThickness") if isinstance(getattr(volume, "meta", None), dict) else None
-    try:
-        thick = float(thick) if thick not in (None, "") else 0.0
-    except (TypeError, ValueError):
-        thick = 0.0
-    return max(spacing, thick if math.isfinite(thick) else 0.0)
+    return max(float(volume.spacing[0]), _dicom_slice_thickness(volume) or 0.0)
 
 
 def ellipse(radius_rows_px: float, radius_cols_px: float) -> np.ndarray:
@@ -342,12 +346,7 @@ class Core3D:
 
 def _nominal_slice_thickness(volume) -> float:
     """The slab one slice images (mm): DICOM ``SliceThickness`` when given, else the slice spacing."""
-    meta = volume.meta if isinstance(getattr(volume, "meta", None), dict) else {}
-    try:
-        thick = float(meta.get("SliceThickness") or 0.0)
-    except (TypeError, ValueError):
-        thick = 0.0
-    return thick if math.isfinite(thick) and thick > 0 else float(volume.spacing[0])
+    return _dicom_slice_thickness(volume) or float(volume.spacing[0])
 
 
 def core_volume_reason(volume, max_slice_mm: float) -> Tuple[Optional[str], str]:

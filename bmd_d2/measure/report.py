@@ -297,7 +297,6 @@ def write_masks_nifti(result: StudyResult, path: str):
 
 
 OPTIONAL_OUTPUTS = ("masks", "dicom_seg", "dicom_sr", "dicom_sc")
-DICOM_OUTPUT_NAMES = {"seg": "dicom_seg", "sr": "dicom_sr", "sc": "dicom_sc"}
 
 
 def remove_stale_temp_files(out_dir: str) -> int:
@@ -323,11 +322,13 @@ def remove_stale_temp_files(out_dir: str) -> int:
 
 def requested_outputs(*, masks: bool = False, dicom: Iterable[str] = ()) -> List[str]:
     """Names (:data:`OPTIONAL_OUTPUTS`) of the optional outputs that these :func:`write_study` arguments ask for."""
+    from .dicom_outputs import KINDS, OUTPUT_NAMES
+
     kinds = set(dicom)
-    unknown = kinds - set(DICOM_OUTPUT_NAMES)
+    unknown = kinds - set(KINDS)
     if unknown:
         raise ValueError(f"unknown DICOM output kind(s) {sorted(unknown)}; expected seg, sr, sc")
-    return (["masks"] if masks else []) + [DICOM_OUTPUT_NAMES[k] for k in ("seg", "sr", "sc") if k in kinds]
+    return (["masks"] if masks else []) + [OUTPUT_NAMES[k] for k in KINDS if k in kinds]
 
 
 def _source_hint(result: StudyResult) -> str:
@@ -379,7 +380,7 @@ def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, mask
             _output_failed(result, "masks", f"masks.nii.gz not written: {_source_hint(result)}: {one_line_reason(e)}")
     kinds = [k for k in ("seg", "sr", "sc") if k in set(dicom)]
     if kinds:
-        from .dicom_outputs import DicomOutputsUnavailable, write_dicom_outputs
+        from .dicom_outputs import OUTPUT_NAMES, DicomOutputsUnavailable, write_dicom_outputs
 
         errors: Dict[str, str] = {}
         try:
@@ -387,7 +388,7 @@ def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, mask
                                              errors=errors))
         except DicomOutputsUnavailable as e:
             for k in kinds:
-                result.outputs["skipped"][DICOM_OUTPUT_NAMES[k]] = one_line_reason(e)
+                result.outputs["skipped"][OUTPUT_NAMES[k]] = one_line_reason(e)
             logger.warning("%s: DICOM outputs skipped: %s", result.study_id, one_line_reason(e))
         except Exception as e:  # anything the writers did not isolate themselves
             errors.setdefault("dicom", f"DICOM outputs not written: {_source_hint(result)}: {one_line_reason(e)}")
@@ -424,14 +425,19 @@ def _output_failed(result: StudyResult, name: str, message: str):
 
 
 def is_finished(out_dir: str, requested: Optional[Iterable[str]] = None) -> bool:
-    """Whether ``out_dir`` holds a finished study: ``result.json`` with ``outputs.complete`` (written last by
+    """Whether ``out_dir`` holds a finished study (:func:`is_finished_result` of its ``result.json``)."""
+    return is_finished_result(read_result(out_dir), requested)
+
+
+def is_finished_result(result_dict: Optional[Dict], requested: Optional[Iterable[str]] = None) -> bool:
+    """Whether a ``result.json`` dict marks a finished study: ``outputs.complete`` (written last by
     :func:`write_study`; a ``result.json`` of an older version without ``outputs`` counts as finished).
 
     Args:
         requested: optional outputs (:data:`OPTIONAL_OUTPUTS` names) the caller wants; a study written without one
             of them is not finished for this caller (a rerun with ``--dicom-outputs`` adds them).
     """
-    d = read_result(out_dir)
+    d = result_dict
     if not isinstance(d, dict) or "vertebrae" not in d:
         return False
     outputs = d.get("outputs")

@@ -68,7 +68,7 @@ def register_phi(values: Iterable) -> None:
             while len(_values) > _MAX_VALUES:
                 _values.popitem(last=False)
         if added:
-            _pattern = re.compile("|".join(re.escape(v) for v in sorted(_values, key=len, reverse=True)))
+            _pattern = None  # compiled when a record next needs it (_current_pattern), not once per header read
 
 
 def register_phi_from_dataset(ds) -> None:
@@ -89,6 +89,15 @@ def register_phi_from_dataset(ds) -> None:
                 values.extend(p for p in re.split(r"[\^=]", s) if p)
                 values.append(" ".join(p for p in s.split("^") if p))
     register_phi(values)
+
+
+def _current_pattern():
+    """The regular expression of the registered values (None when there are none), compiled after a change."""
+    global _pattern
+    with _lock:
+        if _pattern is None and _values:
+            _pattern = re.compile("|".join(re.escape(v) for v in sorted(_values, key=len, reverse=True)))
+        return _pattern
 
 
 def clear_phi() -> None:
@@ -120,7 +129,7 @@ def _is_keyword(s: str) -> bool:
 
 def redact(text: str, third_party: bool = False) -> str:
     """``text`` with the registered PHI values removed (and, for ``third_party``, quoted values and dates)."""
-    pat = _pattern
+    pat = _current_pattern()
     if pat is not None:
         text = pat.sub("<phi>", text)
     if third_party:
