@@ -37,11 +37,11 @@ setup(
         "opencv-python-headless>=4.5",
         "Pillow>=7.1",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "import-linter>=2.1"]},
     entry_points={
         "console_scripts": [
-            "bmd-measure=bmd_d2.measure.cli:main",
-            "bmd-make-phantoms=bmd_d2.data.phantom_cli:main",
+            "bmd-measure=bmd_d2.cli.measure:main",
+            "bmd-make-phantoms=bmd_d2.phantoms.cli:main",
         ]
     },
 )

@@ -17,4 +17,4 @@ from . import modeling  # noqa: F401,E402  (registers MFEFPN, BMDHead, MultiScal
 from . import engine  # noqa: F401,E402  (alternating schedule hooks)
 from . import data  # noqa: F401,E402  (registers bmd_phantoms_{train,val,test}, lazily)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401

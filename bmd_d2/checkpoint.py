@@ -2,13 +2,14 @@
 
 - ``BMDCheckpointer``: Detectron2's ``DetectionCheckpointer`` that loads ``.pth`` files with
   ``torch.load(weights_only=True)`` (no arbitrary code runs while loading) and refuses pickle (``.pkl``) files.
+  ``load_preloaded`` loads a file already read (for the config check below) without reading it again.
 - ``export_model``: a training checkpoint → a small file for shipping: the model's state dict (fp16 by default) and
   the config it was trained with.
 - ``check_weights_config``: refuses weights whose architecture config differs from the config given, naming the keys.
 """
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -57,8 +58,26 @@ def load_checkpoint_file(path: str) -> Dict:
 class BMDCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` whose file loading is weights-only (see :func:`load_checkpoint_file`)."""
 
+    _preloaded: Optional[Tuple[str, Dict]] = None  # (path, checkpoint) given to load_preloaded, used once by load
+
+    def load_preloaded(self, path: str, checkpoint: Dict) -> Dict:
+        """``load(path)`` from the file's content already read by :func:`load_checkpoint_file` (e.g. for
+        :func:`check_weights_config`), so the file is read once.
+
+        Returns:
+            as ``load``: the checkpoint data not loaded into the model.
+        """
+        self._preloaded = (path, checkpoint)
+        try:
+            return self.load(path)
+        finally:
+            self._preloaded = None
+
     def _load_file(self, filename: str) -> Dict:
-        obj = load_checkpoint_file(filename)
+        if self._preloaded is not None and self._preloaded[0] == filename:
+            obj = self._preloaded[1]
+        else:
+            obj = load_checkpoint_file(filename)
         obj.pop("bmd_d2", None)  # export metadata, not checkpointable state
         return obj
 
@@ -80,12 +99,35 @@ def _checked(flat: Dict[str, object]) -> Dict[str, object]:
             and k not in _FREE_KEYS and "_TEST" not in k}
 
 
-def check_weights_config(cfg, path: Optional[str] = None) -> List[str]:
+def _version_key_differences(stored: Dict[str, object], given: Dict[str, object]) -> List[str]:
+    """Keys only one side has: another Detectron2 version (upstream main has keys v0.6 lacks, e.g.
+    ``MODEL.ROI_BOX_HEAD.USE_FED_LOSS``) or another bmd_d2 version.
+
+    A key the weights lack is fine while the config keeps this installation's default for it (the feature the
+    weights were trained without stays off); a key the config lacks is unknown to this installation, which cannot
+    apply it: logged, not refused.
+    """
+    from detectron2.config import get_cfg
+
+    from .config import add_bmd_config
+
+    defaults = _checked(_flatten(yaml.safe_load(add_bmd_config(get_cfg()).dump())))
+    diffs = [f"{k}: weights (no such key, trained without it) vs config {given[k]!r}"
+             for k in sorted(set(given) - set(stored)) if k not in defaults or given[k] != defaults[k]]
+    unknown = sorted(set(stored) - set(given))
+    if unknown:
+        logger.warning("weights store config keys this Detectron2/bmd_d2 does not have (ignored): %s",
+                       ", ".join(f"{k}={stored[k]!r}" for k in unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    return diffs
+
+
+def check_weights_config(cfg, path: Optional[str] = None, *, checkpoint: Optional[Dict] = None) -> List[str]:
     """Compare the architecture config stored in exported weights with ``cfg``.
 
     Args:
         cfg: the config the model will be built from.
         path: weights file; default ``cfg.MODEL.WEIGHTS``.
+        checkpoint: the file's content when already loaded (:func:`load_checkpoint_file`); read from ``path`` if None.
 
     Returns:
         Keys that could not be compared (weights without stored config: a plain training checkpoint). Empty when
@@ -97,13 +139,14 @@ def check_weights_config(cfg, path: Optional[str] = None) -> List[str]:
     path = path or cfg.MODEL.WEIGHTS
     if not path:
         return []
-    meta = load_checkpoint_file(path).get("bmd_d2")
+    meta = (checkpoint if checkpoint is not None else load_checkpoint_file(path)).get("bmd_d2")
     if not meta or "config" not in meta:
         return ["(no stored config: not checked)"]
     stored = _checked(_flatten(yaml.safe_load(meta["config"])))
     given = _checked(_flatten(yaml.safe_load(cfg.dump())))
-    diffs = [f"{k}: weights {stored.get(k)!r} vs config {given.get(k)!r}"
-             for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+    diffs = [f"{k}: weights {stored[k]!r} vs config {given[k]!r}"
+             for k in sorted(set(stored) & set(given)) if stored[k] != given[k]]
+    diffs += _version_key_differences(stored, given)
     if diffs:
         more = f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else ""
         raise BMDError(f"weights were trained with a different config: {'; '.join(diffs[:5])}{more}", path=path)
@@ -126,7 +169,7 @@ def export_model(checkpoint: str, cfg, output: str, *, half: bool = True, info: 
     state = load_checkpoint_file(checkpoint)["model"]
     if half:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-    from . import __version__
+    from .version import __version__
 
     obj = {"model": state, "bmd_d2": {"config": cfg.dump(), "version": __version__, **(info or {})}}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

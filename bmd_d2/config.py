@@ -3,7 +3,14 @@
 Call it on a fresh ``get_cfg()`` before ``merge_from_file`` (yacs rejects unknown keys). Units: HU for CT numbers,
 mg/cm³ for bone mineral density, mm for lengths.
 """
+import copy
+import math
+import os
+from typing import Optional
+
 from detectron2.config import CfgNode as CN
+
+from .errors import BMDError, one_line
 
 
 def add_bmd_config(cfg):
@@ -62,8 +69,7 @@ def add_bmd_config(cfg):
     # Spatial size the masked features are pooled to before flattening (56 keeps full resolution).
     _C.MODEL.ROI_BMD_HEAD.POOL_SIZE = 14
     # Targets are normalised as (bmd - MEAN) / STD (mg/cm³) for the loss; predictions are de-normalised.
-    _C.MODEL.ROI_BMD_HEAD.BMD_MEAN = 140.0
-    _C.MODEL.ROI_BMD_HEAD.BMD_STD = 50.0
+    _C.MODEL.ROI_BMD_HEAD.BMD_MEAN, _C.MODEL.ROI_BMD_HEAD.BMD_STD = 140.0, 50.0
     # "smooth_l1" or "l1" on normalised targets.
     _C.MODEL.ROI_BMD_HEAD.LOSS_TYPE = "smooth_l1"
     _C.MODEL.ROI_BMD_HEAD.SMOOTH_L1_BETA = 0.1
@@ -89,8 +95,7 @@ def add_bmd_config(cfg):
     # ---------------------------------------------------------------------------------------------------------------
     _C.INPUT.DICOM = CN()
     # CT window (HU): width 1000, level 350 maps -150..850 HU to 0..255.
-    _C.INPUT.DICOM.WINDOW_WIDTH = 1000.0
-    _C.INPUT.DICOM.WINDOW_LEVEL = 350.0
+    _C.INPUT.DICOM.WINDOW_WIDTH, _C.INPUT.DICOM.WINDOW_LEVEL = 1000.0, 350.0
     # In-plane pixel size (mm) of the resampled sagittal image; also the distance between the 3 slices.
     _C.INPUT.DICOM.SAGITTAL_SPACING = 1.0
     # Side of the square model image (pixels): centre crop / zero pad to it, never cutting a vertebra off.
@@ -120,82 +125,215 @@ def add_bmd_config(cfg):
     _C.INPUT.BMD_AUG.RESOLUTION_PROB = 0.3
     _C.INPUT.BMD_AUG.RESOLUTION_MAX_MM = 3.0
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # Measurement (tools/measure_bmd.py, bmd_d2.measure).
-    # ---------------------------------------------------------------------------------------------------------------
-    _C.MEASURE = CN()
+    add_measure_config(_C)
+    return cfg
+
+
+class _Number:
+    """A real number (not a bool): finite unless ``finite`` is False, optionally an integer, within ``lo``..``hi``."""
+
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, *, integer: bool = False,
+                 finite: bool = True):
+        self.lo, self.hi, self.integer, self.finite = lo, hi, integer, finite
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.lo is not None and self.hi is not None:
+            return f"{kind} in {self.lo:g}..{self.hi:g}"
+        if self.lo is not None:
+            return f"{kind} >= {self.lo:g}"
+        return f"a finite {kind[2:] if self.integer else 'number'}" if self.finite else kind
+
+    def ok(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        in_range = (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+        return (math.isfinite(value) or not self.finite) and in_range
+
+    def error(self, key: str, value) -> Optional[str]:
+        return None if self.ok(value) else f"MEASURE.{key} must be {self.describe()}, not {value!r}"
+
+
+class _Ascending(_Number):
+    """A list of ``length`` numbers in strictly ascending order, each as :class:`_Number` checks."""
+
+    def __init__(self, length: int, lo: Optional[float] = None, hi: Optional[float] = None):
+        super().__init__(lo, hi)
+        self.length = length
+
+    def error(self, key: str, value) -> Optional[str]:
+        items = list(value) if isinstance(value, (list, tuple)) else None
+        if (items is not None and len(items) == self.length and all(self.ok(v) for v in items)
+                and all(a < b for a, b in zip(items, items[1:]))):
+            return None
+        return (f"MEASURE.{key} must be {self.length} ascending numbers ({self.describe()} each), "
+                f"not {value!r}")
+
+
+class _Choice:
+    """One of ``options``; ``show_value`` appends the bad value to the message."""
+
+    def __init__(self, *options: str, show_value: bool = True):
+        self.options, self.show_value = options, show_value
+
+    def error(self, key: str, value) -> Optional[str]:
+        if value in self.options:
+            return None
+        msg = f"MEASURE.{key} must be " + " or ".join(repr(o) for o in self.options)
+        return f"{msg}, not {value!r}" if self.show_value else msg
+
+
+class _Flag:
+    """``True`` or ``False``."""
+
+    def error(self, key: str, value) -> Optional[str]:
+        return None if isinstance(value, bool) else f"MEASURE.{key} must be True or False, not {value!r}"
+
+
+class _ReadableFile:
+    """"" (none) or the path of a file that can be opened (its content is parsed by its user)."""
+
+    def error(self, key: str, value) -> Optional[str]:
+        return None if isinstance(value, str) else f"MEASURE.{key} must be a file path, not {value!r}"
+
+
+class _Unchecked:
+    """Checked where the value is parsed (``MEASURE.TTA_*``: ``bmd_d2.modeling.test_time_augmentation.parse_tta_*``)."""
+
+    def error(self, key: str, value) -> Optional[str]:
+        return None
+
+
+_FRACTION = _Number(0.0, 1.0)
+_NON_NEGATIVE = _Number(0.0)
+_FINITE = _Number()
+_REAL = _Number(finite=False)  # the calibration's own check (validate_measure_config) gives its message
+
+# The MEASURE section (tools/measure_bmd.py, bmd_d2.measure): (key, default, rule checked by
+# validate_measure_config), in the order yacs lists them.
+MEASURE_KEYS = (
     # Minimum detection score for a vertebra to be reported.
-    _C.MEASURE.SCORE_THRESHOLD = 0.5
+    ("SCORE_THRESHOLD", 0.5, _FRACTION),
     # Linear HU -> BMD calibration used by the classical measurement: BMD = (HU - INTERCEPT) / SLOPE.
     # A user phantom calibration file (JSON) overrides it.
-    _C.MEASURE.CALIBRATION_SLOPE = 1.0
-    _C.MEASURE.CALIBRATION_INTERCEPT = 0.0
-    _C.MEASURE.CALIBRATION_FILE = ""
+    ("CALIBRATION_SLOPE", 1.0, _REAL),
+    ("CALIBRATION_INTERCEPT", 0.0, _REAL),
+    ("CALIBRATION_FILE", "", _ReadableFile()),
     # Internal air/fat reference: measure air and fat in the scan and correct the HU scale to these nominal values
     # before the calibration (scanner drift correction; see bmd_d2/measure/classical.py).
-    _C.MEASURE.INTERNAL_REFERENCE = False
-    _C.MEASURE.REFERENCE_AIR_HU = -1000.0
-    _C.MEASURE.REFERENCE_FAT_HU = -100.0
+    ("INTERNAL_REFERENCE", False, _Flag()),
+    ("REFERENCE_AIR_HU", -1000.0, _FINITE),
+    ("REFERENCE_FAT_HU", -100.0, _FINITE),
     # Erosion (mm, disk radius) of the sagittal vertebral mask before averaging HU: removes the cortical shell.
-    _C.MEASURE.EROSION_MM = 3.0
+    ("EROSION_MM", 3.0, _NON_NEGATIVE),
     # Extra erosion along the sagittal rows (superior-inferior), as a fraction of the slice thickness: a thick slice
     # smears the dense endplates +-thickness/2 into the body. 0 gives a round (disk) erosion.
-    _C.MEASURE.EROSION_SLICE_FRACTION = 0.5
+    ("EROSION_SLICE_FRACTION", 0.5, _NON_NEGATIVE),
     # Minimum pixels of the eroded ROI in one sagittal slice; fewer gives no classical value (flag roi_too_small).
-    _C.MEASURE.MIN_ROI_PIXELS = 20
+    ("MIN_ROI_PIXELS", 20, _Number(0, integer=True)),
     # 3-D core: the eroded ROI extruded +-HALF_WIDTH mm perpendicular to the sagittal plane, sampled in the volume;
     # not computed (reason slices_too_thick / pixels_too_large) when the slice thickness (the larger of SliceThickness
     # and the slice spacing) or the pixel spacing exceeds CORE_MAX_SPACING_MM (mm; was 3.5 and compared the spacing
     # only; 5 mm slices, overlapping or with gaps, measure without bias on the phantoms, docs/measurement.md).
-    _C.MEASURE.CORE_HALF_WIDTH_MM = 5.0
-    _C.MEASURE.CORE_MAX_SPACING_MM = 5.0
+    ("CORE_HALF_WIDTH_MM", 5.0, _NON_NEGATIVE),
+    ("CORE_MAX_SPACING_MM", 5.0, _NON_NEGATIVE),
     # The core's ROI keeps at least this many slice spacings from the endplates: the mask edge is known to half a
     # spacing and trilinear sampling reaches one spacing, so a shallower core blends in the slice nearest the endplate
     # (weight 1.5 - this at the core's edge). Deeper than the sagittal ROI (EROSION_MM + EROSION_SLICE_FRACTION x
     # thickness) only for spacings above (3 + thickness / 2) / 1.25 mm, e.g. 5 mm; up to 4 mm nothing changes.
-    _C.MEASURE.CORE_MIN_EROSION_SLICES = 1.25
+    ("CORE_MIN_EROSION_SLICES", 1.25, _NON_NEGATIVE),
     # Plausible mean trabecular HU of bone (HU): below the low end the detection is rejected as not bone; above
     # the high end (metal, sclerosis) BMD is withheld (flag implausible_hu).
-    _C.MEASURE.PLAUSIBLE_HU = [-100.0, 800.0]
+    ("PLAUSIBLE_HU", [-100.0, 800.0], _Ascending(2)),
     # Plausible sagittal mask area of a vertebral body (mm^2); outside it the detection is rejected. The sacrum
     # is checked against the lower bound only.
-    _C.MEASURE.MIN_AREA_MM2 = 100.0
-    _C.MEASURE.MAX_AREA_MM2 = 3000.0
+    ("MIN_AREA_MM2", 100.0, _NON_NEGATIVE),
+    ("MAX_AREA_MM2", 3000.0, _NON_NEGATIVE),
     # Which BMD gives the reported value and categories: "learned" (model pred_bmd) or "classical" (HU + calibration).
-    _C.MEASURE.PRIMARY_BMD = "learned"
+    ("PRIMARY_BMD", "learned", _Choice("learned", "classical")),
     # Flag large_learned_classical_difference when |learned - classical| exceeds this (mg/cm^3).
-    _C.MEASURE.MAX_BMD_DIFFERENCE = 30.0
+    ("MAX_BMD_DIFFERENCE", 30.0, _NON_NEGATIVE),
     # Robustness checks (bmd_d2/measure/qc.py, flags documented in docs/measurement.md).
     # A detection is rejected (not_bone) unless the 95th percentile HU of its mask (3 sagittal slices) reaches this:
     # a vertebral body always holds some cortex/endplate bone; water, soft tissue or a uniform blob does not.
-    _C.MEASURE.MIN_BONE_HU = 120.0
+    ("MIN_BONE_HU", 120.0, _FINITE),
     # Detections scoring below this (but above SCORE_THRESHOLD) are reported with the flag low_confidence.
-    _C.MEASURE.LOW_CONFIDENCE_SCORE = 0.7
+    ("LOW_CONFIDENCE_SCORE", 0.7, _FRACTION),
     # Trabecular HU above this (and within PLAUSIBLE_HU) is flagged very_dense (sclerosis, compaction, cement).
-    _C.MEASURE.DENSE_HU = 400.0
+    ("DENSE_HU", 400.0, _FINITE),
     # Any HU at or above this inside the vertebra (mask on the 3 sagittal slices or its 3-D extrusion) is metal:
     # flag metal, BMD withheld.
-    _C.MEASURE.METAL_HU = 2000.0
+    ("METAL_HU", 2000.0, _FINITE),
     # Contrast phase: HU (90th percentile) of the brightest vessel-sized blob anterior to the vertebral bodies
     # (aorta/IVC; unenhanced blood reads 35-60 HU) at or above this flags contrast_enhanced (iodine raises
     # trabecular HU too).
-    _C.MEASURE.CONTRAST_HU = 120.0
+    ("CONTRAST_HU", 120.0, _FINITE),
     # Genant semi-quantitative grade from the vertebral height reduction: >= 20 % grade 1 (mild), >= 25 % grade 2
     # (moderate), >= 40 % grade 3 (severe). Fractions, ascending.
-    _C.MEASURE.HEIGHT_LOSS_GRADES = [0.20, 0.25, 0.40]
+    ("HEIGHT_LOSS_GRADES", [0.20, 0.25, 0.40], _Ascending(3, 0.0, 1.0)),
     # Level labels without a detected sacrum: "lowest_is_L5" (documented fallback, flagged) or "none".
-    _C.MEASURE.UNANCHORED_LEVEL_RULE = "lowest_is_L5"
+    ("UNANCHORED_LEVEL_RULE", "lowest_is_L5", _Choice("lowest_is_L5", "none", show_value=False)),
     # Test-time shifts: extra model passes on the sagittal image moved by these [dy, dx] pixels (1 mm each; e.g.
     # [[0, 1], [1, 0], [1, 1]]), merged with the unshifted pass (mean mask probability, box, learned BMD; see
     # BMDStudyPredictor.detect). [] = one pass.
-    _C.MEASURE.TTA_SHIFTS = []
+    ("TTA_SHIFTS", [], _Unchecked()),
     # Test-time sizes: extra unshifted passes with the model's input resized to these shortest-edge sizes instead of
     # INPUT.MIN_SIZE_TEST (e.g. [288]; the longest edge scales with them), merged the same way; their learned BMD is
     # not averaged (the BMD head is trained at one scale). [] = none.
-    _C.MEASURE.TTA_SIZES = []
+    ("TTA_SIZES", [], _Unchecked()),
     # Evaluation: minimum mask IoU for a detection to match a ground-truth vertebra.
-    _C.MEASURE.EVAL_MATCH_IOU = 0.5
+    ("EVAL_MATCH_IOU", 0.5, _FRACTION),
+)
+
+
+def add_measure_config(cfg):
+    """Add the ``MEASURE`` section (:data:`MEASURE_KEYS`: defaults and their meaning) to ``cfg`` in place.
+
+    Called by :func:`add_bmd_config`; :func:`validate_measure_config` checks the values.
+    """
+    cfg.MEASURE = CN()
+    for key, default, _rule in MEASURE_KEYS:
+        cfg.MEASURE[key] = copy.deepcopy(default)
     return cfg
+
+
+def validate_measure_config(cfg) -> None:
+    """Check every ``MEASURE`` key of ``cfg``: type, range, choice; the calibration file exists and can be read.
+
+    ``MEASURE.TTA_SHIFTS`` / ``MEASURE.TTA_SIZES`` are checked where they are parsed (``BMDStudyPredictor``), the
+    content of ``MEASURE.CALIBRATION_FILE`` where it is read (``load_calibration_file``).
+
+    Raises:
+        BMDError: the first bad value, one line naming the key.
+    """
+    m = cfg.MEASURE
+    for key, _default, rule in MEASURE_KEYS:
+        problem = rule.error(key, m[key])
+        if problem:
+            raise BMDError(problem)
+    if m.MIN_AREA_MM2 >= m.MAX_AREA_MM2:
+        raise BMDError(f"MEASURE.MIN_AREA_MM2 ({m.MIN_AREA_MM2:g}) must be below MEASURE.MAX_AREA_MM2 "
+                       f"({m.MAX_AREA_MM2:g})")
+    if m.CALIBRATION_FILE:  # the file's calibration replaces the linear default
+        _check_readable(m.CALIBRATION_FILE)
+        return
+    slope, intercept = float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or abs(slope) < 1e-6:
+        # the check and message of bmd_d2.measure.classical.Calibration, which meets the same values per study
+        raise BMDError(f"invalid calibration: slope={slope} intercept={intercept} (need a finite, non-zero slope)")
+
+
+def _check_readable(path: str) -> None:
+    """``BMDError`` (the messages of ``load_calibration_file``) unless ``path`` opens for reading."""
+    try:
+        with open(path, encoding="utf-8"):
+            pass
+    except FileNotFoundError:
+        raise BMDError("calibration file not found (MEASURE.CALIBRATION_FILE)", path=path) from None
+    except (OSError, ValueError) as e:
+        raise BMDError(f"cannot read calibration file: {e}", path=path) from None
 
 
 def get_bmd_cfg(config_file: str = "", opts=None, *, freeze: bool = True):
@@ -209,11 +347,7 @@ def get_bmd_cfg(config_file: str = "", opts=None, *, freeze: bool = True):
         opts: e.g. ``["MODEL.WEIGHTS", "model.pth"]``.
         freeze: freeze the returned config.
     """
-    import os
-
     from detectron2.config import get_cfg
-
-    from .errors import BMDError
 
     cfg = add_bmd_config(get_cfg())
     if config_file:
@@ -222,24 +356,26 @@ def get_bmd_cfg(config_file: str = "", opts=None, *, freeze: bool = True):
         try:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise BMDError(f"invalid config: {_one_line(e)}", path=config_file) from e
+            raise BMDError(f"invalid config: {_exception_line(e)}", path=config_file) from e
         except Exception as e:  # yaml parse errors and the like
-            raise BMDError(f"cannot read config ({type(e).__name__}): {_one_line(e)}", path=config_file) from e
+            raise BMDError(f"cannot read config ({type(e).__name__}): {_exception_line(e)}", path=config_file) from e
     if opts:
         if len(opts) % 2:
             raise BMDError(f"config overrides must be KEY VALUE pairs, got an odd number: {' '.join(map(str, opts))}")
         try:
             cfg.merge_from_list(list(opts))
         except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise BMDError(f"invalid config override: {_one_line(e)}") from e
+            raise BMDError(f"invalid config override: {_exception_line(e)}") from e
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise BMDError("model weights file not found (MODEL.WEIGHTS)", path=weights)
+    validate_measure_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
 
 
-def _one_line(exc: BaseException) -> str:
+def _exception_line(exc: BaseException) -> str:
+    """A yacs/YAML exception as one line: its single argument unquoted (yacs quotes the key), else its text."""
     text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
-    return " ".join(text.strip("'\"").split())
+    return one_line(text.strip("'\""))

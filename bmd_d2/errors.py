@@ -5,11 +5,16 @@ it into ``error: <message>`` on stderr with a non-zero exit code; anything else 
 """
 
 
+def one_line(text) -> str:
+    """``text`` (any object, as ``str``) with every run of white space, newlines included, folded to one space."""
+    return " ".join(str(text).split())
+
+
 class BMDError(Exception):
     """A user-facing error: one line naming the file or series and the problem."""
 
     def __init__(self, message: str, *, path=None):
-        message = " ".join(str(message).split())  # always one line
+        message = one_line(message)
         if path is not None and str(path) not in message:
             message = f"{path}: {message}"
         super().__init__(message)

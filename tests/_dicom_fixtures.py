@@ -211,7 +211,7 @@ def make_dataset(root, n=2, seed=0):
     Uses the phantom generator when it is importable, else block phantoms written here. Returns the study ids.
     """
     try:
-        from bmd_d2.data.phantom import PhantomOptions, generate_dataset
+        from bmd_d2.phantoms import PhantomOptions, generate_dataset
     except ImportError:
         generate_dataset = None
     if generate_dataset is not None:
@@ -220,7 +220,7 @@ def make_dataset(root, n=2, seed=0):
 
     import nibabel as nib
 
-    from bmd_d2.data.levels import LEVELS
+    from bmd_d2.levels import LEVELS
 
     ids = []
     rows = []

@@ -23,8 +23,9 @@ from _dicom_fixtures import block_phantom, write_series
 from bmd_d2 import BMDError
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume, load_volume
-from bmd_d2.measure import QC_FLAGS, report
-from bmd_d2.measure.cli import main
+from bmd_d2 import reports
+from bmd_d2.measure import QC_FLAGS
+from bmd_d2.cli.measure import main
 from bmd_d2.measure.predictor import measure_detections
 from bmd_d2.measure.qc import genant_grade, height_loss, volume_flags
 
@@ -451,7 +452,7 @@ def test_cli_no_spine_in_view_gives_no_bmd_and_no_identifiers(tmp_path):
 def _phantom_result(seed, **opts):
     from test_measure_classical import _gt_detections, truth_sagittal
 
-    from bmd_d2.data.phantom import PhantomOptions, generate_study
+    from bmd_d2.phantoms import PhantomOptions, generate_study
 
     cfg = get_bmd_cfg(QUICK)
     st = generate_study(seed, PhantomOptions.tiny(scoliosis=False, **opts))
@@ -487,7 +488,7 @@ def test_qc_flags_on_phantoms(seed, tmp_path):
             assert v.bmd is None and v.classical_bmd is None and v.learned_bmd is not None
 
     # flags reach the JSON, the CSV and the overlay
-    paths = report.write_study(frac, str(tmp_path / "r"))
+    paths = reports.write_study(frac, str(tmp_path / "r"))
     saved = json.load(open(paths["json"]))
     assert "vertebral_height_loss" in saved["qc_flags"] and saved["qc"]["contrast"]["enhanced"] is True
     rows = list(csv.DictReader(open(paths["csv"])))

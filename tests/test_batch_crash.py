@@ -19,8 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
-from bmd_d2.measure import report
+from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
+from bmd_d2 import reports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs", "bmd_default.yaml")
@@ -45,7 +45,7 @@ def batch_input(tmp_path_factory):
 
 
 def _cmd(src, out):
-    return [sys.executable, "-m", "bmd_d2.measure.cli", str(src), "--config-file", CFG, "-o", str(out), "-q",
+    return [sys.executable, "-m", "bmd_d2.cli.measure", str(src), "--config-file", CFG, "-o", str(out), "-q",
             "--masks", "--dicom-outputs", "MEASURE.TTA_SHIFTS", "[]", "MEASURE.TTA_SIZES", "[]"]
 
 
@@ -60,7 +60,7 @@ def _study_dirs(out):
 def _pending(out):
     """A study whose result.json exists but whose optional outputs are still being written."""
     for d in _study_dirs(out):
-        r = report.read_result(os.path.join(out, d))
+        r = reports.read_result(os.path.join(out, d))
         if r and not (r.get("outputs") or {}).get("complete"):
             return True
     return False
@@ -71,7 +71,7 @@ def _temp_file(out):
 
 
 def _finished(out, n):
-    return sum(report.is_finished(os.path.join(out, d)) for d in _study_dirs(out)) >= n
+    return sum(reports.is_finished(os.path.join(out, d)) for d in _study_dirs(out)) >= n
 
 
 def _check_no_false_done(out):
@@ -79,9 +79,9 @@ def _check_no_false_done(out):
     done = []
     for d in _study_dirs(out):
         sdir = os.path.join(out, d)
-        if not report.is_finished(sdir, list(OPTIONAL_FILES)):
+        if not reports.is_finished(sdir, list(OPTIONAL_FILES)):
             continue
-        r = report.read_result(sdir)
+        r = reports.read_result(sdir)
         outs = r["outputs"]
         for name, fname in OPTIONAL_FILES.items():
             path = os.path.join(sdir, fname)
@@ -96,7 +96,7 @@ def _check_no_false_done(out):
                 pydicom.dcmread(path)
             else:
                 nib.load(path).get_fdata()
-        for fname in (report.VERTEBRAE_CSV, report.OVERLAY_PNG):
+        for fname in (reports.VERTEBRAE_CSV, reports.OVERLAY_PNG):
             assert os.path.isfile(os.path.join(sdir, fname)), (d, fname)
         done.append(d)
     return done
@@ -141,7 +141,7 @@ def _same_study_files(a, b):
     assert fa == fb
     for f in fa:
         pa, pb = os.path.join(a, f), os.path.join(b, f)
-        if f == report.RESULT_JSON:
+        if f == reports.RESULT_JSON:
             assert json.load(open(pa)) == json.load(open(pb)), pa
         elif f.endswith(".dcm"):
             assert _dicom_content(pa) == _dicom_content(pb), pa

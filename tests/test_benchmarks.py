@@ -16,7 +16,7 @@ from bmd_d2.measure.result import StudyResult, VertebraResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quick_schedules", "bmd_rcnn_MFEFPN_instant_test.yaml")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the tools' command lines (tools end to end, below)
 
 
 # ------------------------------------------------------------------------------------------------ hand-made examples
@@ -124,8 +124,8 @@ def test_truth_masks_through_measuring_chain():
     """Ground-truth masks of a phantom as detections: Dice 1, every level right, learned MAE 0, classical close."""
     from bmd_d2.config import get_bmd_cfg
     from bmd_d2.data.dicom import Volume
-    from bmd_d2.data.levels import LEVELS, SACRUM_CLASS
-    from bmd_d2.data.phantom import PhantomOptions, generate_study
+    from bmd_d2.levels import LEVELS, SACRUM_CLASS
+    from bmd_d2.phantoms import PhantomOptions, generate_study
     from bmd_d2.measure.predictor import measure_detections, sagittal_from_cfg
 
     st = generate_study(9000, PhantomOptions.tiny(metal=False, fracture=False))
@@ -254,7 +254,7 @@ def test_true_calibration_follows_withheld_values():
 
 
 def test_calibration_blind_floor_measures_the_calibration_spread():
-    import benchmark_accuracy
+    from bmd_d2.evaluation import benchmark_accuracy
 
     rng = np.random.default_rng(0)
 

@@ -61,6 +61,27 @@ def test_config_mismatch_is_named(trained):
     assert check_weights_config(get_bmd_cfg(QUICK, ["MODEL.WEIGHTS", path]))
 
 
+def test_keys_of_another_detectron2_version(trained, tmp_path, caplog):
+    """Weights exported under one Detectron2 version, loaded under another (upstream main has keys v0.6 lacks)."""
+    import yaml
+
+    cfg, _, path, d = trained
+    out = export_model(path, cfg, str(d / "shipped3.pth"))
+    obj = load_checkpoint_file(out)
+    stored = yaml.safe_load(obj["bmd_d2"]["config"])
+    del stored["MODEL"]["ROI_HEADS"]["IOU_THRESHOLDS"]  # the weights' version had no such key
+    stored["MODEL"]["ROI_BOX_HEAD"]["NEW_FEATURE_OF_ANOTHER_VERSION"] = True  # ... but had this one
+    obj["bmd_d2"]["config"] = yaml.safe_dump(stored)
+    other = str(tmp_path / "other_version.pth")
+    torch.save(obj, other)
+    with caplog.at_level("WARNING", logger="bmd_d2.checkpoint"):
+        assert check_weights_config(get_bmd_cfg(QUICK, ["MODEL.WEIGHTS", other])) == []  # config keeps the default
+    assert "MODEL.ROI_BOX_HEAD.NEW_FEATURE_OF_ANOTHER_VERSION=True" in caplog.text
+    changed = get_bmd_cfg(QUICK, ["MODEL.WEIGHTS", other, "MODEL.ROI_HEADS.IOU_THRESHOLDS", "[0.6]"])
+    with pytest.raises(BMDError, match=r"MODEL\.ROI_HEADS\.IOU_THRESHOLDS: weights \(no such key"):
+        check_weights_config(changed)
+
+
 def test_code_carrying_files_are_refused(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "x": _Evil()}, str(evil))

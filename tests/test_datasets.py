@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _dicom_fixtures import make_dataset
-from bmd_d2.data.datasets import (SagittalParams, load_bmd_dataset, prepare_sagittal_dataset, read_bmd_csv,
+from bmd_d2.data.datasets import (load_bmd_dataset, make_sagittal_params, prepare_sagittal_dataset, read_bmd_csv,
                                   register_all_bmd_datasets, register_bmd_dataset, register_datasets_by_name)
 from bmd_d2.errors import BMDError
 
@@ -20,7 +20,7 @@ def dataset(tmp_path_factory):
 
 def test_prepare_builds_and_caches(dataset, caplog):
     root, ids = dataset
-    params = SagittalParams(size=256)
+    params = make_sagittal_params(size=256)
     j = prepare_sagittal_dataset(root, params=params)
     coco = json.load(open(j))
     assert [im["study_id"] for im in coco["images"]] == list(ids)
@@ -60,7 +60,7 @@ def test_lazy_registration(tmp_path, dataset):
     with pytest.raises(BMDError):
         DatasetCatalog.get("bmd_test_missing_xyz")
     root, _ = dataset
-    register_bmd_dataset("bmd_test_ds_xyz", root, params=SagittalParams(size=256))
+    register_bmd_dataset("bmd_test_ds_xyz", root, params=make_sagittal_params(size=256))
     assert len(DatasetCatalog.get("bmd_test_ds_xyz")) == 2
     md = MetadataCatalog.get("bmd_test_ds_xyz")
     assert md.thing_classes == ["vertebral_body", "sacrum"] and md.levels[0] == "T11"
@@ -77,7 +77,7 @@ def test_register_by_name_only_dataset_folders(tmp_path, dataset):
     from detectron2.data import DatasetCatalog
 
     root, ids = dataset
-    prepare_sagittal_dataset(root, params=SagittalParams(size=256))
+    prepare_sagittal_dataset(root, params=make_sagittal_params(size=256))
     shutil.copytree(root, tmp_path / "bmd_mix_a_xyz")
     (tmp_path / "not_a_dataset_xyz").mkdir()
     names = ["bmd_mix_a_xyz", "not_a_dataset_xyz", "bmd_phantoms_train", "nowhere_xyz"]
@@ -98,14 +98,14 @@ def test_prepare_with_workers_matches_serial(tmp_path):
     """Building the caches in worker processes gives the same dataset as one process."""
     import json as _json
 
-    from bmd_d2.data.datasets import SagittalParams, prepare_sagittal_dataset
-    from bmd_d2.data.phantom import PhantomOptions, generate_dataset
+    from bmd_d2.data.datasets import make_sagittal_params, prepare_sagittal_dataset
+    from bmd_d2.phantoms import PhantomOptions, generate_dataset
 
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         generate_dataset(root, 2, seed=7, options=PhantomOptions.tiny(preview=False), progress=False)
-    ja = _json.loads(prepare_sagittal_dataset(a, params=SagittalParams(size=128)).read_text())
-    jb = _json.loads(prepare_sagittal_dataset(b, params=SagittalParams(size=128), workers=2).read_text())
+    ja = _json.loads(prepare_sagittal_dataset(a, params=make_sagittal_params(size=128)).read_text())
+    jb = _json.loads(prepare_sagittal_dataset(b, params=make_sagittal_params(size=128), workers=2).read_text())
     assert len(ja["annotations"]) == len(jb["annotations"]) > 0
     for x, y in zip(ja["annotations"], jb["annotations"]):
         assert x["bbox"] == y["bbox"] and x["level"] == y["level"] and x["bmd"] == y["bmd"]

@@ -3,7 +3,7 @@ import importlib.util
 import json
 import os
 
-from bmd_d2.data.phantom import GENERATOR_VERSION
+from bmd_d2.phantoms import GENERATOR_VERSION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

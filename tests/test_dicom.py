@@ -8,7 +8,8 @@ import pydicom
 import pytest
 
 from _dicom_fixtures import block_phantom, write_multiframe, write_series
-from bmd_d2.data.dicom import _fast_header, list_series, load_nifti, load_series, load_volume
+from bmd_d2.data.dicom import list_series, load_nifti, load_series, load_volume
+from bmd_d2.data.dicom.reader import _fast_header
 from bmd_d2.errors import BMDError
 
 REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct_dicom")
@@ -59,7 +60,7 @@ def test_compressed(tmp_path, hu, ts):
 
 @pytest.mark.parametrize("signed,bits", [(True, 16), (True, 12), (False, 12)])
 def test_jpeg_ls_direct_decode_equals_pydicom(tmp_path, hu, signed, bits, monkeypatch):
-    import bmd_d2.data.dicom as D
+    import bmd_d2.data.dicom.reader as D
 
     monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
     paths = write_series(tmp_path / "s", hu[:4], signed=signed, bits_stored=bits, intercept=-1024.0 if signed else
@@ -72,7 +73,7 @@ def test_jpeg_ls_direct_decode_equals_pydicom(tmp_path, hu, signed, bits, monkey
     # a direct decode that disagrees with pydicom on the first slice is never used for that folder and format
     monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
     monkeypatch.setattr(D, "_jpeg_ls_direct",
-                        lambda fr: np.zeros((fr.header["Rows"], fr.header["Columns"]), np.int16) + 7)
+                        lambda h: np.zeros((h["Rows"], h["Columns"]), np.int16) + 7)
     v2 = load_series(tmp_path / "s", workers=1)
     assert list(D._JPEG_LS_CHECKED.values()) == [False] and np.array_equal(v2.data, v.data)
 

@@ -19,13 +19,14 @@ from pydicom.uid import UID
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import load_volume
-from bmd_d2.data.levels import LEVEL_TO_LABEL
-from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+from bmd_d2.levels import LEVEL_TO_LABEL
+from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
 from bmd_d2.data.sagittal import sagittal_mask_to_volume
-from bmd_d2.measure import dicom_outputs as do
-from bmd_d2.measure import report
+from bmd_d2.reports import dicom as do
+from bmd_d2.reports import dicom_sources as sources
+from bmd_d2 import reports
 from bmd_d2.measure.classical import Calibration
-from bmd_d2.measure.cli import main
+from bmd_d2.cli.measure import main
 from bmd_d2.measure.predictor import measure_detections
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -51,7 +52,7 @@ def measured(tmp_path_factory):
     dets, _ = _gt_detections(st, sag)
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration(), study_id="ph3")
     res.model["weights"] = "bmd_rcnn_MFEFPN_R18_cpu.pth"  # what BMDStudyPredictor records (the file name)
-    paths = report.write_study(res, str(root / "out"), dicom=do.KINDS)
+    paths = reports.write_study(res, str(root / "out"), dicom=do.KINDS)
     return st, vol, res, paths, json.loads(open(paths["json"]).read())
 
 
@@ -108,7 +109,7 @@ def test_seg_references_geometry_and_truth(measured):
 def test_seg_matches_masks_nifti(measured, tmp_path):
     """The SEG and masks.nii.gz come from the same mapping: identical voxels."""
     st, vol, res, paths, saved = measured
-    report.write_masks_nifti(res, str(tmp_path / "m.nii.gz"))
+    reports.write_masks_nifti(res, str(tmp_path / "m.nii.gz"))
     lab = np.transpose(np.asarray(nib.load(str(tmp_path / "m.nii.gz")).dataobj), (2, 1, 0))
     pix = hd.seg.segread(paths["dicom_seg"]).get_pixels_by_source_instance(
         vol.meta["SOPInstanceUIDs"], combine_segments=True, skip_overlap_checks=True,
@@ -192,7 +193,7 @@ def test_sc_and_atomic_files(measured):
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     from PIL import Image
 
-    with Image.open(os.path.join(os.path.dirname(paths["json"]), report.OVERLAY_PNG)) as im:
+    with Image.open(os.path.join(os.path.dirname(paths["json"]), reports.OVERLAY_PNG)) as im:
         png = np.asarray(im.convert("RGB"))
     assert np.array_equal(sc.pixel_array, png)
     assert tuple(sc.PatientOrientation) == ("P", "F")  # columns anterior -> posterior, rows head -> feet
@@ -219,7 +220,7 @@ def test_no_vertebrae_skips_seg_and_nifti_is_not_an_error(measured, tmp_path, ca
     assert [f.value.value for f in flags] == ["no_vertebrae_detected"]
     nifti = copy.copy(res)
     nifti.volume = type(vol)(vol.data, vol.affine, meta={"source": "ct.nii.gz", "format": "nifti"})
-    with pytest.raises(do.DicomOutputsUnavailable, match="need a DICOM series"):
+    with pytest.raises(sources.DicomOutputsUnavailable, match="need a DICOM series"):
         do.write_dicom_outputs(nifti, str(tmp_path / "n"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -283,10 +284,10 @@ def test_objects_pass_dciodvfy(measured):
     # de-identified source: PatientIdentityRemoved YES carried over with a De-identification Method (Type 1C)
     for k in iods:
         ds = pydicom.dcmread(paths[k], stop_before_pixels=True)
-        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod == do.DEIDENTIFICATION_NOT_RECORDED
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod == sources.DEIDENTIFICATION_NOT_RECORDED
     assert pydicom.dcmread(paths["dicom_sc"], stop_before_pixels=True).ImageLaterality == "U"
     # the phantom has every UID: nothing generated, no flag
-    assert "generated_uids" not in saved["study"] and do.UIDS_FLAG not in saved["qc_flags"]
+    assert "generated_uids" not in saved["study"] and sources.UIDS_FLAG not in saved["qc_flags"]
 
 
 def test_model_name_from_weights(measured):
@@ -315,7 +316,7 @@ def test_prepare_sources_copies_and_is_deterministic(measured):
     import copy
 
     st, vol, res, paths, saved = measured
-    raw = do.read_source_datasets(res)
+    raw = sources.read_source_datasets(res)
     for ds in raw:
         ds.StudyInstanceUID = ""
         del ds.SOPInstanceUID
@@ -325,12 +326,13 @@ def test_prepare_sources_copies_and_is_deterministic(measured):
     for _ in range(2):
         r = copy.copy(res)
         r.study, r.qc_flags = dict(res.study), list(res.qc_flags)
-        prepared = do.prepare_sources(r, raw)
+        prepared = sources.prepare_sources(r, raw)
         runs.append((r.study["generated_uids"], [ds.SOPInstanceUID for ds in prepared]))
-        assert do.UIDS_FLAG in r.qc_flags and do.UIDS_FLAG not in res.qc_flags
+        assert sources.UIDS_FLAG in r.qc_flags and sources.UIDS_FLAG not in res.qc_flags
         assert all("PatientBirthDate" in ds and not ds.PatientBirthDate for ds in prepared)  # Type 2: present, empty
         assert {ds.StudyInstanceUID for ds in prepared} == {r.study["generated_uids"]["StudyInstanceUID"]}
-        assert do.prepare_sources(r, prepared) is not prepared and do.prepare_sources(r, prepared)[0] is prepared[0]
+        assert sources.prepare_sources(r, prepared) is not prepared \
+            and sources.prepare_sources(r, prepared)[0] is prepared[0]
     assert raw == before  # the given datasets are untouched
     assert runs[0] == runs[1]
     gen = runs[0][0]
@@ -355,5 +357,5 @@ def test_failure_message_names_output_file_and_attribute():
     msg = do.failure_message("seg", ValueError("Source images must all be part\nof the same series."), [a])
     assert msg == "DICOM SEG not written: /data/ct/img0001.dcm: ValueError: Source images must all be part of the " \
                   "same series."
-    assert do.failure_message("seg", do.SourceHeaderError("/x/1.dcm: Rows is empty"), [a]) == \
+    assert do.failure_message("seg", sources.SourceHeaderError("/x/1.dcm: Rows is empty"), [a]) == \
         "DICOM SEG not written: /x/1.dcm: Rows is empty"

@@ -8,7 +8,7 @@ written by editing copies of the headers (pydicom), never regenerating a phantom
 
 Each loader-side variant (Type 2 patient/study attributes and the source UIDs, removed and emptied; all Type 3 and
 private attributes removed) is loaded with ``load_volume`` (the volume must equal the base one), measured, written with
-``report.write_study(result, out, dicom=KINDS)``; result.json and all three objects must exist and validate, the
+``reports.write_study(result, out, dicom=KINDS)``; result.json and all three objects must exist and validate, the
 references agree (SEG referenced instances == SR evidence == the source SOP Instance UIDs used, generated ones where
 the source had none) and ``source_uids_generated`` is set exactly when a UID was generated. Writer-side variants
 (attributes only the writers read) reuse the base measurement with the files swapped: each requested object is
@@ -33,12 +33,13 @@ from pydicom.datadict import dictionary_VR
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import load_nifti, load_volume
-from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
 from bmd_d2.data.sagittal import sample_volume_to_sagittal
 from bmd_d2.errors import BMDError
-from bmd_d2.measure import dicom_outputs as do
-from bmd_d2.measure import report
-from bmd_d2.measure.batch import run_batch
+from bmd_d2.reports import dicom as do
+from bmd_d2.reports import dicom_sources as sources
+from bmd_d2 import reports
+from bmd_d2.engine.batch import run_batch
 from bmd_d2.measure.classical import Calibration
 from bmd_d2.measure.predictor import measure_detections, sagittal_from_cfg
 
@@ -55,8 +56,8 @@ PHANTOM_SEEDS = (3,)  # with the variants' base phantom (seed 5, 8 mm slices): t
 IODS = {"dicom_seg": "Segmentation", "dicom_sr": "Comprehensive3DSR", "dicom_sc": "SCImage"}
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
          "ReferringPhysicianName", "StudyID", "SeriesNumber")
-UIDS = do.SOURCE_UIDS
-# attributes only the writers read (dicom_outputs.py, highdicom's SEG/SR/SC constructors), with the outputs that read
+UIDS = sources.SOURCE_UIDS
+# attributes only the writers read (reports/dicom.py, highdicom's SEG/SR/SC constructors), with the outputs that read
 # them; the Type 2 attributes and UIDs above are the loader-side variants
 WRITER_ATTRIBUTES = {
     "SOPClassUID": do.KINDS, "SpecificCharacterSet": do.KINDS, "PatientIdentityRemoved": do.KINDS,
@@ -81,7 +82,7 @@ def _cases(source, attributes):
     out = []
     for kw in attributes:
         for how in ("removed", "emptied"):
-            if head is not None and (kw not in head if how == "removed" else do._text(head, kw) == ""):
+            if head is not None and (kw not in head if how == "removed" else sources.header_text(head, kw) == ""):
                 continue
             out.append((source, kw, how))
     return out
@@ -170,7 +171,7 @@ def bases(phantoms, real_base, tmp_path_factory):
     for name, src in out.items():
         src.result = _measure(src, src.dicom, name)
         src.out = str(root / name)
-        report.write_study(src.result, src.out, dicom=do.KINDS)
+        reports.write_study(src.result, src.out, dicom=do.KINDS)
     return out
 
 
@@ -194,14 +195,14 @@ def _expected_uids(heads, result):
     gen = result.study.get("generated_uids") or {}
     want = {}
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        own = {do._text(h, kw) for h in heads} - {""}
-        if len(own) == 1 and all(do._text(h, kw) for h in heads):
+        own = {sources.header_text(h, kw) for h in heads} - {""}
+        if len(own) == 1 and all(sources.header_text(h, kw) for h in heads):
             assert kw not in gen, kw
             want[kw] = own.pop()
         else:
             assert kw in gen and pydicom.uid.UID(gen[kw]).is_valid, (kw, gen)
             want[kw] = gen[kw]
-    sops = [do._text(h, "SOPInstanceUID") for h in heads]
+    sops = [sources.header_text(h, "SOPInstanceUID") for h in heads]
     if all(sops):
         assert "SOPInstanceUID" not in gen
     else:
@@ -240,8 +241,8 @@ def _check_references(paths, result, heads):
     assert all(g["series"] == [want["SeriesInstanceUID"]] for g in segments)
     # the flag, in result.json and in the SR's patient group, exactly when a UID was generated
     saved = json.loads(open(paths["json"]).read())
-    flagged = do.UIDS_FLAG in saved["qc_flags"]
-    assert flagged == bool(gen) == (do.UIDS_FLAG in result.qc_flags)
+    flagged = sources.UIDS_FLAG in saved["qc_flags"]
+    assert flagged == bool(gen) == (sources.UIDS_FLAG in result.qc_flags)
     assert saved["study"].get("generated_uids") == (gen or None)
     (patient,) = [g for g in groups if g["id"] == "patient"]
     assert sorted(patient["flags"]) == sorted(saved["qc_flags"])
@@ -289,7 +290,7 @@ def _swap_files(base, folder):
     vol = dataclasses.replace(base.volume, meta={**base.volume.meta, "files": files})
     res = dataclasses.replace(base, volume=vol, study=dict(base.study), qc_flags=list(base.qc_flags))
     res.study.pop("generated_uids", None)
-    res.qc_flags = [f for f in res.qc_flags if f != do.UIDS_FLAG]
+    res.qc_flags = [f for f in res.qc_flags if f != sources.UIDS_FLAG]
     return res, files
 
 
@@ -304,7 +305,7 @@ def _type3_keywords(ds):
 
     types = {}
     attrs = get_module_attribute_map()
-    for module in get_iod_module_map()[get_sop_class_iod_map()[do.CT_IMAGE_STORAGE]]:
+    for module in get_iod_module_map()[get_sop_class_iod_map()[sources.CT_IMAGE_STORAGE]]:
         for item in attrs[module["key"]]:
             if not item["path"]:
                 types.setdefault(item["keyword"], set()).add(item["type"])
@@ -347,7 +348,7 @@ def test_phantom_outputs_validate(phantoms, seed, tmp_path):
     _dciodvfy.require()
     src = phantoms[seed]
     res = _measure(src, src.dicom, f"ph{seed}")
-    paths = report.write_study(res, str(tmp_path), dicom=do.KINDS)
+    paths = reports.write_study(res, str(tmp_path), dicom=do.KINDS)
     _validate(paths)
     assert _check_references(paths, res, _headers(res)) == {}
     assert res.outputs["failed"] == {} and [v.level for v in res.vertebrae][-1] == "S1"
@@ -359,15 +360,15 @@ def test_real_series_outputs_validate(real_base, tmp_path):
     src = real_base[0]
     res = _measure(src, src.dicom, "real")
     assert len(res.vertebrae) == 2
-    paths = report.write_study(res, str(tmp_path), dicom=do.KINDS)
+    paths = reports.write_study(res, str(tmp_path), dicom=do.KINDS)
     _validate(paths)
     gen = _check_references(paths, res, _headers(res))
     assert set(gen) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
-    assert gen["SOPClassUID"] == do.CT_IMAGE_STORAGE and all(gen["SOPInstanceUID"])
+    assert gen["SOPClassUID"] == sources.CT_IMAGE_STORAGE and all(gen["SOPInstanceUID"])
     assert res.outputs["failed"] == {}
     # the same files measured again give the same generated UIDs and the same object UIDs (a re-sent report replaces)
     again = _measure(src, src.dicom, "real")
-    paths2 = report.write_study(again, str(tmp_path / "again"), dicom=do.KINDS)
+    paths2 = reports.write_study(again, str(tmp_path / "again"), dicom=do.KINDS)
     assert again.study["generated_uids"] == gen
     for k in ("dicom_seg", "dicom_sr", "dicom_sc"):
         a, b = (pydicom.dcmread(p[k], stop_before_pixels=True) for p in (paths, paths2))
@@ -380,7 +381,7 @@ def test_variant_bases_validate(bases, source):
     _dciodvfy.require()
     src = bases[source]
     paths = {name: os.path.join(src.out, f) for name, f in (("dicom_seg", do.SEG_FILE), ("dicom_sr", do.SR_FILE),
-                                                             ("dicom_sc", do.SC_FILE), ("json", report.RESULT_JSON))}
+                                                             ("dicom_sc", do.SC_FILE), ("json", reports.RESULT_JSON))}
     _validate(paths)
     gen = _check_references(paths, src.result, _headers(src.result))
     assert bool(gen) == (source == "real")
@@ -389,7 +390,7 @@ def test_variant_bases_validate(bases, source):
 
 @pytest.fixture(scope="module")
 def loader_batch(bases, tmp_path_factory):
-    """Every loader-side variant as its own study in ONE batch (bmd_d2.measure.batch.run_batch, all DICOM outputs)."""
+    """Every loader-side variant as its own study in ONE batch (bmd_d2.engine.batch.run_batch, all DICOM outputs)."""
     root = tmp_path_factory.mktemp("rw_batch")
     studies, heads_of, results = [], {}, {}
     for source, kw, how in LOADER_CASES:
@@ -425,9 +426,9 @@ def test_loader_variant(loader_batch, source, kw, how):
     heads = [heads[order[f]] for f in dict.fromkeys(res.volume.meta["files"])]  # slice order
     sdir = out / sid
     paths = {name: str(sdir / f) for name, f in (("dicom_seg", do.SEG_FILE), ("dicom_sr", do.SR_FILE),
-                                                  ("dicom_sc", do.SC_FILE), ("json", report.RESULT_JSON))}
+                                                  ("dicom_sc", do.SC_FILE), ("json", reports.RESULT_JSON))}
     saved = json.load(open(paths["json"]))
-    assert report.is_finished(str(sdir), ["dicom_seg", "dicom_sr", "dicom_sc"])
+    assert reports.is_finished(str(sdir), ["dicom_seg", "dicom_sr", "dicom_sc"])
     assert saved["outputs"]["failed"] == {} and res.outputs["failed"] == {}, res.outputs
     _validate(paths)
     gen = _check_references(paths, res, heads)
@@ -448,7 +449,7 @@ def test_writer_variant(bases, source, kw, how, tmp_path):
     kinds = WRITER_ATTRIBUTES[kw]
     errors = {}
     out = str(tmp_path / "out")
-    paths = do.write_dicom_outputs(res, out, kinds, overlay_png=os.path.join(src.out, report.OVERLAY_PNG),
+    paths = do.write_dicom_outputs(res, out, kinds, overlay_png=os.path.join(src.out, reports.OVERLAY_PNG),
                                    errors=errors)
     for k in kinds:
         name = do.OUTPUT_NAMES[k]
@@ -476,13 +477,13 @@ def test_malformed_type2_value_is_emptied(bases, kw, tmp_path):
     _variant(src.dicom, str(tmp_path / "dicom"), kw, "malformed", headers_only=True)
     res, files = _swap_files(src.result, str(tmp_path / "dicom"))
     errors = {}
-    paths = do.write_dicom_outputs(res, str(tmp_path / "out"), overlay_png=os.path.join(src.out, report.OVERLAY_PNG),
+    paths = do.write_dicom_outputs(res, str(tmp_path / "out"), overlay_png=os.path.join(src.out, reports.OVERLAY_PNG),
                                    errors=errors)
     assert errors == {} and res.study["emptied_attributes"] == [kw]
     _validate(paths)
     for name in ("dicom_seg", "dicom_sr", "dicom_sc"):
         ds = pydicom.dcmread(paths[name], stop_before_pixels=True)
-        assert kw in ds and do._text(ds, kw) == "", name
+        assert kw in ds and sources.header_text(ds, kw) == "", name
     assert pydicom.dcmread(files[0], stop_before_pixels=True)[kw].value == MALFORMED[kw]  # the source is unchanged
 
 
@@ -518,7 +519,7 @@ def test_isolation_and_messages(bases, tmp_path):
     meta = {**real.volume.meta, "SeriesInstanceUID": "1.2.3.4"}
     res = dataclasses.replace(real, volume=dataclasses.replace(real.volume, meta=meta))
     first = real.volume.meta["files"][0]
-    with pytest.raises(do.DicomOutputsUnavailable) as e:
+    with pytest.raises(sources.DicomOutputsUnavailable) as e:
         do.write_dicom_outputs(res, str(tmp_path / "o3"))
     assert str(e.value) == f"source image {first} has an empty SeriesInstanceUID, but the measured series is 1.2.3.4"
 
@@ -527,14 +528,14 @@ def test_shipped_model_on_the_real_series_writes_valid_outputs(tmp_path, capsys)
     """The shipped model on the real DICOM series, all three objects. The series covers 40 mm: with the default
     test-time sizes its one partly covered body falls below the score threshold (docs/measurement.md), so they are
     off here to have a vertebra in the SEG."""
-    from bmd_d2.measure.cli import main
+    from bmd_d2.cli.measure import main
 
     _dciodvfy.require()
     code = main([os.path.join(REAL, "dicom"), "--config-file", os.path.join(ROOT, "configs", "bmd_default.yaml"),
                  "-o", str(tmp_path), "--dicom-outputs", "-q", "MEASURE.TTA_SIZES", "[]"])
     assert code == 0, capsys.readouterr().err
     sdir = tmp_path / "totalseg_example_ct_dicom"
-    saved = json.load(open(sdir / report.RESULT_JSON))
+    saved = json.load(open(sdir / reports.RESULT_JSON))
     assert saved["outputs"]["complete"] and saved["outputs"]["failed"] == {}
     assert set(saved["outputs"]["written"]) >= {do.SEG_FILE, do.SR_FILE, do.SC_FILE}
     assert "source_uids_generated" in saved["qc_flags"] and len(saved["vertebrae"]) >= 1

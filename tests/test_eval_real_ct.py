@@ -1,4 +1,5 @@
-"""tools/eval_real_ct.py: runs end to end on the real CT (random-init weights) and scores masks correctly."""
+"""tools/eval_real_ct.py (bmd_d2.evaluation.real_ct): runs end to end on the real CT (random-init weights) and scores
+masks correctly."""
 import dataclasses
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import pytest
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import load_nifti
 from bmd_d2.data.sagittal import sample_volume_to_sagittal
+from bmd_d2.evaluation import real_ct
 from bmd_d2.measure.classical import Calibration
 from bmd_d2.measure.predictor import measure_detections, sagittal_from_cfg
 
@@ -55,12 +57,11 @@ def _ground_truth_result():
 
 
 def test_ground_truth_masks_score_dice_one_and_pass():
-    tool = _tool()
     res, lab = _ground_truth_result()
-    summary = tool.evaluate(res, lab)
-    assert [r["level"] for r in summary["rows"]] == list(tool.REQUIRED)
+    summary = real_ct.evaluate(res, lab)
+    assert [r["level"] for r in summary["rows"]] == list(real_ct.REQUIRED)
     assert all(r["dice"] == pytest.approx(1.0) and r["best_label"] == r["level"] for r in summary["rows"])
-    assert summary["missed"] == [] and tool.passes(summary, 0.85) == []
+    assert summary["missed"] == [] and real_ct.passes(summary, 0.85) == []
     # a level shifted by one is reported as mislabelled, a dropped one as missing, an eroded one by its Dice
     from scipy import ndimage
 
@@ -68,7 +69,7 @@ def test_ground_truth_masks_score_dice_one_and_pass():
     verts[0].level = "T11"
     verts[2].mask = ndimage.binary_erosion(verts[2].mask, iterations=6)
     res.vertebrae = verts[:5]
-    problems = tool.passes(tool.evaluate(res, lab), 0.85)
+    problems = real_ct.passes(real_ct.evaluate(res, lab), 0.85)
     assert any(p.startswith("T12: not detected") for p in problems)
     assert any(p.startswith("L2: Dice") for p in problems)
     assert any(p.startswith("L5: not detected") for p in problems)
@@ -85,9 +86,8 @@ SHIPPED_DICE = {"T12": 0.915, "L1": 0.873, "L2": 0.932, "L3": 0.932, "L4": 0.922
 
 @pytest.fixture(scope="module")
 def shipped_on_real_ct(tmp_path_factory):
-    tool = _tool()
-    result, summary = tool.run(DEFAULT_CFG, out=str(tmp_path_factory.mktemp("real_ct")))
-    return tool, result, summary
+    result, summary = _tool().run(DEFAULT_CFG, out=str(tmp_path_factory.mktemp("real_ct")))
+    return real_ct, result, summary
 
 
 def test_shipped_model_labels_and_segments_the_real_ct(shipped_on_real_ct):

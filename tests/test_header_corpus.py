@@ -1,6 +1,6 @@
 """Real-world header corpus for the DICOM loader (issue 16, point 4, loader half).
 
-1. Every attribute the loader reads (``bmd_d2.data.dicom._TAGS``, plus Pixel Data), removed and emptied in turn in
+1. Every attribute the loader reads (``bmd_d2.data.dicom.reader.TAGS``, plus Pixel Data), removed and emptied in turn in
    every file of a series derived from a phantom and from the real series (tests/data/real): each variant loads with
    the unmodified series' geometry (and HU, or a stated HU rule plus a warning naming the attribute where a default was
    assumed), or fails with a one-line ``BMDError`` that names a file of the series and the attribute.
@@ -20,7 +20,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import ImplicitVRLittleEndian
 
 from bmd_d2 import BMDError
-from bmd_d2.data import dicom as dicom_mod
+from bmd_d2.data.dicom import reader as dicom_mod
 from bmd_d2.data.dicom import load_volume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ _META = ("TransferSyntaxUID", "MediaStorageSOPClassUID")
 
 # Every attribute the loader reads: the fast walker's tags (the pydicom fallback, _dataset_header, reads the same
 # keywords) and Pixel Data (offset/length in the walker, presence in the fallback, decoded by pydicom).
-ATTRIBUTES = [kw for kw, _ in dicom_mod._TAGS.values()] + ["PixelData"]
+ATTRIBUTES = [kw for kw, _ in dicom_mod.TAGS.values()] + ["PixelData"]
 
 # Expected outcome per attribute, the same for both sources and both modes:
 #   ("same",)          loads; shape, affine and HU equal the unmodified series'; no new warning
@@ -126,7 +126,7 @@ def _write_variant(base: Path, dst: Path, kw: str, mode: str) -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """{source: (base folder, base Volume, {(attribute, mode): variant folder})} written once for the module."""
-    from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+    from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
 
     root = tmp_path_factory.mktemp("header_corpus")
     study = generate_study(0, PhantomOptions.tiny(metal=False, fracture=False))
@@ -148,7 +148,7 @@ def corpus(tmp_path_factory):
 
 def test_every_attribute_has_an_expectation():
     assert set(EXPECT) == set(ATTRIBUTES)
-    assert len(ATTRIBUTES) == len(dicom_mod._TAGS) + 1 >= 34
+    assert len(ATTRIBUTES) == len(dicom_mod.TAGS) + 1 >= 34
 
 
 def test_sources_are_what_the_corpus_assumes(corpus):
@@ -231,7 +231,7 @@ def test_pydicom_bundled_files_in_one_batch(tmp_path, caplog):
     import torch
 
     from bmd_d2.config import get_bmd_cfg
-    from bmd_d2.measure.batch import run_batch
+    from bmd_d2.engine.batch import run_batch
     from bmd_d2.measure.predictor import BMDStudyPredictor
 
     root, files = _pydicom_data_files()
@@ -255,7 +255,7 @@ def test_pydicom_bundled_files_in_one_batch(tmp_path, caplog):
             raise
 
     studies = [(f"f{i:03d}", str(p)) for i, p in enumerate(files)]
-    with caplog.at_level(logging.ERROR, logger="bmd_d2.measure.batch"):
+    with caplog.at_level(logging.ERROR, logger="bmd_d2.engine.batch"):
         summary = run_batch(measure, studies, str(tmp_path / "out"), overlay=False, progress=False)
     by_id = {o.study_id: o for o in summary.outcomes}
     assert sorted(by_id) == [sid for sid, _ in studies]

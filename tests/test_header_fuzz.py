@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from _dicom_fixtures import block_phantom, write_series
 from bmd_d2 import BMDError
-from bmd_d2.data.dicom import _read_header, load_volume
+from bmd_d2.data.dicom import load_volume
+from bmd_d2.data.dicom.reader import read_header as _read_header
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.path.join(ROOT, "tests", "data", "real", "totalseg_example_ct_dicom", "dicom")
@@ -111,7 +112,7 @@ def _add_nested_sequences(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
-    from bmd_d2.data.phantom import PhantomOptions, generate_study, write_dicom_series
+    from bmd_d2.phantoms import PhantomOptions, generate_study, write_dicom_series
 
     root = tmp_path_factory.mktemp("fuzz_seeds")
     study = generate_study(2, PhantomOptions.tiny(metal=False, fracture=False))

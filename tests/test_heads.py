@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _model_fixtures import synthetic_sample, tiny_cfg
-from bmd_d2.modeling import MultiLevelROIPooler, MultiScaleFusionMaskHead, erode_mask, truncate_mask
+from bmd_d2.modeling import MultiLevelROIPooler, MultiScaleFusionMaskHead, stacked_erosion, truncate_mask
 from detectron2.engine import DefaultPredictor
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -20,7 +20,7 @@ def test_erosion_removes_k_pixels_of_border(k):
     m = torch.zeros(2, 56, 56)
     m[0, 10:30, 20:40] = 1  # 20x20 square inside the grid
     m[1, 0:20, 0:20] = 1  # square touching the grid edge: outside the ROI counts as background
-    e = erode_mask(m, k)
+    e = stacked_erosion(m, k)
     exp = torch.zeros_like(m)
     exp[0, 10 + k:30 - k, 20 + k:40 - k] = 1
     exp[1, k:20 - k, k:20 - k] = 1
@@ -32,10 +32,10 @@ def test_erosion_empties_objects_thinner_than_2k_plus_1():
     m = torch.zeros(2, 56, 56)
     m[0, 10:40, 20:20 + 2 * k] = 1  # 6 px wide: vanishes (documented behaviour)
     m[1, 10:40, 20:20 + 2 * k + 1] = 1  # 7 px wide: a 1-px line survives
-    e = erode_mask(m, k)
+    e = stacked_erosion(m, k)
     assert e[0].sum() == 0
     assert e[1].sum() == 30 - 2 * k and e[1, 10 + k:40 - k, 20 + k].all()
-    assert erode_mask(m, 0).equal(m)
+    assert stacked_erosion(m, 0).equal(m)
 
 
 def test_truncation_blocks_gradient():
@@ -43,7 +43,7 @@ def test_truncation_blocks_gradient():
     b = truncate_mask(p, 0.5)
     assert not b.requires_grad and set(b.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(b, (p > 0.5).float())
-    assert not erode_mask(b, 2).requires_grad
+    assert not stacked_erosion(b, 2).requires_grad
 
 
 # ---------------------------------------------------------------- fusion shapes

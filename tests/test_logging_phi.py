@@ -35,7 +35,7 @@ def test_filter_redacts_registered_values_everywhere(clean_registry):
         setattr(ds, k, v)
     logs.register_phi_from_dataset(ds)
     f = logs.PHIFilter()
-    rec = _record("bmd_d2.measure.report", "study %s of %s born %s (%s)", "ACC55555", "DOE^JANE^Q", "19450317",
+    rec = _record("bmd_d2.reports.study", "study %s of %s born %s (%s)", "ACC55555", "DOE^JANE^Q", "19450317",
                   "Jane Doe")
     assert f.filter(rec) is True  # never dropped
     msg = rec.getMessage()
@@ -86,7 +86,7 @@ def test_levels_quiet_default_and_verbose(clean_registry):
 @pytest.fixture(scope="module")
 def phi_study(tmp_path_factory):
     """A phantom series whose headers carry patient data, one value of it malformed (pydicom warns about it)."""
-    from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+    from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
 
     root = tmp_path_factory.mktemp("phi")
     st = generate_study(5, PhantomOptions.tiny(metal=False))
@@ -103,7 +103,7 @@ def phi_study(tmp_path_factory):
 
 @pytest.mark.parametrize("verbosity", ["", "-vv"])
 def test_cli_log_has_no_phi(phi_study, tmp_path, verbosity):
-    cmd = [sys.executable, "-m", "bmd_d2.measure.cli", str(phi_study), "--config-file", CFG, "-o", str(tmp_path),
+    cmd = [sys.executable, "-m", "bmd_d2.cli.measure", str(phi_study), "--config-file", CFG, "-o", str(tmp_path),
            "--dicom-outputs", "MEASURE.TTA_SHIFTS", "[]", "MEASURE.TTA_SIZES", "[]"] + ([verbosity] if verbosity else [])
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))

@@ -5,7 +5,7 @@ import torch
 
 from _dicom_fixtures import make_dataset
 from bmd_d2 import add_bmd_config
-from bmd_d2.data.datasets import SagittalParams, load_bmd_dataset, prepare_sagittal_dataset
+from bmd_d2.data.datasets import load_bmd_dataset, make_sagittal_params, prepare_sagittal_dataset
 from bmd_d2.data.mapper import (BMDDatasetMapper, IntensityNoiseTransform, RandomResolution, ResolutionTransform,
                                 build_bmd_augmentations)
 
@@ -14,7 +14,7 @@ from bmd_d2.data.mapper import (BMDDatasetMapper, IntensityNoiseTransform, Rando
 def dicts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bmd_map")
     make_dataset(root, n=1, seed=7)
-    return load_bmd_dataset(prepare_sagittal_dataset(root, params=SagittalParams(size=256))), root
+    return load_bmd_dataset(prepare_sagittal_dataset(root, params=make_sagittal_params(size=256))), root
 
 
 def _cfg(tmp):
@@ -43,7 +43,7 @@ def test_train_outputs(dicts, tmp_path):
     assert inst.gt_masks.tensor.shape == (n, 256, 256) and inst.gt_boxes.tensor.shape == (n, 4)
     # gt_bmd stays aligned with the level of each instance
     by_level = {a["level"]: a["bmd"] for a in ds[0]["annotations"]}
-    from bmd_d2.data.levels import LEVELS
+    from bmd_d2.levels import LEVELS
     for lv, b in zip(inst.gt_levels.tolist(), inst.gt_bmd.tolist()):
         assert b == pytest.approx(by_level[LEVELS[lv - 1]], rel=1e-5)
     assert set(inst.gt_classes.tolist()) <= {0, 1}

@@ -8,11 +8,11 @@ import pytest
 from bmd_d2 import BMDError
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume
-from bmd_d2.data.levels import level_class
-from bmd_d2.data.phantom import PhantomOptions, generate_study
+from bmd_d2.levels import level_class
+from bmd_d2.phantoms import PhantomOptions, generate_study
 from bmd_d2.data.datasets import params_from_cfg
 from bmd_d2.data.sagittal import SagittalPlane, make_sagittal, sample_volume_to_sagittal
-from bmd_d2.measure.classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_mask,
+from bmd_d2.measure.classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_roi_ellipse,
                                       internal_reference, load_calibration_file, sagittal_roi_hu)
 from bmd_d2.measure.predictor import measure_detections
 
@@ -56,7 +56,7 @@ def test_internal_reference_corrects_scale():
 def test_roi_hand_example():
     mask = np.zeros((9, 9), bool)
     mask[1:8, 1:8] = True
-    roi = erode_mask(mask, 1.0)  # 4-neighbour disk: removes one ring
+    roi = erode_roi_ellipse(mask, 1.0)  # 4-neighbour disk: removes one ring
     assert roi.sum() == 25 and roi[2:7, 2:7].all()
     hu = np.stack([np.full((9, 9), v) for v in (10.0, 20.0, 60.0)])
     mean, sd, n = sagittal_roi_hu(hu, roi)
@@ -69,10 +69,10 @@ def test_erosion_is_deeper_along_rows_for_thick_slices():
 
     mask = np.zeros((21, 21), bool)
     mask[2:19, 2:19] = True  # 17 x 17
-    roi = erode_mask(mask, 2.0, 4.0)  # 2 px from the anterior/posterior sides, 4 px from the endplates
+    roi = erode_roi_ellipse(mask, 2.0, 4.0)  # 2 px from the anterior/posterior sides, 4 px from the endplates
     rows, cols = np.nonzero(roi)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (6, 14, 4, 16)
-    assert np.array_equal(erode_mask(mask, 2.0, 2.0), erode_mask(mask, 2.0))  # equal radii: the disk
+    assert np.array_equal(erode_roi_ellipse(mask, 2.0, 2.0), erode_roi_ellipse(mask, 2.0))  # equal radii: the disk
     vol = Volume(np.zeros((4, 4, 4), np.float32), np.diag([0.7, 0.7, 2.5, 1.0]), meta={"SliceThickness": 3.0})
     assert slice_thickness_mm(vol) == 3.0  # overlapping reconstruction: thickness, not spacing
     vol.meta = {}

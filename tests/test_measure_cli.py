@@ -14,12 +14,12 @@ import torch
 
 from bmd_d2 import BMDError
 from bmd_d2.config import get_bmd_cfg
-from bmd_d2.data.phantom import PhantomOptions, generate_study, write_study
+from bmd_d2.phantoms import PhantomOptions, generate_study, write_study
 from bmd_d2.measure import BMDStudyPredictor, StudyResult
-from bmd_d2.measure import report
-from bmd_d2.measure.batch import (discover_studies, run_batch, safe_study_dir, sanitize_study_id,
-                                  study_id_from_path)
-from bmd_d2.measure.cli import main
+from bmd_d2 import reports
+from bmd_d2.utils.files import atomic_path, atomic_write_text, sanitize_study_id, study_id_from_path
+from bmd_d2.engine.batch import discover_studies, run_batch, safe_study_dir
+from bmd_d2.cli.measure import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quick_schedules", "bmd_rcnn_MFEFPN_instant_test.yaml")
@@ -64,19 +64,20 @@ def test_predictor_api_structure(studies):
 
 
 def test_predictor_feeds_the_model_like_the_mapper(studies, tmp_path):
-    """The tensor DefaultPredictor hands the model equals the test mapper's tensor for the same series."""
+    """The tensor the predictor's test-time wrapper hands the model equals the test mapper's tensor for the same
+    series."""
     from bmd_d2.data.mapper import BMDDatasetMapper
 
     cfg = _cfg(**{"INPUT.DICOM.CACHE_DIR": str(tmp_path)})
     pred = BMDStudyPredictor(cfg)
     seen = {}
-    real = pred.predictor.model
+    real = pred.model.inference
 
-    def spy(batched):
+    def spy(batched, *args, **kwargs):
         seen["image"] = batched[0]["image"].clone()
-        return real(batched)
+        return real(batched, *args, **kwargs)
 
-    pred.predictor.model = spy
+    pred.model.inference = spy
     src = str(studies / "studies" / "ph0" / "dicom")
     pred(src)
     mapped = BMDDatasetMapper(cfg, is_train=False)({"series_dir": src, "image_id": 0})
@@ -96,7 +97,7 @@ def test_cli_single_study_outputs_parse_and_match(studies, tmp_path, capsys):
     saved = json.loads((sdir / "result.json").read_text())
     assert printed == saved and saved["study_id"] == "ph1"
     rows = list(csv.DictReader(io.StringIO((sdir / "vertebrae.csv").read_text())))
-    assert list(rows[0].keys()) == report.VERTEBRA_COLUMNS if rows else True
+    assert list(rows[0].keys()) == reports.VERTEBRA_COLUMNS if rows else True
     assert [r["level"] or None for r in rows] == [v["level"] for v in saved["vertebrae"]]
     for r, v in zip(rows, saved["vertebrae"]):
         assert float(r["score"]) == pytest.approx(v["score"], rel=1e-5)
@@ -179,9 +180,9 @@ def test_discovery_and_sharding(tmp_path):
 
 def test_atomic_write_keeps_old_file_on_error(tmp_path):
     p = tmp_path / "r.json"
-    report.atomic_write_text(str(p), "old")
+    atomic_write_text(str(p), "old")
     with pytest.raises(RuntimeError):
-        with report.atomic_path(str(p)) as tmp:
+        with atomic_path(str(p)) as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("killed")
     assert p.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]

@@ -1,7 +1,7 @@
 """Level labelling on synthetic detections: order, sacrum anchor, fallback, gaps, duplicates, flags."""
 import pytest
 
-from bmd_d2.measure.levels import Detection, assign_levels
+from bmd_d2.levels import Detection, assign_levels
 
 PITCH = 35.0
 

@@ -11,9 +11,9 @@ import pytest
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume
-from bmd_d2.data.levels import LEVEL_TO_LABEL
-from bmd_d2.data.phantom import PhantomOptions, generate_study
-from bmd_d2.measure import report
+from bmd_d2.levels import LEVEL_TO_LABEL
+from bmd_d2.phantoms import PhantomOptions, generate_study
+from bmd_d2 import reports
 from bmd_d2.measure.classical import Calibration
 from bmd_d2.measure.predictor import measure_detections
 
@@ -34,16 +34,16 @@ def result():
 
 def test_reports_agree_and_masks_map_back(result, tmp_path):
     st, res = result
-    paths = report.write_study(res, str(tmp_path), masks=True)
+    paths = reports.write_study(res, str(tmp_path), masks=True)
     d = json.loads(open(paths["json"]).read())
     rows = list(csv.DictReader(io.StringIO(open(paths["csv"]).read())))
     assert len(rows) == len(d["vertebrae"]) == len(res.vertebrae) >= 5
-    assert list(rows[0]) == report.VERTEBRA_COLUMNS
+    assert list(rows[0]) == reports.VERTEBRA_COLUMNS
     for r, v in zip(rows, d["vertebrae"]):
         assert r["level"] == v["level"] and float(r["trabecular_hu"]) == pytest.approx(v["trabecular_hu"], rel=1e-5)
         assert float(r["learned_bmd_mg_cm3"]) == pytest.approx(v["learned_bmd"], rel=1e-5)
     assert d["patient"]["acr_levels"] == ["L1", "L2"] and d["patient"]["acr_category"]
-    table = report.format_table(res)
+    table = reports.format_table(res)
     assert "L1" in table and "ACR QCT (L1+L2)" in table
     assert open(paths["overlay"], "rb").read(4) == b"\x89PNG"
     # masks.nii.gz: same geometry as labels; each level's voxels lie inside the true body of that level
@@ -56,4 +56,4 @@ def test_reports_agree_and_masks_map_back(result, tmp_path):
         assert m.sum() > 0
         assert (st.labels[m] == LEVEL_TO_LABEL[v.level]).mean() > 0.8, v.level
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    assert report.is_finished(str(tmp_path))
+    assert reports.is_finished(str(tmp_path))

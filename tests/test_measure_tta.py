@@ -1,5 +1,5 @@
-"""Test-time shifts and sizes (MEASURE.TTA_SHIFTS, MEASURE.TTA_SIZES): image shifting, pass merging, config
-validation, and the soft pass against DefaultPredictor on the shipped model."""
+"""Test-time shifts and sizes (MEASURE.TTA_SHIFTS, MEASURE.TTA_SIZES; bmd_d2.modeling.test_time_augmentation): image
+shifting, pass merging, config validation, and the wrapper's passes against DefaultPredictor on the shipped model."""
 import os
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.errors import BMDError
-from bmd_d2.measure.predictor import (instances_to_arrays, merge_tta_passes, parse_tta_shifts, parse_tta_sizes,
-                                      shift_image, unshift_pass)
+from bmd_d2.modeling.test_time_augmentation import (instances_to_arrays, merge_tta_passes, parse_tta_shifts,
+                                                    parse_tta_sizes, shift_image, unshift_pass)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,12 +129,23 @@ def shipped_predictor_and_image():
 
 
 def test_soft_pass_equals_default_predictor(shipped_predictor_and_image):
-    """The soft pass re-implements DefaultPredictor's preprocessing and detector_postprocess's geometry: same
-    detections, and its probabilities thresholded at 0.5 give exactly Detectron2's masks."""
+    """The wrapper's test-time resize is DefaultPredictor's and its soft pass keeps detector_postprocess's geometry:
+    same detections, and its probabilities thresholded at 0.5 give exactly Detectron2's masks."""
+    from detectron2.engine import DefaultPredictor
+
     pred, sag = shipped_predictor_and_image
     image = pred.model_image(sag)
-    ref = instances_to_arrays(pred.predictor(image)["instances"])
-    soft = pred._soft_pass(image)
+    bare = pred.cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    default = DefaultPredictor(bare)
+    default.model = pred.model
+    # DefaultPredictor takes BGR and reverses it for an "RGB" model: hand it the reverse of the model's image
+    ref = instances_to_arrays(default(image[:, :, ::-1] if pred.cfg.INPUT.FORMAT == "RGB" else image)["instances"])
+    single = instances_to_arrays(pred.tta.predict(image))
+    for k in ("boxes", "scores", "classes", "masks", "bmd"):
+        np.testing.assert_array_equal(single[k], ref[k])
+    soft = pred.tta.soft_pass(image)
     assert len(ref["scores"]) >= 6
     np.testing.assert_allclose(soft["boxes"], ref["boxes"], atol=1e-3)
     np.testing.assert_allclose(soft["scores"], ref["scores"], atol=1e-6)
@@ -148,11 +159,11 @@ def test_soft_pass_equals_default_predictor(shipped_predictor_and_image):
 def test_detect_with_shifts_keeps_the_reference_detections(shipped_predictor_and_image):
     pred, sag = shipped_predictor_and_image
     merged = pred.detect(sag)
-    shifts, pred.tta_shifts = pred.tta_shifts, []
+    shifts, pred.tta.shifts = pred.tta.shifts, []
     try:
         single = pred.detect(sag)
     finally:
-        pred.tta_shifts = shifts
+        pred.tta.shifts = shifts
     np.testing.assert_array_equal(merged["classes"], single["classes"])
     assert merged["masks"].dtype == bool and merged["masks"].shape == single["masks"].shape
     # vertebrae found in every pass keep their score; their merged masks stay close to the single pass's
@@ -170,11 +181,11 @@ def test_soft_pass_at_another_size(shipped_predictor_and_image):
     at 272 px the same vertebrae come back at (nearly) the same place."""
     pred, sag = shipped_predictor_and_image
     image = pred.model_image(sag)
-    base = pred._soft_pass(image)
-    same = pred._soft_pass(image, int(pred.cfg.INPUT.MIN_SIZE_TEST))
+    base = pred.tta.soft_pass(image)
+    same = pred.tta.soft_pass(image, int(pred.cfg.INPUT.MIN_SIZE_TEST))
     np.testing.assert_allclose(same["boxes"], base["boxes"], atol=1e-4)
     np.testing.assert_array_equal(same["masks"], base["masks"])
-    big = pred._soft_pass(image, 272)
+    big = pred.tta.soft_pass(image, 272)
     assert big["masks"].shape == (len(big["scores"]),) + image.shape[:2]
     confident = np.nonzero(base["scores"] > 0.9)[0]
     assert len(confident) >= 5
@@ -188,17 +199,97 @@ def test_soft_pass_at_another_size(shipped_predictor_and_image):
 
 def test_detect_with_sizes_keeps_the_reference_detections_and_bmd(shipped_predictor_and_image):
     pred, sag = shipped_predictor_and_image
-    shifts, sizes = pred.tta_shifts, pred.tta_sizes
+    shifts, sizes = pred.tta.shifts, pred.tta.sizes
     try:
-        pred.tta_shifts, pred.tta_sizes = [], []
+        pred.tta.shifts, pred.tta.sizes = [], []
         single = pred.detect(sag)
-        pred.tta_sizes = [240, 272]
+        pred.tta.sizes = [240, 272]
         merged = pred.detect(sag)
     finally:
-        pred.tta_shifts, pred.tta_sizes = shifts, sizes
+        pred.tta.shifts, pred.tta.sizes = shifts, sizes
     np.testing.assert_array_equal(merged["classes"], single["classes"])
     # the learned BMD comes from the passes at the training size only: here the reference pass alone
     np.testing.assert_allclose(merged["bmd"], single["bmd"], atol=1e-4)
     np.testing.assert_allclose(merged["boxes"], single["boxes"], atol=4.0)
     changed = [np.count_nonzero(merged["masks"][i] != single["masks"][i]) for i in range(len(single["scores"]))]
     assert max(changed) > 0  # the other sizes do move the mask outlines
+
+
+def test_box_iou_equals_detectron2_pairwise_iou():
+    import torch
+    from detectron2.structures import Boxes, pairwise_iou
+
+    from bmd_d2.utils.matching import box_iou
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0, 50, (7, 2))
+    b = rng.uniform(0, 50, (9, 2))
+    a = np.c_[a, a + rng.uniform(0, 30, (7, 2))]
+    b = np.c_[b, b + rng.uniform(0, 30, (9, 2))]
+    b[0] = a[0]  # identical boxes
+    b[1] = [200, 200, 210, 210]  # disjoint from everything
+    b[2] = [a[1, 0], a[1, 1], a[1, 0], a[1, 3]]  # zero width
+    ref = pairwise_iou(Boxes(torch.as_tensor(a)), Boxes(torch.as_tensor(b))).numpy()
+    np.testing.assert_array_equal(box_iou(a, b), ref)  # bit for bit: merging takes IoU ties in the same order
+    assert box_iou(a, np.zeros((0, 4))).shape == (7, 0)
+
+
+def test_detectron2_public_pasting_keeps_no_probabilities(shipped_predictor_and_image):
+    """Why the soft pass pastes the probabilities itself: detector_postprocess(mask_threshold=-1) returns bool masks
+    (p >= 1/255) and paste_masks_in_image(threshold=-1) uint8 floor(255 p); its 0.5 threshold is ours exactly."""
+    import torch
+    from detectron2.layers import paste_masks_in_image
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    from bmd_d2.modeling.test_time_augmentation import paste_soft_masks
+
+    pred, sag = shipped_predictor_and_image
+    image = pred.model_image(sag)
+    H, W = image.shape[:2]
+    raw = pred.tta.inference(image)
+    masks = raw.pred_masks[:, 0].float().clone()
+    post = detector_postprocess(raw, H, W, mask_threshold=-1)
+    assert len(post) == len(masks) >= 6
+    soft = paste_soft_masks(masks, post.pred_boxes.tensor, H, W)
+    assert post.pred_masks.dtype == torch.bool
+    np.testing.assert_array_equal(post.pred_masks.numpy(), (soft * 255).astype(np.uint8) > 0)
+    u8 = paste_masks_in_image(masks, post.pred_boxes, (H, W), threshold=-1).numpy()
+    np.testing.assert_array_equal(u8, (soft * 255).astype(np.uint8))
+    np.testing.assert_array_equal(paste_masks_in_image(masks, post.pred_boxes, (H, W), threshold=0.5).numpy(),
+                                  soft >= 0.5)
+
+
+def test_predictor_reads_weights_and_calibration_once(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import bmd_d2.checkpoint as checkpoint
+    from bmd_d2.data.dicom import load_nifti
+    from bmd_d2.measure import BMDStudyPredictor, classical
+
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"slope": 1.1, "intercept": 2.0}))
+    calls = {"torch.load": 0, "calibration": 0}
+    real_load, real_cal = torch.load, classical.load_calibration_file
+
+    def counting_load(*args, **kwargs):
+        calls["torch.load"] += 1
+        return real_load(*args, **kwargs)
+
+    def counting_cal(path):
+        calls["calibration"] += 1
+        return real_cal(path)
+
+    monkeypatch.setattr(checkpoint.torch, "load", counting_load)
+    monkeypatch.setattr(classical, "load_calibration_file", counting_cal)
+    cfg = get_bmd_cfg(os.path.join(ROOT, "configs", "bmd_default.yaml"),
+                      ["MEASURE.CALIBRATION_FILE", str(cal), "MEASURE.TTA_SHIFTS", "[]", "MEASURE.TTA_SIZES", "[]",
+                       "MEASURE.INTERNAL_REFERENCE", "True"])
+    pred = BMDStudyPredictor(cfg)
+    assert calls == {"torch.load": 1, "calibration": 1}
+    vol = load_nifti(os.path.join(ROOT, "tests", "data", "real", "totalseg_example_ct", "example_ct.nii.gz"))
+    first, second = pred(vol, study_id="a"), pred(vol, study_id="b")
+    assert calls == {"torch.load": 1, "calibration": 1}
+    assert first.calibration == second.calibration and first.calibration["source"].startswith("file:cal.json")
+    assert pred.calibration.source == "file:cal.json" and pred.calibration.hu_gain == 1.0  # per-study copy corrected

@@ -9,8 +9,9 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from bmd_d2.data import phantom as ph
-from bmd_d2.data.levels import LEVEL_TO_LABEL, LEVELS
+import bmd_d2.phantoms as ph
+from bmd_d2.levels import LEVEL_TO_LABEL, LEVELS
+from bmd_d2.phantoms import anatomy as ph_anatomy
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -115,14 +116,14 @@ def test_posterior_elements_are_rings_and_change_nothing_else(monkeypatch):
     (v1-v3), only posterior-element voxels change: brighter shell, darker core; labels, cores and truth are equal."""
     opts = ph.PhantomOptions.tiny(noise_sd=0.0, psf_sigma_mm=0.0, pixel_spacing=1.0, matrix=128)
     ring = ph.generate_study(4, opts)
-    draw = ph._draw_params
+    draw = ph_anatomy.draw_params
 
     def solid(rng, o):
         p = draw(rng, o)
         del p["posterior_cortex_mm"], p["posterior_core_factor"]
         return p
 
-    monkeypatch.setattr(ph, "_draw_params", solid)
+    monkeypatch.setattr(ph_anatomy, "draw_params", solid)
     old = ph.generate_study(4, opts)
     assert np.array_equal(ring.labels, old.labels) and np.array_equal(ring.cores, old.cores)
     assert [t["trabecular_hu"] for t in ring.truth] == [t["trabecular_hu"] for t in old.truth]
@@ -245,7 +246,7 @@ def test_fracture_flagged_and_lower_anterior_height():
 def test_parameter_ranges_cover_acr_categories():
     import numpy.random as npr
 
-    draws = [ph._draw_params(npr.default_rng(s), ph.PhantomOptions()) for s in range(300)]
+    draws = [ph_anatomy.draw_params(npr.default_rng(s), ph.PhantomOptions()) for s in range(300)]
     bmd = np.array([d["bmd_mg_cm3"] for d in draws])
     assert bmd.min() >= 30 and bmd.max() <= 250
     assert (bmd < 80).mean() > 0.2 and ((bmd >= 80) & (bmd <= 120)).mean() > 0.2 and (bmd > 120).mean() > 0.2
@@ -259,7 +260,7 @@ def test_parameter_ranges_cover_acr_categories():
     assert all(1.5 <= d["pixel_spacing"] <= 3.0 and d["matrix"] < 512 for d in coarse)
     assert all(250 <= d["matrix"] * d["pixel_spacing"] <= 503 for d in coarse)
     # a fixed pixel spacing (tests, tiny studies) switches the coarse share off
-    fixed = [ph._draw_params(npr.default_rng(s), ph.PhantomOptions(pixel_spacing=0.7)) for s in range(60)]
+    fixed = [ph_anatomy.draw_params(npr.default_rng(s), ph.PhantomOptions(pixel_spacing=0.7)) for s in range(60)]
     assert all(d["pixel_spacing"] == 0.7 and d["matrix"] == 512 for d in fixed)
     assert all(0.5 <= d["cortex_mm"] <= 1.5 and 1.0 <= d["endplate_mm"] <= 2.0 for d in draws)
     assert all(0.4 <= d["endplate_density_factor"] <= 0.8 and 0.95 <= d["depth_factor"] <= 1.2 for d in draws)
@@ -268,7 +269,7 @@ def test_parameter_ranges_cover_acr_categories():
 
 
 def test_cli_writes_layout(tmp_path):
-    from bmd_d2.data.phantom_cli import main
+    from bmd_d2.phantoms.cli import main
 
     out = tmp_path / "ds"
     assert main(["--out", str(out), "-n", "2", "--tiny", "--no-prepare", "--quiet", "--seed", "3"]) == 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bmd_d2.data.dicom import Volume
-from bmd_d2.data.phantom import PhantomOptions, generate_study
+from bmd_d2.phantoms import PhantomOptions, generate_study
 from bmd_d2.data.sagittal import find_midsagittal_plane, make_sagittal, sample_volume_to_sagittal
 
 SEEDS = list(range(20))

@@ -27,9 +27,9 @@ import pytest
 
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume, load_volume
-from bmd_d2.data.phantom import PhantomOptions, generate_study, write_dicom_series
-from bmd_d2.measure import report
-from bmd_d2.measure.classical import (CORE_3D_REASONS, Calibration, core_points_lps, erode_mask, measure_core_3d,
+from bmd_d2.phantoms import PhantomOptions, generate_study, write_dicom_series
+from bmd_d2 import reports
+from bmd_d2.measure.classical import (CORE_3D_REASONS, Calibration, core_points_lps, erode_roi_ellipse, measure_core_3d,
                                       slice_thickness_mm)
 from bmd_d2.measure.predictor import measure_detections
 
@@ -136,8 +136,8 @@ def test_slices_thicker_than_the_limit_say_so_per_vertebra(series):
     saved = res.to_dict()["vertebrae"]
     assert {d["core_3d_reason"] for d in saved} == {"slices_too_thick"}
     assert all(d["core_3d_detail"].startswith("slices 7 mm thick") for d in saved)
-    assert [r["core_3d_reason"] for r in report.vertebra_rows(res)] == ["slices_too_thick"] * len(saved)
-    assert "core_3d_reason" in report.VERTEBRA_COLUMNS and set(CORE_3D_REASONS) >= {"slices_too_thick"}
+    assert [r["core_3d_reason"] for r in reports.vertebra_rows(res)] == ["slices_too_thick"] * len(saved)
+    assert "core_3d_reason" in reports.VERTEBRA_COLUMNS and set(CORE_3D_REASONS) >= {"slices_too_thick"}
     # the old limit (3.5 mm) still works as a config value: 5 mm slices every 4.25 mm are then too thick
     st, vol, _ = series(1, 5.0, 4.25)
     res, _, _, _ = _measure(st, vol, get_bmd_cfg(QUICK, ["MEASURE.CORE_MAX_SPACING_MM", "3.5"]))
@@ -213,7 +213,7 @@ def test_edge_slices_are_clamped_and_a_real_cut_is_rejected(series, thickness, s
         for mask, t in zip(dets["masks"], truth):
             if t["level"] not in LUMBAR:
                 continue
-            roi = erode_mask(mask, m.EROSION_MM / sag.spacing, rows_mm / sag.spacing)
+            roi = erode_roi_ellipse(mask, m.EROSION_MM / sag.spacing, rows_mm / sag.spacing)
             full = measure_core_3d(vol, sag.transform, roi, m.CORE_HALF_WIDTH_MM)
             assert full.hu is not None and full.detail == ""
             k = (core_points_lps(sag.transform, roi, m.CORE_HALF_WIDTH_MM)[:, 2] - z0) / dz

@@ -27,7 +27,7 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "bmd_default.yaml")
 
 def make_example(out_dir: str, regenerate: bool = False) -> str:
     """Write the example study once; return its DICOM folder."""
-    from bmd_d2.data.phantom import EXAMPLE_SEED, GENERATOR_VERSION, example_options, generate_study, write_study
+    from bmd_d2.phantoms import EXAMPLE_SEED, GENERATOR_VERSION, example_options, generate_study, write_study
 
     study_dir = os.path.join(out_dir, "studies", "example_0001")
     dicom_dir = os.path.join(study_dir, "dicom")
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     import bmd_d2  # noqa: F401
     from bmd_d2 import BMDError
-    from bmd_d2.measure.cli import main as measure
+    from bmd_d2.cli.measure import main as measure
 
     os.chdir(ROOT)  # the default config names its weights relative to the repository
     try:

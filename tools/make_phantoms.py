@@ -5,7 +5,7 @@
 """
 import sys
 
-from bmd_d2.data.phantom_cli import main
+from bmd_d2.phantoms.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

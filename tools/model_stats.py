@@ -7,7 +7,8 @@
 FLOPs are fvcore's (one fused multiply-add = 1 flop) for one square image at the config's test size, in eval mode.
 The backbone figure is exact; the full-model figure runs with ``SCORE_THRESH_TEST = 0`` so the box branch sees
 ``POST_NMS_TOPK_TEST`` proposals and the mask/BMD branches ``DETECTIONS_PER_IMAGE`` detections (the worst case of an
-untrained model). ROIAlign and NMS are not counted.
+untrained model). ROIAlign and NMS are not counted. The counting is :mod:`bmd_d2.evaluation.model_stats`; this
+script parses the options and prints the table.
 """
 import argparse
 import glob
@@ -15,72 +16,10 @@ import logging
 import os
 import sys
 
-import torch
-from fvcore.nn import FlopCountAnalysis as FvcoreFlops
-from fvcore.nn import parameter_count
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bmd_d2  # noqa: E402,F401  (registers the components)
-from bmd_d2.config import add_bmd_config  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-logger = logging.getLogger("bmd_d2.model_stats")
-
-
-class _TensorsInOut(torch.nn.Module):
-    """Image tensor ``(3, H, W)`` → tuple of output tensors, so fvcore's jit tracer can follow the model.
-    (``detectron2.utils.analysis`` does the same through ``detectron2.export``, which needs caffe2 on v0.6.)"""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor):
-        h, w = image.shape[-2:]
-        inst = self.model([{"image": image, "height": h, "width": w}])[0]["instances"]
-        out = [inst.pred_boxes.tensor, inst.scores]
-        out += [getattr(inst, f) for f in ("pred_masks", "pred_bmd") if inst.has(f)]
-        return tuple(out)
-
-
-def model_stats(config_file: str, size: int = 0) -> dict:
-    """Parameter counts (total and per part) and GFLOPs of the model of ``config_file`` on a ``size``² image."""
-    cfg = get_cfg()
-    add_bmd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    size = size or cfg.INPUT.MIN_SIZE_TEST
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    counts = parameter_count(model)
-    heads = model.roi_heads
-    params = {
-        "total": counts[""],
-        "backbone": counts["backbone"],
-        "rpn": counts["proposal_generator"],
-        "box": counts["roi_heads.box_head"] + counts["roi_heads.box_predictor"],
-        "mask": counts.get("roi_heads.mask_head", 0),
-        "bmd": counts.get("roi_heads.bmd_head", 0) if getattr(heads, "bmd_on", False) else 0,
-    }
-    image = torch.rand(3, size, size) * 255
-    with torch.no_grad():
-        bb = FvcoreFlops(model.backbone, (image[None] - model.pixel_mean) / model.pixel_std)
-        bb.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        full = FvcoreFlops(_TensorsInOut(model), (image,))
-        full.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        by_module = full.by_module()
-        gflops = {
-            "backbone": bb.total() / 1e9,
-            "total": full.total() / 1e9,
-            "rpn": by_module.get("model.proposal_generator", 0) / 1e9,
-            "roi_heads": by_module.get("model.roi_heads", 0) / 1e9,
-        }
-    return {"config": os.path.relpath(config_file, ROOT), "size": size, "params": params, "gflops": gflops,
-            "proposals": cfg.MODEL.RPN.POST_NMS_TOPK_TEST, "detections": cfg.TEST.DETECTIONS_PER_IMAGE}
+from bmd_d2.evaluation.model_stats import TABLE_HEADER, format_row, model_stats  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -90,16 +29,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     files = args.config_file or sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-    print("| config | input | params (M): total / backbone / RPN / box / mask / BMD | GFLOPs: backbone / RPN / "
-          "ROI heads / total |")
-    print("|---|---|---|---|")
+    print(TABLE_HEADER)
     for f in files:
-        s = model_stats(f, args.size)
-        p = {k: v / 1e6 for k, v in s["params"].items()}
-        g = s["gflops"]
-        print(f"| {s['config']} | {s['size']}² | {p['total']:.2f} / {p['backbone']:.2f} / {p['rpn']:.2f} / "
-              f"{p['box']:.2f} / {p['mask']:.2f} / {p['bmd']:.2f} | {g['backbone']:.2f} / {g['rpn']:.2f} / "
-              f"{g['roi_heads']:.2f} / {g['total']:.2f} |")
+        print(format_row(model_stats(f, args.size, ROOT)))
     return 0
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import BMDError
 from .dicom import find_dicom_files, load_nifti, load_volume
-from .levels import LABEL_TO_LEVEL, LEVELS, THING_CLASSES, level_class
+from bmd_d2.levels import LABEL_TO_LEVEL, LEVELS, THING_CLASSES, level_class
 from .sagittal import SagittalImage, make_sagittal, sample_volume_to_sagittal
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PHANTOM_SPLITS",
     "register_datasets_by_name",
-    "SagittalParams",
+    "make_sagittal_params",
     "series_content_hash",
     "read_bmd_csv",
     "cached_sagittal",
@@ -53,8 +53,8 @@ COCO_CATEGORIES = [{"id": i + 1, "name": n} for i, n in enumerate(THING_CLASSES)
 _CACHE_VERSION = "sag-v5"  # bump when the sagittal method changes (part of every cache key)
 
 
-def SagittalParams(spacing: float = 1.0, size: int = 512, num_slices: int = 3, window_width: float = 1000.0,
-                   window_level: float = 350.0) -> dict:
+def make_sagittal_params(spacing: float = 1.0, size: int = 512, num_slices: int = 3, window_width: float = 1000.0,
+                         window_level: float = 350.0) -> dict:
     """The sagittal-image parameters (part of every cache key); the keys match :func:`make_sagittal`'s arguments."""
     return {"spacing": float(spacing), "size": int(size), "num_slices": int(num_slices),
             "window_width": float(window_width), "window_level": float(window_level)}
@@ -63,7 +63,7 @@ def SagittalParams(spacing: float = 1.0, size: int = 512, num_slices: int = 3, w
 def params_from_cfg(cfg) -> dict:
     """Sagittal parameters from ``cfg.INPUT.DICOM``."""
     d = cfg.INPUT.DICOM
-    return SagittalParams(d.SAGITTAL_SPACING, d.IMAGE_SIZE, d.NUM_SLICES, d.WINDOW_WIDTH, d.WINDOW_LEVEL)
+    return make_sagittal_params(d.SAGITTAL_SPACING, d.IMAGE_SIZE, d.NUM_SLICES, d.WINDOW_WIDTH, d.WINDOW_LEVEL)
 
 
 def series_content_hash(source, extra: Iterable[str] = ()) -> str:
@@ -251,7 +251,7 @@ def prepare_sagittal_dataset(root, *, studies: Optional[List[dict]] = None, bmd_
         studies: explicit list of ``{"study_id", "series_dir", "label_file"}`` (user layouts); default: ``studies/``.
         bmd_csv: BMD table; default ``<root>/bmd.csv`` (optional: without it ``bmd`` is null).
         out_dir: where ``sagittal/`` and ``annotations.json`` go; default ``root``.
-        params: :func:`SagittalParams`; default 1 mm, 512², 3 slices, W1000/L350.
+        params: :func:`make_sagittal_params`; default 1 mm, 512², 3 slices, W1000/L350.
         label_map: source label value → project label value (T11 = 1 … S1 = 8), e.g. for VerSe volumes.
         min_area_px: levels whose mid-plane cross-section is smaller are not annotated.
         skip_errors: log and skip studies that fail to load instead of raising.
@@ -262,7 +262,7 @@ def prepare_sagittal_dataset(root, *, studies: Optional[List[dict]] = None, bmd_
     """
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root
-    params = params or SagittalParams()
+    params = params or make_sagittal_params()
     studies = studies if studies is not None else _phantom_studies(root)
     csv_path = Path(bmd_csv) if bmd_csv else root / "bmd.csv"
     bmd = read_bmd_csv(csv_path) if csv_path.is_file() else {}

@@ -30,15 +30,28 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
 from ..errors import BMDError
-from .datasets import SagittalParams, cached_sagittal, params_from_cfg
+from .datasets import cached_sagittal, make_sagittal_params, params_from_cfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BMDDatasetMapper", "IntensityNoiseTransform", "RandomIntensityNoise", "ResolutionTransform",
-           "RandomResolution", "build_bmd_augmentations"]
+__all__ = ["BMDDatasetMapper", "ImageOnlyTransform", "IntensityNoiseTransform", "RandomIntensityNoise",
+           "ResolutionTransform", "RandomResolution", "build_bmd_augmentations"]
 
 
-class IntensityNoiseTransform(Transform):
+class ImageOnlyTransform(Transform):
+    """A transform of the image values only: coordinates and masks pass unchanged; inverting it restores nothing."""
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return segmentation
+
+    def inverse(self) -> Transform:
+        return NoOpTransform()
+
+
+class IntensityNoiseTransform(ImageOnlyTransform):
     """``img * scale + shift + N(0, noise_std)`` on the image (0…255, clipped); geometry and masks unchanged."""
 
     def __init__(self, scale: float, shift: float, noise_std: float, seed: int):
@@ -52,15 +65,6 @@ class IntensityNoiseTransform(Transform):
         if img.dtype == np.uint8:
             return np.clip(np.rint(out), 0, 255).astype(np.uint8)
         return out.astype(img.dtype)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        return coords
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        return segmentation
-
-    def inverse(self) -> Transform:
-        return NoOpTransform()
 
 
 class RandomIntensityNoise(T.Augmentation):
@@ -77,7 +81,7 @@ class RandomIntensityNoise(T.Augmentation):
         return IntensityNoiseTransform(s, b, n, int(np.random.randint(0, 2**31 - 1)))
 
 
-class ResolutionTransform(Transform):
+class ResolutionTransform(ImageOnlyTransform):
     """Resample the image down by ``(factor_y, factor_x)`` (area averaging) and back up (bilinear) to its size.
 
     Imitates a coarser acquisition grid (thick slices along y = superior–inferior, coarse in-plane pixels along x =
@@ -97,15 +101,6 @@ class ResolutionTransform(Transform):
             return img
         out = cv2.resize(cv2.resize(img, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
         return out.reshape(img.shape)
-
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        return coords
-
-    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        return segmentation
-
-    def inverse(self) -> Transform:
-        return NoOpTransform()
 
 
 class RandomResolution(T.Augmentation):
@@ -158,7 +153,7 @@ class BMDDatasetMapper:
         is_train: training (annotations kept, augmentations applied) or inference (image only).
         augmentations: Detectron2 augmentations, applied to image and masks through one ``AugInput``.
         image_format: format for ``read_image`` ("RGB" keeps the PNG's channel order = sagittal channels 0, 1, 2).
-        sagittal_params: :func:`SagittalParams` used when the image is built from ``series_dir``.
+        sagittal_params: :func:`make_sagittal_params` used when the image is built from ``series_dir``.
         cache_dir: cache folder for images built from ``series_dir``.
     """
 
@@ -168,7 +163,7 @@ class BMDDatasetMapper:
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
-        self.sagittal_params = sagittal_params or SagittalParams()
+        self.sagittal_params = sagittal_params or make_sagittal_params()
         self.cache_dir = cache_dir or os.path.join(os.environ.get("BMD_DATASETS", "datasets"), "cache")
         logger.info("[BMDDatasetMapper] %s augmentations: %s", "train" if is_train else "test", augmentations)
 
@@ -184,7 +179,7 @@ class BMDDatasetMapper:
             return utils.read_image(fn, format=self.image_format)
         src = d.get("series_dir")
         if not src:
-            raise BMDError(f"dataset dict has neither a readable file_name nor series_dir", path=fn)
+            raise BMDError("dataset dict has neither a readable file_name nor series_dir", path=fn)
         png, _, _ = cached_sagittal(src, self.cache_dir, self.sagittal_params)
         return utils.read_image(str(png), format=self.image_format)
 
@@ -207,7 +202,7 @@ class BMDDatasetMapper:
         # Fields aligned with the annotations before any filtering.
         instances.gt_bmd = torch.tensor([float("nan") if a.get("bmd") is None else float(a["bmd"]) for a in annos],
                                         dtype=torch.float32)
-        from .levels import LEVEL_TO_LABEL
+        from bmd_d2.levels import LEVEL_TO_LABEL
 
         instances.gt_levels = torch.tensor([LEVEL_TO_LABEL.get(a.get("level") or "", 0) for a in annos],
                                            dtype=torch.int64)

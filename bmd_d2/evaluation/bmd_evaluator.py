@@ -3,7 +3,7 @@
 For every image, predictions above ``MEASURE.SCORE_THRESHOLD`` are matched one-to-one to the ground-truth vertebrae
 (dataset dicts of ``DatasetCatalog``) by mask IoU ≥ ``MEASURE.EVAL_MATCH_IOU`` (greedy, highest IoU first). Matched
 pairs give the BMD pairs (``pred_bmd`` vs annotation ``bmd``, mg/cm³), the Dice of the masks, the ACR category pair,
-and the level pair: the predicted level comes from :func:`bmd_d2.measure.levels.assign_levels` over all the image's
+and the level pair: the predicted level comes from :func:`bmd_d2.levels.assign_levels` over all the image's
 kept predictions (the labelling rule the measuring tool uses), the true one from the annotation.
 
 Figures (``evaluate()`` returns them under ``"bmd"``; the JSON has the per-level tables and confusion matrices):
@@ -25,9 +25,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from bmd_d2.data.levels import LEVELS, VERTEBRAL_BODY_CLASS
+from bmd_d2.levels import LEVELS, VERTEBRAL_BODY_CLASS, Detection, assign_levels
 from bmd_d2.measure.categories import ACR_CATEGORIES, acr_category
-from bmd_d2.measure.levels import Detection, assign_levels
+from bmd_d2.utils.files import json_ready
 
 from . import metrics
 
@@ -153,10 +153,10 @@ class BMDEvaluator(DatasetEvaluator):
         self._log_table(result)
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
-            from bmd_d2.measure.report import atomic_write_text
+            from bmd_d2.utils.files import atomic_write_text
 
             atomic_write_text(os.path.join(self.output_dir, "bmd_metrics.json"),
-                              json.dumps(_json_safe(result), indent=2) + "\n")
+                              json.dumps(json_ready(result), indent=2) + "\n")
             save_plots(records, self.output_dir)
         flat = OrderedDict()
         for k in ("mae", "rmse", "bias", "pearson_r", "loa_low", "loa_high"):
@@ -194,16 +194,6 @@ def _nan(x):
 
 def _fmt_row(d: Dict) -> List:
     return [d["n"], d["mae"], d["rmse"], d["bias"], d["pearson_r"], d["loa_low"], d["loa_high"], d.get("dice")]
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
 
 
 def summarize(records: List[Dict]) -> Dict:
@@ -251,7 +241,7 @@ def save_plots(records: List[Dict], output_dir: str):
     """Bland–Altman and scatter plots (PNG, matplotlib Agg) of the matched BMD pairs, coloured by level."""
     from matplotlib.figure import Figure
 
-    from bmd_d2.measure.report import atomic_path
+    from bmd_d2.utils.files import atomic_path
 
     ps = [p for r in records for p in r["pairs"] if p["gt_bmd"] is not None and p["pred_bmd"] is not None]
     t = np.array([p["gt_bmd"] for p in ps], float)

@@ -2,12 +2,15 @@
 
 Every function takes plain sequences/arrays and returns Python floats (``nan`` when a value is undefined, e.g. the
 Pearson r of fewer than two pairs or of a constant sequence), so the results serialise to JSON directly.
-BMD values are in mg/cm³; differences are ``pred - truth``.
+BMD values are in mg/cm³; differences are ``pred - truth``. The overlap and matching functions (``dice``,
+``mask_iou_matrix``, ``match_greedy``) live in :mod:`bmd_d2.utils.matching` and are re-exported here.
 """
 import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from bmd_d2.utils.matching import dice, mask_iou_matrix, match_greedy
 
 __all__ = [
     "mae", "rmse", "bias", "pearson_r", "bland_altman", "regression_summary", "accuracy", "confusion_matrix",
@@ -92,58 +95,6 @@ def confusion_matrix(pred: Sequence, truth: Sequence, labels: Sequence) -> List[
         if p in index and t in index:
             m[index[t]][index[p]] += 1
     return m
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two boolean masks of equal shape; 1.0 when both are empty."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
-
-
-def mask_iou_matrix(pred_masks: np.ndarray, gt_masks: np.ndarray) -> np.ndarray:
-    """IoU of every predicted vs every ground-truth mask.
-
-    Args:
-        pred_masks: bool ``(P, H, W)``.
-        gt_masks: bool ``(G, H, W)``.
-
-    Returns:
-        float64 ``(P, G)``.
-    """
-    if len(pred_masks) == 0 or len(gt_masks) == 0:  # (reshape(0, -1) of an empty array is undefined)
-        return np.zeros((len(pred_masks), len(gt_masks)))
-    p = np.asarray(pred_masks, dtype=bool).reshape(len(pred_masks), -1).astype(np.float64)
-    g = np.asarray(gt_masks, dtype=bool).reshape(len(gt_masks), -1).astype(np.float64)
-    inter = p @ g.T
-    union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def match_greedy(iou: np.ndarray, threshold: float = 0.5) -> List[Tuple[int, int]]:
-    """One-to-one matching of predictions to ground truth by descending IoU (ties: lower indices first).
-
-    Args:
-        iou: ``(P, G)`` overlaps.
-        threshold: minimum IoU of a match.
-
-    Returns:
-        list of ``(pred_index, gt_index)`` pairs, sorted by ``gt_index``.
-    """
-    iou = np.asarray(iou, dtype=np.float64)
-    pairs = [(float(iou[i, j]), i, j) for i in range(iou.shape[0]) for j in range(iou.shape[1])
-             if iou[i, j] >= threshold]
-    pairs.sort(key=lambda x: (-x[0], x[1], x[2]))
-    used_p, used_g, out = set(), set(), []
-    for _, i, j in pairs:
-        if i not in used_p and j not in used_g:
-            used_p.add(i)
-            used_g.add(j)
-            out.append((i, j))
-    return sorted(out, key=lambda x: x[1])
 
 
 def precision_rms(groups: Sequence[Sequence[float]]) -> Dict[str, float]:

@@ -19,8 +19,8 @@ IGNORED = (("study", "source"),)
 
 def snapshot_studies(workdir: str, repo_root: str) -> List[Tuple[str, str, Optional[str]]]:
     """Write the snapshot studies under ``workdir``; returns ``(name, source path, calibration file or None)``."""
-    from bmd_d2.data.phantom import (EXAMPLE_SEED, PhantomOptions, example_options, generate_study, study_seed,
-                                     write_dicom_series)
+    from bmd_d2.phantoms import (EXAMPLE_SEED, PhantomOptions, example_options, generate_study, study_seed,
+                                 write_dicom_series)
 
     out = []
     st = generate_study(EXAMPLE_SEED, example_options(), "example_0001")

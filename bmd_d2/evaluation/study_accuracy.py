@@ -25,20 +25,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bmd_d2.data.levels import LEVELS, SACRUM_CLASS, VERTEBRAL_BODY_CLASS, level_class
-from bmd_d2.measure.categories import ACR_CATEGORIES, acr_category
+from bmd_d2.levels import LEVELS, SACRUM_CLASS, VERTEBRAL_BODY_CLASS, level_class
+from bmd_d2.measure.categories import ACR_CATEGORIES, acr_category, acr_levels
 
 from . import metrics
-from .bmd_evaluator import _json_safe as json_safe  # NaN → None, recursively (JSON-ready)
 
 __all__ = [
-    "METHODS", "json_safe", "truth_masks_on_sagittal", "truth_acr", "vertebra_values", "study_record",
+    "METHODS", "truth_masks_on_sagittal", "truth_acr", "vertebra_values", "study_record",
     "summarize_studies", "rescan_groups", "summarize_precision",
 ]
 
 METHODS = ("learned", "classical", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
-_ACR_PREFERRED = ("L1", "L2")
-_ACR_CANDIDATES = ("L1", "L2", "L3", "L4")
 
 
 def truth_masks_on_sagittal(sagittal, labels, affine: np.ndarray, levels: Sequence[str], *, min_area_px: int = 30
@@ -56,7 +53,7 @@ def truth_masks_on_sagittal(sagittal, labels, affine: np.ndarray, levels: Sequen
         level → bool ``(H, W)``, cranial → caudal.
     """
     from bmd_d2.data.dicom import Volume
-    from bmd_d2.data.levels import LEVEL_TO_LABEL
+    from bmd_d2.levels import LEVEL_TO_LABEL
     from bmd_d2.data.sagittal import sample_volume_to_sagittal
 
     vol = labels if isinstance(labels, Volume) else Volume(np.asarray(labels), np.asarray(affine, np.float64))
@@ -72,14 +69,14 @@ def truth_masks_on_sagittal(sagittal, labels, affine: np.ndarray, levels: Sequen
 
 
 def truth_acr(truth_bmd: Dict[str, float]) -> Dict[str, Any]:
-    """Patient ACR value from true BMD by the measuring rule: L1+L2, else the first two of L1–L4.
+    """Patient ACR value from true BMD by the measuring rule (:func:`~bmd_d2.measure.categories.acr_levels`): L1+L2,
+    else the first two of L1–L4.
 
     Returns:
         ``{"levels", "bmd", "category"}``; ``bmd``/``category`` None with fewer than two levels.
     """
-    levels = list(_ACR_PREFERRED) if all(lv in truth_bmd for lv in _ACR_PREFERRED) else \
-        [lv for lv in _ACR_CANDIDATES if lv in truth_bmd][:2]
-    if len(levels) < 2:
+    levels = acr_levels(truth_bmd)
+    if not levels:
         return {"levels": [], "bmd": None, "category": None}
     value = float(np.mean([truth_bmd[lv] for lv in levels]))
     return {"levels": levels, "bmd": value, "category": acr_category(value)}

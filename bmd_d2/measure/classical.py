@@ -30,6 +30,7 @@ Calibration (``HU = slope · BMD + intercept``, so ``BMD = (HU - intercept) / sl
   their nominal values (``MEASURE.REFERENCE_AIR_HU``, ``MEASURE.REFERENCE_FAT_HU``) before the calibration: this
   corrects scanner HU drift; it is not a substitute for a phantom.
 """
+import copy
 import json
 import logging
 import math
@@ -168,13 +169,33 @@ def internal_reference(volume_hu: np.ndarray, *, air_hu: float = -1000.0, fat_hu
 def calibration_from_cfg(cfg, volume_hu: Optional[np.ndarray] = None) -> Calibration:
     """The calibration selected by ``cfg.MEASURE`` (file > linear default), with the internal reference if enabled.
 
-    A failed internal reference falls back to no correction and records ``details["internal_reference_failed"]``.
+    :func:`base_calibration` followed by :func:`with_internal_reference`; a predictor measuring many studies parses
+    the file once with the first and applies the second per study.
+    """
+    return with_internal_reference(base_calibration(cfg), cfg, volume_hu)
+
+
+def base_calibration(cfg) -> Calibration:
+    """The calibration of ``cfg.MEASURE`` before any per-study correction: the phantom calibration file
+    (``MEASURE.CALIBRATION_FILE``, parsed here) or the linear default.
+
+    Raises:
+        BMDError: the file cannot be read or parsed (:func:`load_calibration_file`).
     """
     m = cfg.MEASURE
     if m.CALIBRATION_FILE:
-        cal = load_calibration_file(m.CALIBRATION_FILE)
-    else:
-        cal = Calibration(float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT), "default")
+        return load_calibration_file(m.CALIBRATION_FILE)
+    return Calibration(float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT), "default")
+
+
+def with_internal_reference(calibration: Calibration, cfg, volume_hu: Optional[np.ndarray] = None) -> Calibration:
+    """A copy of ``calibration`` with the study's internal air/fat HU correction when ``MEASURE.INTERNAL_REFERENCE``
+    is on and the volume is given (``calibration`` itself is not changed).
+
+    A failed internal reference falls back to no correction and records ``details["internal_reference_failed"]``.
+    """
+    m = cfg.MEASURE
+    cal = copy.deepcopy(calibration)
     if m.INTERNAL_REFERENCE and volume_hu is not None:
         try:
             gain, offset, det = internal_reference(volume_hu, air_hu=m.REFERENCE_AIR_HU, fat_hu=m.REFERENCE_FAT_HU)
@@ -222,9 +243,10 @@ def ellipse(radius_rows_px: float, radius_cols_px: float) -> np.ndarray:
     return (y / a) ** 2 + (x / b) ** 2 <= 1.0 + 1e-9
 
 
-def erode_mask(mask: np.ndarray, radius_px: float, radius_rows_px: Optional[float] = None) -> np.ndarray:
-    """Erode a bool ``(H, W)`` mask with a disk of ``radius_px`` (or, with ``radius_rows_px``, an ellipse of that
-    semi-axis along the rows and ``radius_px`` along the columns); pixels outside the image count as background."""
+def erode_roi_ellipse(mask: np.ndarray, radius_px: float, radius_rows_px: Optional[float] = None) -> np.ndarray:
+    """The trabecular ROI of a sagittal mask: the bool ``(H, W)`` mask eroded with a disk of ``radius_px`` (or, with
+    ``radius_rows_px``, an ellipse of that semi-axis along the rows and ``radius_px`` along the columns); pixels outside
+    the image count as background. (Not the model's ``stacked_erosion`` of ROI-grid mask tensors.)"""
     mask = np.asarray(mask, dtype=bool)
     rows = radius_px if radius_rows_px is None else radius_rows_px
     if radius_px < 1 and rows < 1:

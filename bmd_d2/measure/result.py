@@ -6,16 +6,17 @@ Masks, the sagittal image and the volume stay in memory (not serialised); report
 QC flags are short lower_snake strings; :data:`QC_FLAGS` is their one registry (name → meaning). Code that adds a
 flag registers it there so reports and docs can explain it.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from bmd_d2.utils.files import json_ready
+
 RESULT_VERSION = 1
 
 QC_FLAGS: Dict[str, str] = {
-    # level labelling (bmd_d2.measure.levels)
+    # level labelling (bmd_d2.levels)
     "levels_unanchored": "no sacrum detected: levels counted by the fallback rule (lowest body = L5)",
     "levels_unknown": "no sacrum detected and the field of view ends in the lumbar spine: no level named",
     "level_gap": "the spacing of the detected bodies shows an undetected vertebra; the count skips it",
@@ -37,10 +38,10 @@ QC_FLAGS: Dict[str, str] = {
     "internal_reference_failed": "air/fat internal reference not found: default calibration used",
     "large_learned_classical_difference": "learned and classical BMD differ by more than MEASURE.MAX_BMD_DIFFERENCE",
     "volume_warning": "the volume loader reported a warning (see study.warnings)",
-    # reports (bmd_d2.measure.report)
+    # reports (bmd_d2.reports.study)
     "output_not_written": "an optional output (DICOM SEG/SR/SC, masks) could not be written; the measurement stands "
                           "(see outputs.failed in result.json)",
-    # DICOM outputs (bmd_d2.measure.dicom_outputs)
+    # DICOM outputs (bmd_d2.reports.dicom)
     "source_uids_generated": "the source images lack Study/Series/SOP Instance/Frame of Reference (or SOP Class) UIDs: "
                              "the DICOM outputs reference generated ones (study.generated_uids), not UIDs a PACS "
                              "knows",
@@ -58,24 +59,6 @@ QC_FLAGS: Dict[str, str] = {
                              "fracture, excluded from the ACR value",
     "low_confidence": "detection score below MEASURE.LOW_CONFIDENCE_SCORE: check the mask on the overlay",
 }
-
-
-def _clean(x):
-    """Make ``x`` JSON-friendly: numpy scalars → Python, NaN/inf → None, tuples → lists."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    return x
 
 
 @dataclass
@@ -140,7 +123,7 @@ class VertebraResult:
 
     def to_dict(self) -> Dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "mask"}
-        return _clean(d)
+        return json_ready(d)
 
 
 @dataclass
@@ -159,7 +142,7 @@ class StudyResult:
         rejected: detections not reported, as ``{"box_xyxy", "score", "category_id", "reason"}``.
         qc: details of the study-level checks: ``plane_method`` (``"fallback"`` = no spine found), ``contrast``
             (see :func:`bmd_d2.measure.qc.contrast_check`).
-        outputs: what the report writer did (set by :func:`bmd_d2.measure.report.write_study`): ``requested``
+        outputs: what the report writer did (set by :func:`bmd_d2.reports.study.write_study`): ``requested``
             (optional outputs asked for), ``written`` (file names), ``failed`` (output → one-line reason),
             ``skipped`` (output → reason it does not apply, e.g. DICOM outputs of a NIfTI input) and ``complete``
             (every requested output was attempted; false only while they are being written).
@@ -188,13 +171,13 @@ class StudyResult:
         return {
             "version": RESULT_VERSION,
             "study_id": self.study_id,
-            "study": _clean(self.study),
+            "study": json_ready(self.study),
             "vertebrae": [v.to_dict() for v in self.vertebrae],
-            "patient": _clean(self.patient),
+            "patient": json_ready(self.patient),
             "qc_flags": list(self.qc_flags),
-            "calibration": _clean(self.calibration),
-            "model": _clean(self.model),
-            "rejected": _clean(self.rejected),
-            "qc": _clean(self.qc),
-            "outputs": _clean(self.outputs),
+            "calibration": json_ready(self.calibration),
+            "model": json_ready(self.model),
+            "rejected": json_ready(self.rejected),
+            "qc": json_ready(self.qc),
+            "outputs": json_ready(self.outputs),
         }

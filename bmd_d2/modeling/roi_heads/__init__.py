@@ -5,7 +5,7 @@ from .bmd_head import (
     BMDErosionEstimator,
     BMDHead,
     build_bmd_head,
-    erode_mask,
+    stacked_erosion,
     truncate_mask,
 )
 from .fusion import MultiLevelROIPooler
@@ -18,6 +18,6 @@ __all__ = [
     "MultiLevelROIPooler",
     "MultiScaleFusionMaskHead",
     "build_bmd_head",
-    "erode_mask",
+    "stacked_erosion",
     "truncate_mask",
 ]

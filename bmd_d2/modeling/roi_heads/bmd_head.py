@@ -30,7 +30,7 @@ from .fusion import MultiLevelROIPooler
 __all__ = [
     "ROI_BMD_HEAD_REGISTRY",
     "build_bmd_head",
-    "erode_mask",
+    "stacked_erosion",
     "truncate_mask",
     "BMDErosionEstimator",
     "BMDHead",
@@ -62,7 +62,7 @@ def truncate_mask(mask_probs: torch.Tensor, threshold: float) -> torch.Tensor:
         return (mask_probs.detach() > threshold).to(mask_probs.dtype)
 
 
-def erode_mask(mask: torch.Tensor, iterations: int) -> torch.Tensor:
+def stacked_erosion(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     """Stacked erosion: ``iterations`` × (3×3 stride-1 min-pool, padding 1), no gradient.
 
     Everything outside the ROI grid counts as background (zero padding), so a mask touching the grid edge is eroded
@@ -193,7 +193,7 @@ class BMDErosionEstimator(nn.Module):
         num = sum(len(x) for x in instances)
         assert fused.shape == (num, self.in_channels, self.size, self.size), (tuple(fused.shape), num)
         assert mask_probs.shape == (num, self.size, self.size), (tuple(mask_probs.shape), num)
-        eroded = erode_mask(truncate_mask(mask_probs, self.mask_threshold), self.erosion_iters)
+        eroded = stacked_erosion(truncate_mask(mask_probs, self.mask_threshold), self.erosion_iters)
         pred = self.layers(fused * eroded[:, None])
         assert pred.shape == (num,), tuple(pred.shape)
 

@@ -9,59 +9,26 @@ Discovery rule (:func:`discover_studies`), for an input folder:
 Output layout (``<out>/``): ``<study_id>/{result.json, vertebrae.csv, overlay.png[, masks.nii.gz]}`` per study,
 ``studies.csv`` (one row per study incl. failures), ``all_vertebrae.csv``, ``failures.csv`` (study_id, source,
 reason), ``summary.json``. A study is finished when its ``result.json`` says so (``outputs.complete``, written last,
-atomically, after every requested output; :func:`report.is_finished`); a rerun with resume skips finished studies,
-re-measures unfinished ones (temporary files of an interrupted write are removed) and retries failed ones. The
+atomically, after every requested output; :func:`bmd_d2.reports.is_finished`); a rerun with resume skips finished
+studies, re-measures unfinished ones (temporary files of an interrupted write are removed) and retries failed ones. The
 batch-level files describe the whole batch, whichever run measured each study, so a batch killed at any moment
 (even SIGKILL) and run again ends with the same files as one run without interruption; what this run did is in
 ``summary.json["this_run"]``. With ``torch.distributed`` (Detectron2 ``launch``),
 rank ``r`` of ``w`` measures the sorted studies ``r, r + w, r + 2w, …``; rank 0 writes the batch-level files after
 all ranks are done.
 """
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from bmd_d2 import reports
 from bmd_d2.errors import BMDError
-
-from . import report
+from bmd_d2.utils.files import NIFTI_SUFFIXES, atomic_write_text, sanitize_study_id, study_id_from_path
 
 logger = logging.getLogger(__name__)
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_ID_LEN = 80
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def sanitize_study_id(name: str) -> str:
-    """A file-name-safe study id: only ``[A-Za-z0-9._-]``, no leading dots, at most 80 characters, never empty.
-
-    Anything else (path separators, ``..``, spaces, control characters) becomes ``_``, so an id can never name a
-    path outside the output folder. Over-long names keep a prefix plus a hash of the full name.
-    """
-    s = _SAFE.sub("_", str(name)).strip("._-")
-    s = re.sub(r"\.{2,}", "_", s)
-    if len(s) > MAX_ID_LEN:
-        s = s[:MAX_ID_LEN - 9] + "-" + hashlib.sha1(str(name).encode()).hexdigest()[:8]
-    return s or "study"
-
-
-def study_id_from_path(path: str) -> str:
-    """Study id from a source path: the file name without ``.nii[.gz]``/``.dcm``; for ``…/<id>/dicom`` the ``<id>``."""
-    p = os.path.normpath(str(path))
-    name = os.path.basename(p)
-    low = name.lower()
-    for suf in NIFTI_SUFFIXES + (".dcm",):
-        if low.endswith(suf):
-            name = name[: -len(suf)]
-            break
-    if name.lower() == "dicom" and os.path.basename(os.path.dirname(p)):
-        name = os.path.basename(os.path.dirname(p))
-    return sanitize_study_id(name)
 
 
 def safe_study_dir(out_root: str, study_id: str) -> str:
@@ -183,8 +150,8 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
         measure: ``measure(source, study_id) -> StudyResult`` (e.g. a :class:`BMDStudyPredictor`).
         studies: ``(study_id, source)`` pairs (all ranks pass the same list).
         out_root: output folder.
-        overlay, masks, dicom: which optional reports to write (``dicom``: see :func:`report.write_study`).
-        resume: skip finished studies (:func:`report.is_finished` with the optional outputs asked for now).
+        overlay, masks, dicom: which optional reports to write (``dicom``: see :func:`bmd_d2.reports.write_study`).
+        resume: skip finished studies (:func:`bmd_d2.reports.is_finished` with the optional outputs asked for now).
         rank, world_size: shard; default from ``detectron2.utils.comm``.
         progress: show a progress bar (tqdm, on stderr) on the main process.
 
@@ -199,7 +166,7 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
     world_size = comm.get_world_size() if world_size is None else world_size
     os.makedirs(out_root, exist_ok=True)
     shard = studies[rank::world_size]
-    requested = report.requested_outputs(masks=masks, dicom=dicom)
+    requested = reports.requested_outputs(masks=masks, dicom=dicom)
     t0 = time.time()
     outcomes: List[StudyOutcome] = []
     bar = tqdm(shard, desc=f"measuring (rank {rank})" if world_size > 1 else "measuring", unit="study",
@@ -208,19 +175,19 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
         t = time.time()
         try:
             out_dir = safe_study_dir(out_root, sid)
-            done = report.read_result(out_dir) if resume else None
-            if report.is_finished_result(done, requested):
+            done = reports.read_result(out_dir) if resume else None
+            if reports.is_finished_result(done, requested):
                 outcomes.append(StudyOutcome(sid, src, "skipped",
                                              output_warning="output_not_written" in (done.get("qc_flags") or [])))
                 continue
             result = measure(src, sid)
-            report.write_study(result, out_dir, overlay=overlay, masks=masks, dicom=dicom)
+            reports.write_study(result, out_dir, overlay=overlay, masks=masks, dicom=dicom)
             outcomes.append(StudyOutcome(sid, src, "ok", seconds=time.time() - t,
                                          output_warning="output_not_written" in result.qc_flags))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # isolate every study: one bad input must not stop the batch
-            reason = report.one_line_reason(e)
+            reason = reports.one_line_reason(e)
             logger.error("study %s failed: %s", sid, reason)
             logger.debug("study %s traceback", sid, exc_info=True)
             outcomes.append(StudyOutcome(sid, src, "failed", reason=reason, seconds=time.time() - t))
@@ -241,25 +208,23 @@ def write_batch_files(summary: BatchSummary, out_root: str):
     study_rows, vert_text = [], []
     for o in summary.outcomes:
         if o.status == "failed":
-            study_rows.append(report.study_row({"study_id": o.study_id}, "failed", o.reason))
+            study_rows.append(reports.study_row({"study_id": o.study_id}, "failed", o.reason))
             continue
-        d = report.read_result(os.path.join(out_root, o.study_id))
+        d = reports.read_result(os.path.join(out_root, o.study_id))
         if d is None:
-            study_rows.append(report.study_row({"study_id": o.study_id}, "failed", "result.json unreadable"))
+            study_rows.append(reports.study_row({"study_id": o.study_id}, "failed", "result.json unreadable"))
             continue
-        study_rows.append(report.study_row(d, "ok"))
+        study_rows.append(reports.study_row(d, "ok"))
         try:
-            with open(os.path.join(out_root, o.study_id, report.VERTEBRAE_CSV), encoding="utf-8") as f:
+            with open(os.path.join(out_root, o.study_id, reports.VERTEBRAE_CSV), encoding="utf-8") as f:
                 lines = f.read().splitlines()
             vert_text.extend(lines[1:])
         except OSError:
             pass
-    report.atomic_write_text(os.path.join(out_root, "studies.csv"),
-                             report.csv_text(study_rows, report.STUDY_COLUMNS))
-    report.atomic_write_text(os.path.join(out_root, "all_vertebrae.csv"),
-                             "\n".join([",".join(report.VERTEBRA_COLUMNS)] + vert_text) + "\n")
+    atomic_write_text(os.path.join(out_root, "studies.csv"), reports.csv_text(study_rows, reports.STUDY_COLUMNS))
+    atomic_write_text(os.path.join(out_root, "all_vertebrae.csv"),
+                      "\n".join([",".join(reports.VERTEBRA_COLUMNS)] + vert_text) + "\n")
     fails = [{"study_id": o.study_id, "source": o.source, "reason": o.reason} for o in summary.outcomes
              if o.status == "failed"]
-    report.atomic_write_text(os.path.join(out_root, "failures.csv"),
-                             report.csv_text(fails, ["study_id", "source", "reason"]))
-    report.atomic_write_text(os.path.join(out_root, "summary.json"), json.dumps(summary.to_dict(), indent=2) + "\n")
+    atomic_write_text(os.path.join(out_root, "failures.csv"), reports.csv_text(fails, ["study_id", "source", "reason"]))
+    atomic_write_text(os.path.join(out_root, "summary.json"), json.dumps(summary.to_dict(), indent=2) + "\n")

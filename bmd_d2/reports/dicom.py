@@ -40,16 +40,18 @@ QC flags are qualitative evaluations with name ``99BMDD2 qc-flag`` and a value c
 flag name (e.g. ``levels_unanchored``; meanings in :data:`bmd_d2.measure.result.QC_FLAGS`): highdicom's TID 1411/1501
 groups hold coded, not free-text, evaluations.
 
-Real-world (de-identified) sources: the writers get copies of the source headers prepared by :func:`prepare_sources`
-(missing Type 2 attributes present and empty; empty or missing Study/Series/SOP Instance/Frame of Reference UIDs
-generated deterministically, recorded in ``study["generated_uids"]`` and the study flag ``source_uids_generated``).
+Real-world (de-identified) sources: the writers get copies of the source headers prepared by
+:func:`bmd_d2.reports.dicom_sources.prepare_sources` (missing Type 2 attributes present and empty; empty or missing
+Study/Series/SOP Instance/Frame of Reference UIDs generated deterministically, recorded in ``study["generated_uids"]``
+and the study flag ``source_uids_generated``).
 The objects' own Series/SOP Instance UIDs are deterministic (:func:`output_uids`). The model is named after its
 weights file (:func:`model_name`). :func:`write_dicom_outputs` builds each object on its own and reports a failure as
 one line naming the output, the source file and the attribute (docs/dicom_outputs.md, "Real-world sources").
 
 When nothing was measured (e.g. a model that detects nothing) no SEG is written (a SEG needs at least one segment)
 and a warning says so; the SR is still written (patient group with the study QC flags, e.g.
-``no_vertebrae_detected``). DICOM outputs need a DICOM source: a NIfTI input gives :class:`DicomOutputsUnavailable`.
+``no_vertebrae_detected``). DICOM outputs need a DICOM source: a NIfTI input gives
+:class:`~bmd_d2.reports.dicom_sources.DicomOutputsUnavailable`.
 
 Unlike ``result.json``, these objects carry the source's patient module (name, ID, ...): that is what links them to the
 study in a PACS. Treat them as patient data.
@@ -61,15 +63,18 @@ import logging
 import os
 import re
 import tempfile
-from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bmd_d2.errors import BMDError
-from bmd_d2.utils.logs import redact, register_phi_from_dataset
+from bmd_d2.errors import BMDError, one_line
+from bmd_d2.measure.result import StudyResult
+from bmd_d2.utils.files import atomic_path
 
-from .result import StudyResult
+from .dicom_sources import (POSITION_TOL_MM, UIDS_FLAG, DicomOutputsUnavailable, SourceHeaderError, header_text,
+                            is_dicom_result, prepare_sources, prepared_sources, read_source_datasets, source_path)
+from .nifti import slab_thickness_mm
+from .overlay import VERTEBRA_COLORS, write_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +85,6 @@ KINDS = ("seg", "sr", "sc")
 SERIES_NUMBERS = {"seg": 9901, "sr": 9902, "sc": 9903}
 PRIVATE_SCHEME = "99BMDD2"
 MANUFACTURER = "bmd_d2"
-_POS_TOL_MM = 0.01
-
-
-class DicomOutputsUnavailable(ValueError):
-    """The result cannot give DICOM outputs (e.g. the input was NIfTI, or the source files are gone)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,234 +155,13 @@ def _flag_items(flags: Sequence[str]):
     return [hd.sr.QualitativeEvaluation(_private("qc-flag", "QC flag"), _private(f, f)) for f in flags]
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Source images and geometry
+# Source geometry of the SEG
 # ---------------------------------------------------------------------------------------------------------------------
-# UIDs the outputs take from the source; empty or missing ones are generated (see prepare_sources)
-SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-# Type 2 attributes of the source that highdicom copies or reads: present-and-empty when missing
-SOURCE_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                "AccessionNumber", "ReferringPhysicianName", "StudyID", "SeriesNumber", "PositionReferenceIndicator")
 # geometry the SEG needs from every source image (the loader needs them too: only a file changed since is caught here)
 SOURCE_GEOMETRY = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-_CT_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.2.2")
-DEIDENTIFICATION_NOT_RECORDED = "not recorded in the source images"
-UIDS_FLAG = "source_uids_generated"
-_DROP_IF_EMPTY = ("SpecificCharacterSet", "LossyImageCompression")
-
-
-class SourceHeaderError(BMDError):
-    """A source image lacks an attribute the writer needs, or has a bad value (message: ``<file>: <problem>``)."""
-
-
-def is_dicom_result(result: StudyResult) -> bool:
-    """Whether ``result`` was measured on a DICOM series whose files are listed in ``result.volume.meta``."""
-    meta = getattr(result.volume, "meta", None) or {}
-    return bool(meta.get("files")) and bool(meta.get("SOPInstanceUIDs")) and meta.get("format") != "nifti"
-
-
-def _text(ds, keyword: str) -> str:
-    """The value of ``keyword`` in ``ds`` as stripped text; "" when missing or empty."""
-    if keyword not in ds:
-        return ""
-    value = ds[keyword].value
-    return "" if value is None else str(value).strip()
-
-
-def _measured_series_uid(meta: Dict) -> str:
-    """The measured SeriesInstanceUID; "" when the images had none (the loader then groups them under a placeholder
-    in angle brackets)."""
-    uid = str(meta.get("SeriesInstanceUID") or "")
-    return "" if uid.startswith("<") else uid
-
-
-def read_source_datasets(result: StudyResult) -> List:
-    """The source CT datasets (headers, no pixel data) in slice order, one per file of ``volume.meta["files"]``.
-
-    Raises:
-        DicomOutputsUnavailable: not a DICOM input, or a file cannot be read / is not the series measured (the
-            message says which: a file of another series, or one whose SeriesInstanceUID is empty or missing).
-    """
-    import pydicom
-
-    if not is_dicom_result(result):
-        src = (getattr(result.volume, "meta", None) or {}).get("source") or result.study.get("source") or "input"
-        raise DicomOutputsUnavailable(f"DICOM outputs need a DICOM series as input; {src} is not one")
-    meta = result.volume.meta
-    want = _measured_series_uid(meta)
-    files = list(dict.fromkeys(meta["files"]))  # a multi-frame file is listed once per frame
-    out = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception as e:  # pydicom raises several types
-            raise DicomOutputsUnavailable(f"cannot re-read source image {f}: {type(e).__name__}: "
-                                          f"{redact(str(e), third_party=True)}") from None
-        register_phi_from_dataset(ds)  # before highdicom reads (and may log) any of its values
-        got = _text(ds, "SeriesInstanceUID")
-        if got != want:
-            if not want:
-                why = f"belongs to series {got}, but the measured images had no SeriesInstanceUID"
-            elif not got:
-                why = (f"has {'an empty' if 'SeriesInstanceUID' in ds else 'no'} SeriesInstanceUID, but the measured "
-                       f"series is {want}")
-            else:
-                why = f"belongs to series {got}, not the measured series {want} (changed since it was measured?)"
-            raise DicomOutputsUnavailable(f"source image {f} {why}")
-        out.append(ds)
-    return out
-
-
-def _path(ds) -> str:
-    return str(getattr(ds, "filename", None) or "source image")
-
-
-def _source_key(datasets) -> str:
-    """A stable identity of the source series for generated UIDs: its SeriesInstanceUID when it has one, else a
-    digest of the file names and sizes and the bytes of its first and last file (independent of the folder)."""
-    series = Counter(s for s in (_text(ds, "SeriesInstanceUID") for ds in datasets) if s)
-    if series:
-        return series.most_common(1)[0][0]
-    h = hashlib.sha256()
-    paths = [_path(ds) for ds in datasets]
-    for p in paths:
-        h.update(os.path.basename(p).encode("utf-8", "replace") + b"\0")
-        h.update(str(os.path.getsize(p) if os.path.isfile(p) else -1).encode() + b"\0")
-    for p in dict.fromkeys((paths[0], paths[-1])):
-        if os.path.isfile(p):
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
-def _slice_spacing(datasets) -> Optional[float]:
-    """Median distance (mm) of consecutive source slice positions along the slice normal, or None."""
-    try:
-        iop = np.array([float(x) for x in datasets[0].ImageOrientationPatient])
-        pos = np.array([[float(x) for x in ds.ImagePositionPatient] for ds in datasets])
-    except (AttributeError, TypeError, ValueError):
-        return None
-    d = np.abs(np.diff(pos @ np.cross(iop[:3], iop[3:])))
-    d = d[d > _POS_TOL_MM]
-    return float(np.median(d)) if d.size else None
-
-
-def _carriable(ds, keyword: str) -> bool:
-    """Whether the value of a :data:`SOURCE_TYPE2` attribute can be written as it is: a date/time that its VR parses
-    (highdicom converts them) and a PatientSex of M, F or O; other attributes always."""
-    from pydicom.valuerep import DA, DT, TM
-
-    text = _text(ds, keyword)
-    if not text:
-        return True
-    vr = ds[keyword].VR
-    try:
-        if vr in ("DA", "TM", "DT"):
-            {"DA": DA, "TM": TM, "DT": DT}[vr](text)
-    except (ValueError, TypeError, OverflowError):
-        return False
-    return keyword != "PatientSex" or text in ("M", "F", "O")
-
-
-def prepare_sources(result: StudyResult, datasets: Sequence, *, copy_datasets: bool = True) -> List:
-    """Copies of the source datasets that the writers (highdicom) can use for any real-world (de-identified) source.
-
-    The source files are never changed, nor are ``datasets`` unless ``copy_datasets=False`` (for datasets the caller
-    has just read and owns, e.g. :func:`write_dicom_outputs`: saves the deep copies). In the copies:
-
-    * a missing Type 2 attribute of :data:`SOURCE_TYPE2` is added empty (an empty one stays empty); one whose value
-      the outputs cannot carry (a malformed date/time, a PatientSex other than M/F/O) is emptied and its name (never
-      the value) listed in ``result.study["emptied_attributes"]``;
-    * an empty or missing UID of :data:`SOURCE_UIDS` gets a value: Study/Series/Frame of Reference UIDs the value the
-      other images of the series carry (the most common), else one generated UID for the series; SOPInstanceUID one
-      generated UID per file. Generated UIDs are deterministic (``generate_uid(entropy_srcs=...)`` of the series'
-      identity (:func:`_source_key`), the attribute, and for SOP instances the file name, InstanceNumber and
-      ImagePositionPatient), so measuring the same files again references the same UIDs;
-    * an empty or missing SOPClassUID becomes the file meta's MediaStorageSOPClassUID when that is a CT class, else
-      CT Image Storage (Enhanced CT Image Storage for a multi-frame file);
-    * an empty or missing SliceThickness (single-frame images) becomes the slice spacing of the positions;
-    * PatientIdentityRemoved ``YES`` without DeidentificationMethod (Code Sequence) gets DeidentificationMethod
-      :data:`DEIDENTIFICATION_NOT_RECORDED` (Type 1C then); an empty DeidentificationMethod is removed otherwise;
-    * an empty attribute of :data:`_DROP_IF_EMPTY` (Type 1/1C where the writers copy it) is removed: the default
-      character repertoire, and highdicom's default LossyImageCompression ``00``.
-
-    Whatever was filled in for a UID is recorded in ``result.study["generated_uids"]`` (attribute → value; for
-    SOPInstanceUID a list per file, None where the file had its own) and flags the study :data:`UIDS_FLAG`. Copies
-    already prepared are returned as they are.
-    """
-    from pydicom.datadict import dictionary_VR
-    from pydicom.uid import generate_uid
-
-    datasets = list(datasets)
-    if all(getattr(ds, "_bmd_d2_prepared", False) for ds in datasets):
-        return datasets
-    out = [copy.deepcopy(ds) for ds in datasets] if copy_datasets else datasets
-    key = None
-    generated: Dict = {}
-
-    def uid(*parts) -> str:
-        nonlocal key
-        if key is None:
-            key = _source_key(datasets)
-        return str(generate_uid(entropy_srcs=[key, *[str(p) for p in parts]]))
-
-    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = [_text(ds, kw) for ds in out]
-        if all(values):
-            continue
-        present = Counter(v for v in values if v)
-        value = present.most_common(1)[0][0] if present else uid(kw)
-        for ds, v in zip(out, values):
-            if not v:
-                ds.add_new(kw, "UI", value)
-        generated[kw] = value
-    sop = [None] * len(out)
-    for i, ds in enumerate(out):
-        if not _text(ds, "SOPInstanceUID"):
-            sop[i] = uid("SOPInstanceUID", os.path.basename(_path(ds)), _text(ds, "InstanceNumber"),
-                         _text(ds, "ImagePositionPatient"), i)
-            ds.add_new("SOPInstanceUID", "UI", sop[i])
-    if any(sop):
-        generated["SOPInstanceUID"] = sop
-    for ds in out:
-        if not _text(ds, "SOPClassUID"):
-            meta_class = _text(getattr(ds, "file_meta", None) or {}, "MediaStorageSOPClassUID")
-            multi = "PerFrameFunctionalGroupsSequence" in ds or _text(ds, "NumberOfFrames") not in ("", "1")
-            value = meta_class if meta_class in _CT_CLASSES else \
-                (ENHANCED_CT_IMAGE_STORAGE if multi else CT_IMAGE_STORAGE)
-            ds.add_new("SOPClassUID", "UI", value)
-            generated["SOPClassUID"] = value
-    thickness = None
-    emptied = []
-    for ds in out:
-        for kw in SOURCE_TYPE2:
-            if kw not in ds:
-                ds.add_new(kw, dictionary_VR(kw), None)
-            elif not _carriable(ds, kw):
-                ds.add_new(kw, dictionary_VR(kw), None)
-                emptied.append(kw)
-        if not _text(ds, "SliceThickness") and "PerFrameFunctionalGroupsSequence" not in ds:
-            thickness = thickness if thickness is not None else _slice_spacing(out)
-            if thickness is not None:
-                ds.add_new("SliceThickness", "DS", f"{thickness:.6g}")
-        for kw in _DROP_IF_EMPTY:
-            if kw in ds and not _text(ds, kw):
-                del ds[kw]
-        if not _text(ds, "DeidentificationMethod") and not ds.get("DeidentificationMethodCodeSequence"):
-            if _text(ds, "PatientIdentityRemoved").upper() == "YES":
-                ds.add_new("DeidentificationMethod", "LO", DEIDENTIFICATION_NOT_RECORDED)
-            elif "DeidentificationMethod" in ds:
-                del ds["DeidentificationMethod"]
-        object.__setattr__(ds, "_bmd_d2_prepared", True)
-    if emptied:
-        result.study["emptied_attributes"] = sorted(set(emptied) | set(result.study.get("emptied_attributes") or []))
-    if generated:
-        result.study["generated_uids"] = generated
-        if UIDS_FLAG not in result.qc_flags:
-            result.qc_flags.append(UIDS_FLAG)
-    return out
 
 
 def _check_geometry(datasets):
@@ -393,18 +172,18 @@ def _check_geometry(datasets):
     for ds in datasets:
         for kw in SOURCE_GEOMETRY:
             if kw not in ds:
-                raise SourceHeaderError(f"{_path(ds)}: {kw} is missing")
+                raise SourceHeaderError(f"{source_path(ds)}: {kw} is missing")
             value = ds[kw].value
             if value is None or value == "" or (hasattr(value, "__len__") and not isinstance(value, str)
                                                  and len(value) == 0):
-                raise SourceHeaderError(f"{_path(ds)}: {kw} is empty")
+                raise SourceHeaderError(f"{source_path(ds)}: {kw} is empty")
             values = list(value) if hasattr(value, "__len__") and not isinstance(value, str) else [value]
             try:
                 ok = len(values) == sizes[kw] and all(np.isfinite(float(x)) for x in values)
             except (TypeError, ValueError):
                 ok = False
             if not ok or (kw in ("Rows", "Columns", "PixelSpacing") and min(float(x) for x in values) <= 0):
-                raise SourceHeaderError(f"{_path(ds)}: {kw} is malformed ({value})")
+                raise SourceHeaderError(f"{source_path(ds)}: {kw} is malformed ({value})")
 
 
 def _is_multiframe(datasets) -> bool:
@@ -422,7 +201,7 @@ def _frame_geometry(datasets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Tuple
             for item in (per[i], shared):
                 if seq in item:
                     return getattr(item[seq].value[0], kw)
-            raise SourceHeaderError(f"{_path(ds)}: frame {i + 1} lacks {seq}")
+            raise SourceHeaderError(f"{source_path(ds)}: frame {i + 1} lacks {seq}")
 
         pos = np.array([[float(x) for x in fg(i, "PlanePositionSequence", "ImagePositionPatient")]
                         for i in range(len(per))])
@@ -434,11 +213,6 @@ def _frame_geometry(datasets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Tuple
         iop = np.array([float(x) for x in ds.ImageOrientationPatient])
         ps = np.array([float(x) for x in ds.PixelSpacing])
     return pos, iop, ps, (int(ds.Rows), int(ds.Columns))
-
-
-def _slab_thickness(sag) -> float:
-    """Thickness (mm) of the slab the sagittal measurement covered: channels × channel spacing (as masks.nii.gz)."""
-    return np.asarray(sag.hu).shape[0] * float(np.linalg.norm(np.asarray(sag.transform)[:3, 2]))
 
 
 def source_frame_masks(result: StudyResult, datasets) -> np.ndarray:
@@ -461,8 +235,9 @@ def source_frame_masks(result: StudyResult, datasets) -> np.ndarray:
     base[:3, 1] = iop[3:] * ps[0]
     normal = np.cross(iop[:3], iop[3:])
     steps = np.diff(pos, axis=0)
-    regular = n > 1 and np.allclose(steps, steps[0], atol=_POS_TOL_MM) and np.linalg.norm(steps[0]) > _POS_TOL_MM
-    thickness = _slab_thickness(sag)
+    regular = n > 1 and np.allclose(steps, steps[0], atol=POSITION_TOL_MM) \
+        and np.linalg.norm(steps[0]) > POSITION_TOL_MM
+    thickness = slab_thickness_mm(sag)
     out = np.zeros((n, rows, cols, len(result.vertebrae)), bool)
     for s, v in enumerate(result.vertebrae):
         if v.mask is None or not np.any(v.mask):
@@ -489,7 +264,7 @@ _WRITER_FLAGS = (UIDS_FLAG, "output_not_written")
 
 
 def _version() -> str:
-    from bmd_d2 import __version__
+    from bmd_d2.version import __version__
 
     return str(__version__)
 
@@ -529,7 +304,7 @@ def output_uids(result: StudyResult, sources: Sequence, kind: str, *extra) -> Tu
     ``extra`` (the SR: the SEG it references). A re-sent report of the same measurement replaces the earlier one."""
     from pydicom.uid import generate_uid
 
-    base = [_text(sources[0], "SeriesInstanceUID"), kind, _version(), _measurement_digest(result),
+    base = [header_text(sources[0], "SeriesInstanceUID"), kind, _version(), _measurement_digest(result),
             *[str(x) for x in extra]]
     return str(generate_uid(entropy_srcs=base + ["series"])), str(generate_uid(entropy_srcs=base + ["instance"]))
 
@@ -545,10 +320,6 @@ def segment_label(v) -> str:
     if v.level == "S1":
         return "S1 (sacrum)"
     return f"{v.level} vertebral body" if v.level else "unnamed vertebral body"
-
-
-def _sources(result: StudyResult, source_datasets: Optional[Sequence]) -> List:
-    return prepare_sources(result, source_datasets if source_datasets is not None else read_source_datasets(result))
 
 
 def build_segmentation(result: StudyResult, source_datasets: Optional[Sequence] = None):
@@ -568,10 +339,8 @@ def build_segmentation(result: StudyResult, source_datasets: Optional[Sequence] 
     """
     import highdicom as hd
 
-    from .report import _COLORS
-
     codes = _codes()
-    datasets = _sources(result, source_datasets)
+    datasets = prepared_sources(result, source_datasets)
     _check_geometry(datasets)
     masks = source_frame_masks(result, datasets)
     series_uid, sop_uid = output_uids(result, datasets, "seg")
@@ -588,7 +357,7 @@ def build_segmentation(result: StudyResult, source_datasets: Optional[Sequence] 
         keep.append(s)
         numbers.append(len(keep))
         label = segment_label(v)
-        rgb = (np.array(_COLORS[s % len(_COLORS)]) * 255).round().astype(int)
+        rgb = (np.array(VERTEBRA_COLORS[s % len(VERTEBRA_COLORS)]) * 255).round().astype(int)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=len(keep), segment_label=label,
             segmented_property_category=codes.SCT.AnatomicalStructure,
@@ -708,13 +477,13 @@ def build_report(result: StudyResult, seg=None, segment_numbers: Optional[Sequen
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
 
     codes = _codes()
-    datasets = _sources(result, source_datasets)
+    datasets = prepared_sources(result, source_datasets)
     numbers = list(segment_numbers) if segment_numbers is not None else [None] * len(result.vertebrae)
     series_uid, sop_uid = output_uids(result, datasets, "sr", seg.SOPInstanceUID if seg is not None else "no SEG")
     model = model_name(result)
     algo = hd.sr.AlgorithmIdentification(name="bmd_d2", version=_version(), parameters=[f"model={model}"[:64]],
                                          manufacturer=MANUFACTURER, family=codes.cid7162.ArtificialIntelligence)
-    source_series = _text(datasets[0], "SeriesInstanceUID")
+    source_series = header_text(datasets[0], "SeriesInstanceUID")
     groups = [_vertebra_group(v, seg, n, algo, source_series, _derived_uid(sop_uid, "tracking", i))
               for i, (v, n) in enumerate(zip(result.vertebrae, numbers))]
     groups.append(_patient_group(result, algo, _derived_uid(sop_uid, "tracking", "patient")))
@@ -754,7 +523,7 @@ def build_overlay_sc(result: StudyResult, png_path: str, source_dataset=None):
     from PIL import Image
 
     if source_dataset is None:
-        src = _sources(result, None)[0]
+        src = prepared_sources(result, None)[0]
     else:
         src = source_dataset if getattr(source_dataset, "_bmd_d2_prepared", False) else \
             prepare_sources(result, [source_dataset])[0]
@@ -780,8 +549,6 @@ def build_overlay_sc(result: StudyResult, png_path: str, source_dataset=None):
 # Files
 # ---------------------------------------------------------------------------------------------------------------------
 def _save(ds, path: str):
-    from .report import atomic_path
-
     with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
 
@@ -796,11 +563,11 @@ def failure_message(kind: str, exc: BaseException, sources: Sequence = ()) -> st
     from pydicom.tag import Tag
 
     label = f"{OUTPUT_LABELS.get(kind, kind)} not written"
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     if isinstance(exc, BMDError):
         return f"{label}: {text}"
     sources = list(sources or [])
-    where = _path(sources[0]) if sources else "source images"
+    where = source_path(sources[0]) if sources else "source images"
     keyword = None
     if isinstance(exc, AttributeError):
         m = _NO_ATTRIBUTE.search(text)
@@ -813,7 +580,7 @@ def failure_message(kind: str, exc: BaseException, sources: Sequence = ()) -> st
     if keyword:
         lacking = next((ds for ds in sources if keyword not in ds), None)
         if lacking is not None:
-            return f"{label}: {_path(lacking)}: {keyword} is missing"
+            return f"{label}: {source_path(lacking)}: {keyword} is missing"
         return f"{label}: {where}: {keyword} is missing or unusable ({type(exc).__name__}: {text})"
     return f"{label}: {where}: {type(exc).__name__}: {text}"
 
@@ -863,7 +630,7 @@ def write_dicom_outputs(result: StudyResult, out_dir: str, kinds: Sequence[str] 
         if errors is None:
             raise
         for k in kinds:
-            errors[OUTPUT_NAMES[k]] = f"{OUTPUT_LABELS[k]} not written: {' '.join(str(e).split())}"
+            errors[OUTPUT_NAMES[k]] = f"{OUTPUT_LABELS[k]} not written: {one_line(e)}"
         return paths
     except Exception as e:  # preparing the copies failed (e.g. a file vanished while hashing it)
         for k in kinds:
@@ -892,8 +659,6 @@ def write_dicom_outputs(result: StudyResult, out_dir: str, kinds: Sequence[str] 
         try:
             png = overlay_png if overlay_png and os.path.isfile(overlay_png) else None
             if png is None:
-                from .report import write_overlay
-
                 fd, tmp = tempfile.mkstemp(prefix=".overlay.", suffix=".png", dir=out_dir)
                 os.close(fd)
                 write_overlay(result, tmp)

@@ -1,6 +1,16 @@
-"""Level labels (T11 … L5, S1) for the vertebral bodies detected in one sagittal image.
+"""Vertebral levels: names, label values and Detectron2 classes, and the rule that names the detected bodies.
 
-The rule (documented in docs/measurement.md):
+The one home of everything about levels (it imports only numpy).
+
+**Label values.** Every label volume in the project (phantom ``labels.nii.gz``/``cores.nii.gz``, user label volumes
+after mapping) uses ``label value = LEVELS.index(level) + 1``: T11 = 1, T12 = 2, L1 = 3, L2 = 4, L3 = 5, L4 = 6,
+L5 = 7, S1 = 8, and 0 for background. Levels run cranial → caudal, so a larger label value lies lower (more
+inferior) in the patient.
+
+Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1, the anchor for level counting).
+
+**Level counting** (:func:`assign_levels`) for the vertebral bodies detected in one sagittal image. The rule
+(documented in docs/measurement.md):
 
 1. **Anchor on the sacrum.** Detections of class 1 (``sacrum``) are S1. With several (study flag
    ``multiple_sacrum_detections``), the most cranial one scoring at least ``SACRUM_SCORE_FRACTION`` of the best is
@@ -36,8 +46,30 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bmd_d2.data.levels import LEVELS, SACRUM_CLASS
-from bmd_d2.data.levels import VERTEBRAL_BODY_CLASS as VERTEBRA_CLASS
+LEVELS: Tuple[str, ...] = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
+LEVEL_TO_LABEL: Dict[str, int] = {name: i + 1 for i, name in enumerate(LEVELS)}
+LABEL_TO_LEVEL: Dict[int, str] = {i + 1: name for i, name in enumerate(LEVELS)}
+
+THING_CLASSES: Tuple[str, ...] = ("vertebral_body", "sacrum")
+VERTEBRAL_BODY_CLASS = 0
+SACRUM_CLASS = 1
+
+
+def level_label(level: str) -> int:
+    """Label value (1…8) of a level name such as ``"L3"``; raises ``KeyError`` for unknown names."""
+    return LEVEL_TO_LABEL[level.upper()]
+
+
+def level_name(label: int) -> str:
+    """Level name of a label value (1…8); raises ``KeyError`` for 0 or unknown values."""
+    return LABEL_TO_LEVEL[int(label)]
+
+
+def level_class(level: str) -> int:
+    """Detectron2 category id of a level: ``SACRUM_CLASS`` for S1, ``VERTEBRAL_BODY_CLASS`` otherwise."""
+    return SACRUM_CLASS if level.upper() == "S1" else VERTEBRAL_BODY_CLASS
+VERTEBRA_CLASS = VERTEBRAL_BODY_CLASS  # short name used by the counting rule
+
 
 HEIGHT_TO_PITCH = 1.35  # pitch ≈ body height + disc height
 DUPLICATE_FRACTION = 0.45
@@ -91,7 +123,8 @@ class LevelAssignment:
     pitch_mm: Optional[float] = None
 
 
-def _add(flags: List[str], flag: str):
+def add_flag(flags: List[str], flag: str):
+    """Append ``flag`` to the QC flag list ``flags`` unless it is there already (flags keep first-raised order)."""
     if flag not in flags:
         flags.append(flag)
 
@@ -126,7 +159,7 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
             x0, y0, x1, y1 = d.box
             if x0 <= EDGE_MARGIN_PX or y0 <= EDGE_MARGIN_PX or x1 >= w - 1 - EDGE_MARGIN_PX \
                     or y1 >= h - 1 - EDGE_MARGIN_PX:
-                _add(out.flags[i], "truncated_by_image_edge")
+                add_flag(out.flags[i], "truncated_by_image_edge")
 
     sacra = [i for i in range(n) if detections[i].category == SACRUM_CLASS and i not in out.rejected]
     sacrum = None
@@ -138,7 +171,7 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
         if i == sacrum:
             continue
         out.rejected[i] = "duplicate_sacrum"
-        _add(out.study_flags, "multiple_sacrum_detections")
+        add_flag(out.study_flags, "multiple_sacrum_detections")
 
     verts = [i for i in range(n) if detections[i].category == VERTEBRA_CLASS and i not in out.rejected]
     if sacrum is not None:
@@ -172,7 +205,7 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
     out.pitch_mm = pitch
     out.order = verts + ([sacrum] if sacrum is not None else [])
     if not verts and sacrum is None:
-        _add(out.study_flags, "no_vertebrae_detected")
+        add_flag(out.study_flags, "no_vertebrae_detected")
         return out
 
     # missing vertebrae hidden in each gap (between verts[k] and verts[k+1])
@@ -188,41 +221,41 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
         offset = (detections[sacrum].box[1] - detections[low].centroid[1]) * sp
         miss_sac = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5)) if pitch else 0
         if miss_sac:
-            _add(out.flags[low], "level_after_gap")
-            _add(out.study_flags, "level_gap")
+            add_flag(out.flags[low], "level_after_gap")
+            add_flag(out.study_flags, "level_gap")
         pos = _S1 - 1 - miss_sac
         # transitional-anatomy hints
         others = [detections[i].box[3] - detections[i].box[1] for i in verts[:-1]]
         low_h = detections[low].box[3] - detections[low].box[1]
         if (len(others) >= 2 and low_h < TRANSITIONAL_HEIGHT_RATIO * float(np.median(others))) or \
                 (pitch and offset < TRANSITIONAL_MIN_SACRUM_OFFSET * pitch):
-            _add(out.flags[low], "possible_transitional_anatomy")
-            _add(out.study_flags, "possible_transitional_anatomy")
+            add_flag(out.flags[low], "possible_transitional_anatomy")
+            add_flag(out.study_flags, "possible_transitional_anatomy")
     else:
-        _add(out.study_flags, "levels_unanchored")
+        add_flag(out.study_flags, "levels_unanchored")
         low = verts[-1]
         first, last = fov_rows if fov_rows is not None else (0, (image_shape[0] - 1) if image_shape else None)
         below_mm = ((last - detections[low].box[3]) * sp) if last is not None else 0.0
         if rule == "none" or not pitch or below_mm < pitch:
-            _add(out.study_flags, "levels_unknown")
+            add_flag(out.study_flags, "levels_unknown")
             for i in verts:
-                _add(out.flags[i], "levels_unanchored")
+                add_flag(out.flags[i], "levels_unanchored")
             _finish(out, detections)
             return out
         pos = _S1 - 1
         for i in verts:
-            _add(out.flags[i], "levels_unanchored")
+            add_flag(out.flags[i], "levels_unanchored")
 
     for k in range(len(verts) - 1, -1, -1):
         i = verts[k]
         if pos >= 0:
             out.levels[i] = LEVELS[pos]
         else:
-            _add(out.flags[i], "above_labelled_range")
+            add_flag(out.flags[i], "above_labelled_range")
         if k > 0:
             if missing[k - 1]:
-                _add(out.flags[verts[k - 1]], "level_after_gap")
-                _add(out.study_flags, "level_gap")
+                add_flag(out.flags[verts[k - 1]], "level_after_gap")
+                add_flag(out.study_flags, "level_gap")
             pos -= 1 + missing[k - 1]
     _finish(out, detections)
     return out
@@ -231,9 +264,9 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
 def _finish(out: LevelAssignment, detections: Sequence[Detection]):
     named = {lvl for lvl in out.levels if lvl}
     if any(lvl not in named for lvl in _LUMBAR_REQUIRED):
-        _add(out.study_flags, "partial_coverage")
+        add_flag(out.study_flags, "partial_coverage")
     if any("truncated_by_image_edge" in out.flags[i] for i in out.order):
-        _add(out.study_flags, "partial_coverage")
+        add_flag(out.study_flags, "partial_coverage")
 
 
 def _dist(a: Detection, b: Detection, sp: float) -> float:

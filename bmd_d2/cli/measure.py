@@ -24,7 +24,7 @@ from typing import List, Optional
 from bmd_d2.errors import BMDError
 from bmd_d2.utils.logs import redact, setup_cli_logging
 
-logger = logging.getLogger("bmd_d2.measure")
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    """Config from the arguments (``BMDError`` for a bad file, key or weights path); CUDA falls back to CPU."""
+    """Config from the arguments; CUDA falls back to CPU.
+
+    Raises:
+        BMDError: a bad config file, key, value (``validate_measure_config``: every MEASURE key, the calibration
+            file must exist and be readable) or weights path. A calibration file that cannot be parsed is refused
+            by ``BMDStudyPredictor``, which reads it once, before any study is measured.
+    """
     import torch
 
     from bmd_d2.config import get_bmd_cfg
@@ -92,14 +98,6 @@ def setup_cfg(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.MEASURE.PRIMARY_BMD not in ("learned", "classical"):
-        raise BMDError(f"MEASURE.PRIMARY_BMD must be 'learned' or 'classical', not {cfg.MEASURE.PRIMARY_BMD!r}")
-    if cfg.MEASURE.UNANCHORED_LEVEL_RULE not in ("lowest_is_L5", "none"):
-        raise BMDError("MEASURE.UNANCHORED_LEVEL_RULE must be 'lowest_is_L5' or 'none'")
-    if cfg.MEASURE.CALIBRATION_FILE:
-        from .classical import load_calibration_file
-
-        load_calibration_file(cfg.MEASURE.CALIBRATION_FILE)  # fail early, once, on a bad file
     cfg.freeze()
     return cfg
 
@@ -119,10 +117,10 @@ def worker(args) -> int:
     """Run in every process (one per GPU under ``launch``): measure this rank's studies."""
     from detectron2.utils import comm
 
-    from . import report
-    from .batch import (discover_studies, looks_like_single_study, run_batch, safe_study_dir,
-                        sanitize_study_id, study_id_from_path)
-    from .predictor import BMDStudyPredictor
+    from bmd_d2 import reports
+    from bmd_d2.engine.batch import discover_studies, looks_like_single_study, run_batch, safe_study_dir
+    from bmd_d2.measure.predictor import BMDStudyPredictor
+    from bmd_d2.utils.files import sanitize_study_id, study_id_from_path
 
     setup_cli_logging(quiet=args.quiet, verbosity=args.verbose, rank=comm.get_rank())
     cfg = setup_cfg(args)
@@ -137,12 +135,12 @@ def worker(args) -> int:
             return 0
         sid = _hash_id(args.input) if args.hash_ids else study_id_from_path(args.input)
         result = predictor(args.input, study_id=sanitize_study_id(sid))
-        paths = report.write_study(result, safe_study_dir(args.output, result.study_id),
+        paths = reports.write_study(result, safe_study_dir(args.output, result.study_id),
                                    overlay=not args.no_overlay, masks=args.masks, dicom=dicom_kinds(args))
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
         else:
-            print(report.format_table(result))
+            print(reports.format_table(result))
             print(f"reports: {os.path.dirname(paths['json'])}")
         return 3 if "output_not_written" in result.qc_flags else 0
 

@@ -16,12 +16,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .phantom import TRANSFER_SYNTAXES, PhantomOptions, generate_dataset
+from bmd_d2.errors import BMDError, one_line
+
+from .dataset import generate_dataset
+from .options import TRANSFER_SYNTAXES, PhantomOptions
 
 logger = logging.getLogger(__name__)
 
 
 def _bool(s: str) -> bool:
+    """``argparse`` type of the true/false flags."""
     if s.lower() in ("1", "true", "yes", "on"):
         return True
     if s.lower() in ("0", "false", "no", "off"):
@@ -96,7 +100,7 @@ def dataset_dir(args: argparse.Namespace) -> Path:
 def _prepare(root: Path) -> bool:
     """Build sagittal images + COCO json through the dataset module when it is importable."""
     try:
-        from .datasets import prepare_sagittal_dataset
+        from bmd_d2.data.datasets import prepare_sagittal_dataset
     except ImportError as e:  # the dataset module (or detectron2) is not available: studies alone are still useful
         logger.warning("sagittal preparation skipped (bmd_d2.data.datasets not importable: %s)", e)
         return False
@@ -110,10 +114,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one "tile number 1 / 1" line per JPEG 2000 slice
     args = build_parser().parse_args(argv)
     try:
-        from ..errors import BMDError
-    except ImportError:  # pragma: no cover - package always ships errors.py
-        BMDError = RuntimeError  # type: ignore
-    try:
         if args.num < 0:
             raise ValueError("--num must be >= 0")
         opts = options_from_args(args)
@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_prepare and _prepare(root):
             logger.info("prepared %s", root / "annotations.json")
     except (ValueError, OSError, BMDError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
     return 0
 

@@ -1,0 +1,249 @@
+"""What a phantom study is made of: the generation options, the DICOM encoding, the in-memory study and its seeds.
+
+Every field of :class:`PhantomOptions` left at ``None`` is drawn at random per study; a value fixes it for every
+study. The options are grouped by concern (scan, patient, pixel encoding, series layout and outputs) into a chain of
+small dataclasses; :class:`PhantomOptions` is the one to construct, with every field as a keyword.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "EXAMPLE_SEED",
+    "GENERATOR_VERSION",
+    "TRANSFER_SYNTAXES",
+    "DicomStyle",
+    "PhantomOptions",
+    "PhantomStudy",
+    "example_options",
+    "study_id_for",
+    "study_seed",
+]
+
+# name -> pydicom UID name; "explicit"/"implicit" are native, the rest go through pydicom's encoders.
+TRANSFER_SYNTAXES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "implicit": "ImplicitVRLittleEndian",
+    "rle": "RLELossless",
+    "jpegls": "JPEGLSLossless",
+    "j2k": "JPEG2000Lossless",
+}
+
+# Version of the rendering (bumped when the same seed gives a different study): 1 first release; 2 realism (sizes,
+# cortex, endplates, discs, muscle, islands, coarse pixels); 3 endplate density, body depth; 4 ring-shaped posterior
+# elements. Written to phantom.json as ``generator_version``.
+GENERATOR_VERSION = 4
+
+# Seed of the bundled example study (``tools/demo.py``), drawn with :func:`example_options`.
+EXAMPLE_SEED = 20261125
+
+
+@dataclass
+class _ScanOptions:
+    """Scanner and reconstruction of the image.
+
+    Attributes:
+        matrix: rows = columns of each slice (512 for clinical studies; 64–128 for tests).
+        pixel_spacing: mm per pixel in-plane (random 0.5–0.98, or 1.5–3.0 for 15 % of studies, whose matrix then
+            shrinks to keep the field of view; fixing it disables the coarse share).
+        slice_thickness: reconstructed thickness in mm (random from 0.625–3).
+        slice_spacing: mm between slice centres (random: = thickness, or 50–100 % of it when overlapping).
+        max_slices: cap on the number of slices; the top of the scan range is cut to respect it.
+        noise_sd: noise σ in HU (random 8–30 HU at 2.5 mm, scaled by sqrt(2.5/thickness)); 0 disables noise.
+        psf_sigma_mm: in-plane Gaussian PSF σ in mm (random 0.35–0.8); 0 disables blur.
+    """
+
+    matrix: int = 512
+    pixel_spacing: Optional[float] = None
+    slice_thickness: Optional[float] = None
+    slice_spacing: Optional[float] = None
+    max_slices: int = 400
+    noise_sd: Optional[float] = None
+    psf_sigma_mm: Optional[float] = None
+
+
+@dataclass
+class _PatientOptions(_ScanOptions):
+    """The patient and the events in the scanned range.
+
+    Attributes:
+        bmd_mg_cm3: patient mean BMD (random across ACR categories within 30–250).
+        contrast: iodinated contrast in aorta / kidneys / liver (random 40 %).
+        table: patient table in the field of view (random 80 %).
+        fracture: force (True) or forbid (False) one compression fracture (random 8 %).
+        metal: force or forbid pedicle screws and rods (random 6 %).
+        scoliosis: allow scoliosis / axial rotation (False: straight coronal alignment).
+    """
+
+    bmd_mg_cm3: Optional[float] = None
+    contrast: Optional[bool] = None
+    table: Optional[bool] = None
+    fracture: Optional[bool] = None
+    metal: Optional[bool] = None
+    scoliosis: bool = True
+
+
+@dataclass
+class _PixelOptions(_PatientOptions):
+    """How the pixels are stored in DICOM.
+
+    Attributes:
+        storage: "signed" (int16) or "unsigned" (uint16) pixel storage.
+        rescale: (slope, intercept) pair (random among common vendor choices fitting ``storage``).
+        bits_stored: 12 or 16 (12 only with unsigned storage; HU then saturates at intercept + 4095·slope).
+        transfer_syntax: one of :data:`TRANSFER_SYNTAXES` keys (random, 50 % uncompressed).
+    """
+
+    storage: Optional[str] = None
+    rescale: Optional[Tuple[float, float]] = None
+    bits_stored: Optional[int] = None
+    transfer_syntax: Optional[str] = None
+
+
+@dataclass
+class PhantomOptions(_PixelOptions):
+    """What to generate. ``None`` means "draw at random per study"; a value fixes it for every study.
+
+    Random draws are made in a fixed order whatever the options, so fixing one option never changes the others.
+    The scan, patient and pixel fields are documented on the groups this class extends (``matrix``,
+    ``pixel_spacing``, ``slice_thickness``, ``slice_spacing``, ``max_slices``, ``noise_sd``, ``psf_sigma_mm``;
+    ``bmd_mg_cm3``, ``contrast``, ``table``, ``fracture``, ``metal``, ``scoliosis``; ``storage``, ``rescale``,
+    ``bits_stored``, ``transfer_syntax``), in that order, before the fields below.
+
+    Attributes:
+        shuffle_names: random file names instead of ``IM00001.dcm`` in instance order.
+        reverse_instances: InstanceNumber 1 at the top (superior) slice instead of the bottom one.
+        fov_padding: pixels outside the reconstruction circle set to a padding value (-3024 HU, signed storage only).
+        optional_tags: write optional tags (SliceLocation, SpacingBetweenSlices, WindowCenter/Width).
+        preview: write ``preview.png`` with :func:`~bmd_d2.phantoms.writers.write_study`.
+        rescan_seed: None for the study itself; an integer gives a *re-scan* of the same patient on the same scanner
+            (for precision studies): every anatomy, BMD, scanner and protocol parameter is kept, while the noise, the
+            patient position (body and reconstruction-centre offsets, table z) and the start of the scan range are
+            redrawn from ``(seed, rescan_seed)``. Each core's mean density still equals the drawn BMD exactly; the
+            voxel-level trabecular texture is re-sampled on the shifted grid (a slightly pessimistic re-scan).
+    """
+
+    shuffle_names: Optional[bool] = None
+    reverse_instances: Optional[bool] = None
+    fov_padding: Optional[bool] = None
+    optional_tags: Optional[bool] = None
+    preview: bool = True
+    rescan_seed: Optional[int] = None
+
+    @classmethod
+    def tiny(cls, **overrides) -> "PhantomOptions":
+        """Small, fast studies for tests: 96² matrix of 2 mm pixels, 3 mm slices, plain uncompressed DICOM."""
+        base = dict(
+            matrix=96, pixel_spacing=2.0, slice_thickness=3.0, slice_spacing=3.0, storage="signed",
+            rescale=(1.0, -1024.0), bits_stored=16, transfer_syntax="explicit", shuffle_names=False,
+            reverse_instances=False, fov_padding=False, optional_tags=True,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for impossible combinations (checked before any rendering)."""
+        if self.matrix < 32:
+            raise ValueError(f"matrix must be >= 32, got {self.matrix}")
+        if self.storage not in (None, "signed", "unsigned"):
+            raise ValueError(f"storage must be 'signed' or 'unsigned', got {self.storage!r}")
+        if self.transfer_syntax not in (None, *TRANSFER_SYNTAXES):
+            raise ValueError(f"transfer_syntax must be one of {sorted(TRANSFER_SYNTAXES)}, "
+                             f"got {self.transfer_syntax!r}")
+        if self.bits_stored not in (None, 12, 16):
+            raise ValueError(f"bits_stored must be 12 or 16, got {self.bits_stored}")
+        if self.bits_stored == 12 and self.storage == "signed":
+            raise ValueError("bits_stored=12 is only offered with unsigned storage")
+        if self.fov_padding and self.storage == "unsigned":
+            raise ValueError("fov_padding needs signed storage (the padding value -3024 HU is negative)")
+        if self.rescan_seed is not None and (not isinstance(self.rescan_seed, (int, np.integer))
+                                             or isinstance(self.rescan_seed, bool) or self.rescan_seed < 0):
+            raise ValueError(f"rescan_seed must be None or a non-negative integer, got {self.rescan_seed!r}")
+
+
+@dataclass
+class DicomStyle:
+    """How a study's DICOM series is encoded (all choices decode to the same HU up to ``slope / 2``)."""
+
+    storage: str = "signed"
+    slope: float = 1.0
+    intercept: float = -1024.0
+    bits_stored: int = 16
+    transfer_syntax: str = "explicit"
+    shuffle_names: bool = False
+    reverse_instances: bool = False
+    fov_padding: bool = False
+    optional_tags: bool = True
+
+    @property
+    def hu_range(self) -> Tuple[float, float]:
+        """(min, max) HU representable with this storage, bits and rescale."""
+        if self.storage == "signed":
+            lo, hi = -(2 ** (self.bits_stored - 1)), 2 ** (self.bits_stored - 1) - 1
+        else:
+            lo, hi = 0, 2 ** self.bits_stored - 1
+        return lo * self.slope + self.intercept, hi * self.slope + self.intercept
+
+    def stored_values(self, hu: np.ndarray) -> np.ndarray:
+        """HU → stored integers (int16 or uint16) with this slope/intercept, rounded and clipped; same shape."""
+        lo, hi = self.hu_range
+        raw = np.rint((np.clip(hu, lo, hi) - self.intercept) / self.slope)
+        return raw.astype(np.int16 if self.storage == "signed" else np.uint16)
+
+
+@dataclass
+class PhantomStudy:
+    """An in-memory phantom study.
+
+    Attributes:
+        study_id: identifier used for folder names and in ``bmd.csv``.
+        seed: the integer seed the study was drawn from.
+        hu: float32 ``(K, J, I)`` HU as it will be written (noise included, not yet quantised).
+        affine: float64 ``(4, 4)`` voxel ``(i, j, k, 1)`` → LPS mm.
+        labels: uint8 ``(K, J, I)`` vertebral bodies, values from :mod:`bmd_d2.levels`.
+        cores: uint8 ``(K, J, I)`` trabecular cores (ground-truth BMD region), same values.
+        truth: one dict per labelled level, cranial → caudal: ``level``, ``label``, ``bmd_mg_cm3``, ``trabecular_hu``,
+            ``calibrated_hu`` (a + b·bmd), ``core_voxels``, ``body_voxels``, ``in_view``, ``fractured``, ``metal``.
+        params: every random parameter (JSON-serialisable), written as ``phantom.json``.
+        style: the DICOM encoding of this study.
+        slice_thickness: mm.
+    """
+
+    study_id: str
+    seed: int
+    hu: np.ndarray
+    affine: np.ndarray
+    labels: np.ndarray
+    cores: np.ndarray
+    truth: List[Dict]
+    params: Dict
+    style: DicomStyle
+    slice_thickness: float
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """(dk, dj, di) voxel spacing in mm, array-axis order."""
+        return (float(self.affine[2, 2]), float(self.affine[1, 1]), float(self.affine[0, 0]))
+
+    def quantized_hu(self) -> np.ndarray:
+        """float32 ``(K, J, I)``: the HU a DICOM reader gets back (stored values × slope + intercept)."""
+        return self.style.stored_values(self.hu).astype(np.float32) * self.style.slope + self.style.intercept
+
+
+def example_options() -> PhantomOptions:
+    """The options of the bundled example study (``tools/demo.py``): a 512² CT at 1.25 mm, BMD about 105 mg/cm³,
+    no fracture, metal or contrast; generated with :data:`EXAMPLE_SEED`."""
+    return PhantomOptions(slice_thickness=1.25, slice_spacing=1.25, pixel_spacing=0.78, bmd_mg_cm3=105.0,
+                          fracture=False, metal=False, contrast=False, transfer_syntax="explicit")
+
+
+def study_seed(base_seed: int, index: int) -> int:
+    """Deterministic 63-bit seed of study ``index`` of a dataset drawn with ``base_seed``."""
+    ss = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, int(index)])
+    return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def study_id_for(index: int, prefix: str = "phantom") -> str:
+    """Folder / CSV identifier of study ``index``: ``phantom_00042``."""
+    return f"{prefix}_{index:05d}"
