@@ -28,6 +28,7 @@ setup(
         "pyjpegls>=1.2",
         "nibabel>=4.0",
         "highdicom>=0.22",
+        "pynetdicom>=2.0",  # bmd-serve: the DICOM node (Storage SCP, C-STORE SCU)
         "pycocotools>=2.0.2",
         "fvcore>=0.1.5",
         "iopath>=0.1.7",
@@ -42,6 +43,7 @@ setup(
         "console_scripts": [
             "bmd-measure=bmd_d2.cli.measure:main",
             "bmd-make-phantoms=bmd_d2.phantoms.cli:main",
+            "bmd-serve=bmd_d2.cli.serve:main",
         ]
     },
 )

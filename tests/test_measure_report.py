@@ -46,6 +46,10 @@ def test_reports_agree_and_masks_map_back(result, tmp_path):
     table = reports.format_table(res)
     assert "L1" in table and "ACR QCT (L1+L2)" in table
     assert open(paths["overlay"], "rb").read(4) == b"\x89PNG"
+    from PIL import Image
+
+    with Image.open(paths["overlay"]) as im:  # the report picture (its layout: tests/test_report_picture.py)
+        assert im.mode == "RGB" and im.size[0] <= 1600
     # masks.nii.gz: same geometry as labels; each level's voxels lie inside the true body of that level
     img = nib.load(paths["masks"])
     lab = np.transpose(np.asarray(img.dataobj), (2, 1, 0))

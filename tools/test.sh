@@ -6,14 +6,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/bootstrap.sh"
 cd "$ROOT"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}"  # tests are CPU tests
-# The DICOM output tests validate with dciodvfy (dicom3tools) and use dcmtk: as root (CI containers) install the two
-# Debian packages when either tool is missing; otherwise nothing (without dciodvfy those tests skip, unless CI is set).
-if [ "$(id -u)" -eq 0 ] && { ! command -v dciodvfy >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1; } \
-    && command -v apt-get >/dev/null 2>&1; then
+# The DICOM output tests validate with dciodvfy (dicom3tools); the DICOM node tests (bmd-serve) use dcmtk's
+# storescu/echoscu and a real PACS, Orthanc. As root (CI containers) install the three Debian packages when any is
+# missing; otherwise nothing (without them those tests skip with the reason, unless CI is set: then they fail).
+if [ "$(id -u)" -eq 0 ] && { ! command -v dciodvfy >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1 \
+        || ! [ -x /usr/sbin/Orthanc ]; } && command -v apt-get >/dev/null 2>&1; then
     log="${TMPDIR:-/tmp}/bmd_d2_apt_dicom_tools.log"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            dicom3tools dcmtk; } >"$log" 2>&1; then
-        echo "warning: could not install dicom3tools/dcmtk (see $log); DICOM validation tests will skip" >&2
+            dicom3tools dcmtk orthanc; } >"$log" 2>&1; then
+        echo "warning: could not install dicom3tools/dcmtk/orthanc (see $log); those tests skip" >&2
     fi
 fi
 set +e
