@@ -26,6 +26,7 @@ setup(
         "pylibjpeg-openjpeg>=2.0",
         "pylibjpeg-rle>=2.0",
         "pyjpegls>=1.2",
+        "imagecodecs>=2024.1.1",  # fast decoders that release the GIL (slices decoded on parallel threads)
         "nibabel>=4.0",
         "highdicom>=0.22",
         "pynetdicom>=2.0",  # bmd-serve: the DICOM node (Storage SCP, C-STORE SCU)
@@ -34,6 +35,8 @@ setup(
         "iopath>=0.1.7",
         "matplotlib>=3.5",
         "tqdm>=4.29",
+        "ray>=2.40",  # bmd-measure --batch: the batch engine (local instance or a cluster)
+        "pyarrow>=14",  # the batch tables as Parquet
         "PyYAML>=5.1",
         "opencv-python-headless>=4.5",
         "Pillow>=7.1",

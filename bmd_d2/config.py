@@ -4,6 +4,7 @@ Call it on a fresh ``get_cfg()`` before ``merge_from_file`` (yacs rejects unknow
 mg/cm³ for bone mineral density, mm for lengths.
 """
 import copy
+import logging
 import math
 import os
 from typing import Optional
@@ -11,6 +12,8 @@ from typing import Optional
 from detectron2.config import CfgNode as CN
 
 from .errors import BMDError, one_line
+
+logger = logging.getLogger(__name__)
 
 
 def add_bmd_config(cfg):
@@ -334,6 +337,18 @@ def _check_readable(path: str) -> None:
         raise BMDError("calibration file not found (MEASURE.CALIBRATION_FILE)", path=path) from None
     except (OSError, ValueError) as e:
         raise BMDError(f"cannot read calibration file: {e}", path=path) from None
+
+
+def available_device(device: str) -> str:
+    """``device`` (``MODEL.DEVICE``: "cpu", "cuda", "cuda:1", ...), or "cpu" with a warning when it names CUDA and
+    this machine (process) has none."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            logger.warning("CUDA is not available: running on the CPU")
+            return "cpu"
+    return device
 
 
 def get_bmd_cfg(config_file: str = "", opts=None, *, freeze: bool = True):

@@ -553,7 +553,7 @@ def test_batch_fault_tolerance_kill_and_resume(tmp_path):
     (root / "s04b_corrupt" / "IM1.dcm").write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(64))
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "measure_bmd.py"), str(root), "--config-file", QUICK,
-           "-o", str(out), "-q", "--no-overlay"] + FAST
+           "-o", str(out), "-q", "--no-overlay", "--workers", "1"] + FAST
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     t0 = time.time()

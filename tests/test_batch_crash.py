@@ -46,7 +46,7 @@ def batch_input(tmp_path_factory):
 
 def _cmd(src, out):
     return [sys.executable, "-m", "bmd_d2.cli.measure", str(src), "--config-file", CFG, "-o", str(out), "-q",
-            "--masks", "--dicom-outputs", "MEASURE.TTA_SHIFTS", "[]", "MEASURE.TTA_SIZES", "[]"]
+            "--workers", "1", "--masks", "--dicom-outputs", "MEASURE.TTA_SHIFTS", "[]", "MEASURE.TTA_SIZES", "[]"]
 
 
 def _env():

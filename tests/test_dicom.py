@@ -58,24 +58,29 @@ def test_compressed(tmp_path, hu, ts):
     np.testing.assert_allclose(v.data, hu[:3], atol=0.51)
 
 
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"])
 @pytest.mark.parametrize("signed,bits", [(True, 16), (True, 12), (False, 12)])
-def test_jpeg_ls_direct_decode_equals_pydicom(tmp_path, hu, signed, bits, monkeypatch):
+def test_fast_decode_equals_pydicom(tmp_path, hu, signed, bits, ts, monkeypatch):
     import bmd_d2.data.dicom.reader as D
 
-    monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
+    monkeypatch.setattr(D, "_FAST_CHECKED", {})
+    calls = []
+    fast = D._fast_decode
+    monkeypatch.setattr(D, "_fast_decode", lambda h: calls.append(h["_path"]) or fast(h))
     paths = write_series(tmp_path / "s", hu[:4], signed=signed, bits_stored=bits, intercept=-1024.0 if signed else
-                         -2048.0, transfer_syntax="1.2.840.10008.1.2.4.80")
-    v = load_series(tmp_path / "s")
-    assert list(D._JPEG_LS_CHECKED.values()) == [True]  # CharLS checked once against pydicom, then used directly
+                         -2048.0, transfer_syntax=ts)
+    v = load_series(tmp_path / "s", workers=1)
+    # imagecodecs checked once against pydicom on the first slice, then used for every slice
+    assert list(D._FAST_CHECKED.values()) == [True] and len(calls) == 4
     for k, p in enumerate(paths):
         ds = pydicom.dcmread(p)
         assert np.array_equal(v.data[k], ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
     # a direct decode that disagrees with pydicom on the first slice is never used for that folder and format
-    monkeypatch.setattr(D, "_JPEG_LS_CHECKED", {})
-    monkeypatch.setattr(D, "_jpeg_ls_direct",
+    monkeypatch.setattr(D, "_FAST_CHECKED", {})
+    monkeypatch.setattr(D, "_fast_decode",
                         lambda h: np.zeros((h["Rows"], h["Columns"]), np.int16) + 7)
     v2 = load_series(tmp_path / "s", workers=1)
-    assert list(D._JPEG_LS_CHECKED.values()) == [False] and np.array_equal(v2.data, v.data)
+    assert list(D._FAST_CHECKED.values()) == [False] and np.array_equal(v2.data, v.data)
 
 
 def test_per_slice_rescale_signed_12bit(tmp_path, hu):

@@ -110,13 +110,13 @@ def _fields(h):
 
 
 def _stored_fast(h):
-    """Stored values the fast way: straight read at the offset, or the reader's decode (JPEG-LS by CharLS once
-    checked against pydicom)."""
+    """Stored values the fast way: straight read at the offset, or imagecodecs' direct decode of a compressed frame
+    (the reader uses it once it agreed with pydicom on a folder's first slice; here every frame is compared)."""
     if reader.reads_direct(h):
         dst = np.empty((int(h["Rows"]), int(h["Columns"])), reader.stored_dtype(h))
         reader.read_frame_into(h, dst)
         return dst
-    direct = reader._jpeg_ls_direct(h) if reader._jpeg_ls_key(h) is not None else None
+    direct = reader._fast_decode(h) if reader._fast_key(h) is not None else None
     return direct if direct is not None else reader.decode_frame(h)
 
 

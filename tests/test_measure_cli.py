@@ -115,7 +115,8 @@ def test_cli_single_study_outputs_parse_and_match(studies, tmp_path, capsys):
 
 def test_cli_batch_isolates_failures_and_resumes(studies, tmp_path, capsys):
     out = tmp_path / "batch"
-    args = [str(studies), "--config-file", QUICK, "-o", str(out), "-q", "INPUT.DICOM.IMAGE_SIZE", "256"]
+    args = [str(studies), "--config-file", QUICK, "-o", str(out), "-q", "--workers", "1", "INPUT.DICOM.IMAGE_SIZE",
+            "256"]
     assert main(args) == 1  # one broken study
     text = capsys.readouterr().out
     assert "2 measured (2 this run, 0 already done)" in text and "1 failed" in text

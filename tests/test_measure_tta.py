@@ -293,3 +293,33 @@ def test_predictor_reads_weights_and_calibration_once(tmp_path, monkeypatch):
     assert calls == {"torch.load": 1, "calibration": 1}
     assert first.calibration == second.calibration and first.calibration["source"].startswith("file:cal.json")
     assert pred.calibration.source == "file:cal.json" and pred.calibration.hu_gain == 1.0  # per-study copy corrected
+
+
+def test_batched_passes_equal_one_pass_at_a_time(shipped_predictor_and_image):
+    """The reference and the shifted passes run as one batch (one model call): the same detections as running
+    each pass alone, and the merged result as merging the one-at-a-time passes."""
+    from bmd_d2.modeling.test_time_augmentation import merge_tta_passes, shift_image, unshift_pass
+
+    pred, sag = shipped_predictor_and_image
+    image = pred.model_image(sag)
+    tta = pred.tta
+    assert len(tta.shifts) == 3
+    images = [image] + [shift_image(image, dy, dx) for dy, dx in tta.shifts]
+    batched = tta.inference_batch(images)
+    assert len(batched) == 4
+    for img, inst in zip(images, batched):
+        alone = tta.inference(img)
+        assert len(alone) == len(inst) >= 6
+        np.testing.assert_array_equal(inst.pred_classes.numpy(), alone.pred_classes.numpy())
+        np.testing.assert_allclose(inst.pred_boxes.tensor.numpy(), alone.pred_boxes.tensor.numpy(), atol=1e-4)
+        np.testing.assert_allclose(inst.scores.numpy(), alone.scores.numpy(), atol=1e-6)
+        np.testing.assert_allclose(inst.pred_masks.numpy(), alone.pred_masks.numpy(), atol=1e-5)
+        np.testing.assert_allclose(inst.pred_bmd.numpy(), alone.pred_bmd.numpy(), rtol=1e-5)
+    one_by_one = [tta.soft_pass(image)] + [unshift_pass(tta.soft_pass(shift_image(image, dy, dx)), dy, dx)
+                                           for dy, dx in tta.shifts]
+    one_by_one += [dict(tta.soft_pass(image, s), bmd=None) for s in tta.sizes]
+    ref, got = merge_tta_passes(one_by_one), tta(image)
+    np.testing.assert_array_equal(got["classes"], ref["classes"])
+    np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-4)
+    np.testing.assert_allclose(got["bmd"], ref["bmd"], rtol=1e-5)
+    assert np.count_nonzero(got["masks"] != ref["masks"]) <= 2  # a probability at exactly 0.5 may round either way

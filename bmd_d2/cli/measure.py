@@ -1,7 +1,10 @@
 """``bmd-measure`` / ``tools/measure_bmd.py``: measure vertebral BMD in one CT study or a folder of studies.
 
     bmd-measure STUDY --config-file CFG --weights model.pth -o out/             # one study: table on stdout
-    bmd-measure FOLDER --config-file CFG --weights model.pth -o out/            # many studies (batch, resumable)
+    bmd-measure FOLDER --config-file CFG --weights model.pth -o out/            # many studies: local Ray, resumable
+    bmd-measure LIST.csv ...                                                    # a manifest (column path[, study_id])
+    bmd-measure FOLDER ... --ray-address HOST:6379                              # on a running Ray cluster
+    bmd-measure FOLDER ... --workers 1                                          # in this process, no Ray (debugging)
     bmd-measure FOLDER ... --num-gpus 8                                         # one process per GPU, sharded
     bmd-measure STUDY ... --calibration phantom.json --masks MEASURE.EROSION_MM 2.0
 
@@ -39,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                "     measurement is kept (QC flag output_not_written, one warning line per output)\n"
                "  1  batch finished, some studies failed (see <out>/failures.csv)\n"
                "  2  user error (arguments, config, weights, unreadable single study): one 'error:' line")
-    p.add_argument("input", help="a study (DICOM folder/file, .nii/.nii.gz) or a folder of studies")
+    p.add_argument("input", help="a study (DICOM folder/file, .nii/.nii.gz), a folder of studies, or a manifest .csv "
+                                 "(column path, optional study_id; relative paths from the manifest's folder)")
     p.add_argument("-o", "--output", default="bmd_output", help="output folder (default: %(default)s)")
     p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
     p.add_argument("--weights", metavar="FILE", help="trained weights (sets MODEL.WEIGHTS)")
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     dcm.add_argument("--dicom-sc", action="store_true", help="write overlay_sc.dcm (secondary capture of the overlay)")
     dcm.add_argument("--dicom-outputs", action="store_true", help="all three DICOM objects")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--batch", action="store_true", help="treat the input as a folder of studies")
+    mode.add_argument("--batch", action="store_true", help="treat the input as a folder of studies (or a manifest)")
     mode.add_argument("--single", action="store_true", help="treat the input as one study")
     p.add_argument("--no-resume", action="store_true", help="batch: re-measure studies already finished")
     p.add_argument("--hash-ids", action="store_true",
@@ -65,12 +69,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="also the libraries' INFO messages (highdicom, pydicom, ...); -vv: DEBUG. Patient data "
                         "(names, IDs, dates) never appears in the log at any level")
-    p.add_argument("--num-gpus", type=int, default=0, help="processes (GPUs) per machine for a batch")
+    eng = p.add_argument_group("batch engine (docs/measurement.md: Batches)")
+    eng.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="parallel workers: Ray actors, each loading the model once (default: the CPU cores, or the "
+                          "cluster's, divided by --cpus-per-worker); 1 = in this process without Ray (debugging)")
+    eng.add_argument("--ray-address", metavar="ADDR", help="run on this Ray cluster (e.g. head-node:6379 or auto) "
+                     "instead of a local Ray instance; inputs and -o must be on storage every node sees")
+    eng.add_argument("--cpus-per-worker", type=_positive_int, default=1, metavar="N",
+                     help="CPUs (torch threads, OMP_NUM_THREADS) of each worker (default: %(default)s)")
+    eng.add_argument("--retries", type=_non_negative_int, default=2, metavar="N",
+                     help="a study whose worker died (crash, OOM kill, timeout) is measured again up to N times, "
+                          "then reported as failed (default: %(default)s)")
+    eng.add_argument("--study-timeout", type=_positive_float, metavar="SEC",
+                     help="kill a worker whose study takes longer (counts as a crash; default: no limit)")
+    p.add_argument("--num-gpus", type=int, default=0,
+                   help="multi-GPU sharding: one process per GPU (Detectron2 launch, static shards, no Ray)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="torch.distributed init URL (multi-machine)")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. MEASURE.EROSION_MM 2.0")
     return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
 
 
 def setup_cfg(args):
@@ -81,9 +120,7 @@ def setup_cfg(args):
             file must exist and be readable) or weights path. A calibration file that cannot be parsed is refused
             by ``BMDStudyPredictor``, which reads it once, before any study is measured.
     """
-    import torch
-
-    from bmd_d2.config import get_bmd_cfg
+    from bmd_d2.config import available_device, get_bmd_cfg
 
     opts = list(args.opts or [])
     if args.weights:
@@ -95,9 +132,7 @@ def setup_cfg(args):
     if args.device:
         opts += ["MODEL.DEVICE", args.device]
     cfg = get_bmd_cfg(args.config_file, opts, freeze=False)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = available_device(cfg.MODEL.DEVICE)
     cfg.freeze()
     return cfg
 
@@ -108,26 +143,35 @@ def dicom_kinds(args) -> tuple:
 
 
 def _hash_id(source: str) -> str:
-    import hashlib
+    from bmd_d2.utils.files import short_hash
 
-    return "s" + hashlib.sha1(os.path.realpath(source).encode()).hexdigest()[:12]
+    return "s" + short_hash(os.path.realpath(source))
+
+
+def _local_workers(args) -> int:
+    """``--workers``, by default the CPU cores // ``--cpus-per-worker`` (at least 1)."""
+    from bmd_d2.engine.ray_batch import available_cpus
+
+    return args.workers or max(1, available_cpus() // args.cpus_per_worker)
 
 
 def worker(args) -> int:
-    """Run in every process (one per GPU under ``launch``): measure this rank's studies."""
+    """Run in every process (one per GPU under ``launch``): measure one study, or the batch (this rank's share, in
+    this process with ``--workers 1`` or under ``launch``; on Ray otherwise)."""
     from detectron2.utils import comm
 
     from bmd_d2 import reports
-    from bmd_d2.engine.batch import discover_studies, looks_like_single_study, run_batch, safe_study_dir
+    from bmd_d2.engine.batch import find_studies, is_manifest, looks_like_single_study, run_batch, safe_study_dir
     from bmd_d2.measure.predictor import BMDStudyPredictor
     from bmd_d2.utils.files import sanitize_study_id, study_id_from_path
 
     setup_cli_logging(quiet=args.quiet, verbosity=args.verbose, rank=comm.get_rank())
     cfg = setup_cfg(args)
-    single = args.single or (not args.batch and looks_like_single_study(args.input))
     if not os.path.exists(args.input):
         raise BMDError("input not found", path=args.input)
-    predictor = BMDStudyPredictor(cfg)
+    single = args.single or (not args.batch and not is_manifest(args.input) and looks_like_single_study(args.input))
+    in_process = single or comm.get_world_size() > 1 or (not args.ray_address and _local_workers(args) == 1)
+    predictor = BMDStudyPredictor(cfg) if in_process else None
     os.makedirs(args.output, exist_ok=True)
 
     if single:
@@ -144,14 +188,23 @@ def worker(args) -> int:
             print(f"reports: {os.path.dirname(paths['json'])}")
         return 3 if "output_not_written" in result.qc_flags else 0
 
-    studies = discover_studies(args.input, exclude=(args.output,))
+    studies = find_studies(args.input, exclude=(args.output,))
     if args.hash_ids:
         studies = sorted((_hash_id(src), src) for _, src in studies)
     logger.info("%d studies found", len(studies))
-    summary = run_batch(lambda src, sid: predictor(src, study_id=sid), studies, args.output,
-                        overlay=not args.no_overlay, masks=args.masks, dicom=dicom_kinds(args),
-                        resume=not args.no_resume,
-                        progress=not args.quiet)
+    if in_process:
+        summary = run_batch(lambda src, sid: predictor(src, study_id=sid), studies, args.output,
+                            overlay=not args.no_overlay, masks=args.masks, dicom=dicom_kinds(args),
+                            resume=not args.no_resume, progress=not args.quiet)
+    else:
+        from bmd_d2.engine.ray_batch import run_ray_batch
+
+        summary = run_ray_batch(cfg, studies, args.output, workers=args.workers or (
+                                    None if args.ray_address else _local_workers(args)),
+                                cpus_per_worker=args.cpus_per_worker, address=args.ray_address, retries=args.retries,
+                                study_timeout=args.study_timeout, overlay=not args.no_overlay, masks=args.masks,
+                                dicom=dicom_kinds(args), resume=not args.no_resume, progress=not args.quiet,
+                                quiet=args.quiet, verbosity=args.verbose)
     if comm.is_main_process():
         print(summary.text())
         for o in summary.outcomes:

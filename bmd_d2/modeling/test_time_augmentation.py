@@ -245,8 +245,13 @@ class BMDRCNNWithTTA(nn.Module):
 
     def inference(self, image: np.ndarray, size: Optional[int] = None) -> Instances:
         """One pass of the model (``size`` as in :meth:`model_input`); raw instances at the model input's size."""
+        return self.inference_batch([image], size)[0]
+
+    def inference_batch(self, images: Sequence[np.ndarray], size: Optional[int] = None) -> List[Instances]:
+        """Passes over several images of one size, run as one batch (:meth:`inference` of each, in one model call:
+        the same instances, the per-call overhead paid once)."""
         with torch.no_grad():
-            return self.model.inference([self.model_input(image, size)], do_postprocess=False)[0]
+            return self.model.inference([self.model_input(im, size) for im in images], do_postprocess=False)
 
     def predict(self, image: np.ndarray) -> Instances:
         """One pass at the test size as ``DefaultPredictor`` returns it: ``detector_postprocess`` to the image's size
@@ -254,15 +259,11 @@ class BMDRCNNWithTTA(nn.Module):
         H, W = image.shape[:2]
         return detector_postprocess(self.inference(image), H, W)
 
-    def soft_pass(self, image: np.ndarray, size: Optional[int] = None) -> Detections:
-        """One pass keeping the mask probabilities.
-
-        Returns:
-            as :func:`instances_to_arrays` for :meth:`predict`, but ``masks`` are float32 ``(R, H, W)``
-            probabilities (:func:`paste_soft_masks`) instead of the thresholded masks.
-        """
-        H, W = image.shape[:2]
-        inst = self.inference(image, size)
+    @staticmethod
+    def soft_detections(inst: Instances, H: int, W: int) -> Detections:
+        """Raw instances of one pass → arrays at the image's size ``H × W`` keeping the mask probabilities: the
+        geometry of :meth:`predict`, masks pasted as float32 ``(R, H, W)`` probabilities (:func:`paste_soft_masks`)
+        instead of thresholded."""
         fields = {k: v for k, v in inst.get_fields().items() if k != "pred_masks"}
         bare = Instances(inst.image_size, **fields)
         bare.source_index = torch.arange(len(inst), device=inst.scores.device)
@@ -273,13 +274,27 @@ class BMDRCNNWithTTA(nn.Module):
             dets["masks"] = paste_soft_masks(kept[:, 0].float(), out.pred_boxes.tensor, H, W)
         return dets
 
+    def soft_pass(self, image: np.ndarray, size: Optional[int] = None) -> Detections:
+        """One pass keeping the mask probabilities.
+
+        Returns:
+            as :func:`instances_to_arrays` for :meth:`predict`, but ``masks`` are float32 ``(R, H, W)``
+            probabilities (:func:`paste_soft_masks`) instead of the thresholded masks.
+        """
+        H, W = image.shape[:2]
+        return self.soft_detections(self.inference(image, size), H, W)
+
     def forward(self, image: np.ndarray) -> Detections:
-        """All passes over ``image`` (``(H, W, 3)``, model channel order), merged; arrays at the image's size."""
+        """All passes over ``image`` (``(H, W, 3)``, model channel order), merged; arrays at the image's size.
+
+        The reference pass and the shifted passes have one input size and run as one batch; each resized pass is one
+        call (its own size)."""
         if not self.shifts and not self.sizes:
             return instances_to_arrays(self.predict(image))
-        passes = [self.soft_pass(image)]
-        for dy, dx in self.shifts:
-            passes.append(unshift_pass(self.soft_pass(shift_image(image, dy, dx)), dy, dx))
+        H, W = image.shape[:2]
+        same = [image] + [shift_image(image, dy, dx) for dy, dx in self.shifts]
+        found = [self.soft_detections(inst, H, W) for inst in self.inference_batch(same)]
+        passes = [found[0]] + [unshift_pass(d, dy, dx) for d, (dy, dx) in zip(found[1:], self.shifts)]
         for size in self.sizes:
             passes.append(dict(self.soft_pass(image, size), bmd=None))
         return merge_tta_passes(passes)

@@ -110,7 +110,7 @@ def write_study(result: StudyResult, out_dir: str, *, overlay: bool = True, mask
             paths["masks"] = path
         except Exception as e:
             _output_failed(result, "masks", f"masks.nii.gz not written: {_source_hint(result)}: {one_line_reason(e)}")
-    kinds = [k for k in ("seg", "sr", "sc") if k in set(dicom)]
+    kinds = [k for k in KINDS if k in set(dicom)]
     if kinds:
         errors: Dict[str, str] = {}
         try:

@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from bmd_d2.utils.files import short_hash
+
 logger = logging.getLogger(__name__)
 
 STATES = ("receiving", "complete", "filtered", "duplicate", "queued", "measuring", "failed", "measured", "sending",
@@ -60,7 +62,7 @@ _COLUMNS = ("series_uid", "receipt", "version", "study_uid", "state", "instances
 
 def uid_hash(uid: str) -> str:
     """The short identifier of a UID in logs, folder names and ``status``: SHA-1, 12 hex digits."""
-    return hashlib.sha1(str(uid).encode()).hexdigest()[:12]
+    return short_hash(uid)
 
 
 def content_hash(pairs: Sequence[Tuple[str, str]]) -> str:

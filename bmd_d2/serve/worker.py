@@ -279,20 +279,14 @@ class Worker:
 
 def build_predictor(cfg: NodeConfig):
     """One :class:`~bmd_d2.measure.predictor.BMDStudyPredictor` from ``cfg.model`` (CUDA falls back to the CPU)."""
-    import torch
-
-    from bmd_d2.config import get_bmd_cfg
+    from bmd_d2.config import available_device, get_bmd_cfg
     from bmd_d2.measure.predictor import BMDStudyPredictor
 
     m = cfg.model
     opts = list(m.opts)
     if m.weights:
         opts += ["MODEL.WEIGHTS", m.weights]
-    device = m.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        device = "cpu"
-    opts += ["MODEL.DEVICE", device]
+    opts += ["MODEL.DEVICE", available_device(m.device)]
     return BMDStudyPredictor(get_bmd_cfg(m.config_file, opts))
 
 

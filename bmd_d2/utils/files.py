@@ -86,6 +86,11 @@ def sanitize_study_id(name: str) -> str:
     return s or "study"
 
 
+def short_hash(text: str) -> str:
+    """The short identifier of a text (a path, a UID) in file names and logs: SHA-1, first 12 hex digits."""
+    return hashlib.sha1(str(text).encode()).hexdigest()[:12]
+
+
 def study_id_from_path(path: str) -> str:
     """Study id from a source path: the file name without ``.nii[.gz]``/``.dcm``; for ``…/<id>/dicom`` the ``<id>``."""
     p = os.path.normpath(str(path))

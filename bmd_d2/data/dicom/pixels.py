@@ -5,7 +5,6 @@ uncompressed, else decoded); the frames are the series module's checked, sorted 
 """
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Sequence, Tuple
@@ -13,6 +12,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 
 from ...errors import BMDError
+from ...utils.threads import cpu_threads
 from .reader import decode_frame, read_frame_into, reads_direct, stored_dtype
 from .volume import INT16_MAX, INT16_MIN
 
@@ -157,14 +157,11 @@ def read_pixels(frames: Sequence, pixels: Dict[int, np.ndarray], rows: int, cols
 
 
 def _run_in_chunks(one, n: int, workers: int) -> None:
-    """Call ``one(k)`` for k in 0..n-1 on up to ``workers`` threads (no more than the usable cores), each thread taking
+    """Call ``one(k)`` for k in 0..n-1 on up to ``workers`` threads (no more than :func:`cpu_threads` allows: the usable
+    cores, capped by ``OMP_NUM_THREADS``), each thread taking
     one contiguous run of k: one task per thread keeps the pool's per-call overhead and GIL hand-offs out of the
     per-slice work. The first exception raised is re-raised."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    threads = max(1, min(workers, cores, n))
+    threads = max(1, min(cpu_threads(workers), n))
     if threads == 1:
         for k in range(n):
             one(k)

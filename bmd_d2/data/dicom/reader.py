@@ -583,39 +583,64 @@ def read_frame_into(h: dict, dst: np.ndarray) -> None:
     _fix_bits(dst, h)
 
 
-_JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
-# (folder, transfer syntax, pixel representation, bits stored) -> whether CharLS' direct decode gave exactly
-# pydicom's stored values on the first slice decoded with that key (checked once, then trusted or avoided)
-_JPEG_LS_CHECKED: Dict[tuple, bool] = {}
+# Transfer syntax -> the imagecodecs decoder of one encapsulated frame (greyscale, single-frame files). imagecodecs
+# releases the GIL, so read_pixels' threads decode slices in parallel; pydicom's handlers do not.
+_FAST_DECODERS = {
+    "1.2.840.10008.1.2.4.80": "jpegls",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "jpegls",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "jpeg2k",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "jpeg2k",  # JPEG 2000
+    "1.2.840.10008.1.2.4.57": "ljpeg",  # JPEG lossless, non-hierarchical (process 14)
+    "1.2.840.10008.1.2.4.70": "ljpeg",  # JPEG lossless, first-order prediction (process 14, SV1)
+    "1.2.840.10008.1.2.5": "dicomrle",  # RLE lossless
+}
+# (folder, transfer syntax, pixel representation, bits stored) -> whether the fast decoder gave exactly pydicom's
+# stored values on the first slice decoded with that key (checked once, then trusted or avoided)
+_FAST_CHECKED: Dict[tuple, bool] = {}
 
 
-def _jpeg_ls_key(h: dict) -> Optional[tuple]:
-    """The :data:`_JPEG_LS_CHECKED` key of a single-frame 16-bit greyscale JPEG-LS slice; None for anything else."""
+def _fast_key(h: dict) -> Optional[tuple]:
+    """The :data:`_FAST_CHECKED` key of a single-frame 16-bit greyscale slice in a transfer syntax of
+    :data:`_FAST_DECODERS`; None for anything else."""
     ts = h.get("TransferSyntaxUID", "")
-    if ts not in _JPEG_LS or h.get("_pixel_offset") is None or \
+    if ts not in _FAST_DECODERS or h.get("_pixel_offset") is None or \
             int(h.get("SamplesPerPixel") or 1) != 1 or int(h.get("BitsAllocated") or 0) != 16:
         return None
     return os.path.dirname(h["_path"]), ts, int(h.get("PixelRepresentation") or 0), int(h.get("BitsStored") or 16)
 
 
-def _jpeg_ls_direct(h: dict) -> Optional[np.ndarray]:
-    """Stored values of a JPEG-LS slice (see :func:`_jpeg_ls_key`) decoded by CharLS (``pyjpegls``) from the file's
-    fragments at the header's pixel offset: no pydicom dataset, ~4x faster than pydicom's handler. Signed data are
-    sign-extended from BitsStored, as pydicom does. None on any problem (the caller then uses pydicom)."""
+def _fast_decode(h: dict) -> Optional[np.ndarray]:
+    """Stored values of a slice (see :func:`_fast_key`) decoded by imagecodecs (CharLS, OpenJPEG, the lossless-JPEG
+    and DICOM RLE decoders) from the file's fragments at the header's pixel offset: no pydicom dataset, and the GIL is
+    released while decoding. Signed data are sign-extended from BitsStored, as pydicom does. None on any problem (the
+    caller then uses pydicom)."""
     try:
-        import jpeg_ls
+        import imagecodecs
         from pydicom.encaps import generate_frames
 
         with open(h["_path"], "rb") as f:
             f.seek(h["_pixel_offset"])
             frame = next(generate_frames(f.read(), number_of_frames=1))
-        arr = jpeg_ls.decode(np.frombuffer(frame, np.uint8))
+        kind = _FAST_DECODERS[h["TransferSyntaxUID"]]
+        signed = int(h.get("PixelRepresentation") or 0) == 1
+        if kind == "jpegls":
+            arr = imagecodecs.jpegls_decode(frame)
+        elif kind == "jpeg2k":
+            arr = imagecodecs.jpeg2k_decode(frame, numthreads=1)
+        elif kind == "ljpeg":
+            arr = imagecodecs.ljpeg_decode(frame)
+        else:
+            dt = "<i2" if signed else "<u2"  # the decoder returns bytes in the byte order asked for
+            arr = np.frombuffer(imagecodecs.dicomrle_decode(frame, dt), dt)
+            arr = arr.reshape(int(h.get("Rows") or 0), int(h.get("Columns") or 0))
     except Exception:  # missing codec, malformed fragments, decoder error: pydicom decides and reports
         return None
-    if arr.shape != (int(h.get("Rows") or 0), int(h.get("Columns") or 0)):
+    if arr.shape != (int(h.get("Rows") or 0), int(h.get("Columns") or 0)) or arr.dtype.itemsize != 2:
         return None
     bits = int(h.get("BitsStored") or 16)
-    if int(h.get("PixelRepresentation") or 0) == 1:
+    if signed:
+        if bits == 16 and arr.dtype == np.int16:
+            return arr
         a = arr.astype(np.int32) & ((1 << bits) - 1)
         a[a >= (1 << (bits - 1))] -= 1 << bits
         return a.astype(np.int16)
@@ -634,7 +659,8 @@ def _pixel_data_empty(ds) -> bool:
 
 def decode_frame(h: dict) -> np.ndarray:
     """Stored values ``(Rows, Columns)`` of one single-frame file in any transfer syntax, decoded by pydicom's
-    handlers; JPEG-LS by CharLS directly once the first slice of its folder and format decoded identically both ways.
+    handlers; JPEG-LS, JPEG 2000, lossless JPEG and RLE by imagecodecs directly (:func:`_fast_decode`) once the first
+    slice of its folder and format decoded identically both ways.
 
     Raises:
         BMDError: no or empty Pixel Data, too long uncompressed Pixel Data, a decoder error, not one 2-D frame.
@@ -642,15 +668,17 @@ def decode_frame(h: dict) -> np.ndarray:
     import pydicom
 
     path = h["_path"]
-    key = _jpeg_ls_key(h)
+    key = _fast_key(h)
     direct = None
-    if key is not None and _JPEG_LS_CHECKED.get(key) is not False:
-        direct = _jpeg_ls_direct(h)
-        if direct is not None and _JPEG_LS_CHECKED.get(key):
+    if key is not None and _FAST_CHECKED.get(key) is not False:
+        direct = _fast_decode(h)
+        if direct is not None and _FAST_CHECKED.get(key):
             return direct
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
+            if h.get("_pixel_offset") is not None:  # the header walk found it: pydicom lost it at the file's end
+                raise BMDError("truncated pixel data (the file ends inside the encapsulated PixelData)", path=path)
             raise BMDError("no PixelData element (no image)", path=path)
         if _pixel_data_empty(ds):
             raise BMDError("PixelData is empty (no encoded frame)", path=path)
@@ -664,8 +692,8 @@ def decode_frame(h: dict) -> np.ndarray:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
         raise BMDError(f"cannot decode pixel data (transfer syntax {ts}: {type(ex).__name__}: {ex})",
                        path=path) from None
-    if key is not None and key not in _JPEG_LS_CHECKED:
-        _JPEG_LS_CHECKED[key] = direct is not None and direct.shape == arr.shape and np.array_equal(direct, arr)
+    if key is not None and key not in _FAST_CHECKED:
+        _FAST_CHECKED[key] = direct is not None and direct.shape == arr.shape and np.array_equal(direct, arr)
     if arr.ndim != 2:
         raise BMDError(f"unexpected pixel array shape {arr.shape}", path=path)
     return arr
