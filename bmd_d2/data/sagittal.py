@@ -287,6 +287,12 @@ def _coarse_lps(volume: Volume, coarse_mm: float):
     return C, lo, coarse_mm
 
 
+def coarse_lps(volume: Volume, coarse_mm: float):
+    """The plane search's LPS-aligned working grid of ``volume`` at ``coarse_mm`` (block mean, then trilinear):
+    ``(C (Z, Y, X) float32, origin (3,) LPS of C[0, 0, 0], step mm)``, for other 3-D analyses on the same grid."""
+    return _coarse_lps(volume, coarse_mm)
+
+
 def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, angles_deg: np.ndarray,
               max_shift_px: int, v_range_px: Optional[Tuple[int, int]] = None):
     """Best mirror axis of the axial image ``img`` (Y, X) around ``centre_yx``.
