@@ -1,14 +1,28 @@
-"""3-D level anchors (bmd_d2.measure.anchors): what is proven so far (the sacrum is not yet reliable: see issue 18)."""
+"""3-D level anchors (bmd_d2.measure.anchors): the last-rib anchor on full-size phantoms with known truth and on the
+real CT (the sacrum is not yet reliable: see issue 18)."""
 import json
 import os
 
 import numpy as np
+import pytest
 
 from bmd_d2.data.dicom import Volume, load_nifti
 from bmd_d2.data.sagittal import find_midsagittal_plane
 from bmd_d2.measure.anchors import find_ribs, find_sacrum
+from bmd_d2.phantoms import PhantomOptions
+from bmd_d2.phantoms.dataset import generate_study
 
 REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct")
+
+
+def _phantom(seed):
+    st = generate_study(seed, PhantomOptions(preview=False))
+    return Volume(st.hu, np.asarray(st.affine, float)), st
+
+
+def _z_range(st, name):
+    lv = st.params["levels"][name]
+    return lv["center"][2] - lv["height_mm"] / 2, lv["center"][2] + lv["height_mm"] / 2
 
 
 def test_no_bone_gives_no_anchor():
@@ -17,6 +31,37 @@ def test_no_bone_gives_no_anchor():
     pl = find_midsagittal_plane(vol)
     assert find_sacrum(vol, pl) is None
     assert find_ribs(vol, pl) is None
+
+
+# seeds 0, 4, 6, 9, 11, 14: T11 and T12 labelled; seed 1: T11 less than half in view (unlabelled), its ribs still seen
+@pytest.mark.parametrize("seed", [0, 1, 4, 6, 9, 11, 14])
+def test_full_phantom_finds_both_rib_pairs_and_ties_the_lowest_to_t12(seed):
+    vol, st = _phantom(seed)
+    names = [t["level"] for t in st.truth]
+    bodies = [st.params["levels"][n]["center"] for n in names]
+    ribs = find_ribs(vol, find_midsagittal_plane(vol), bodies)
+    assert ribs is not None and ribs.n_pairs == 2, [p.z_mm for p in ribs.pairs] if ribs else None
+    upper, low = ribs.pairs
+    assert low.left and low.right and upper.left and upper.right
+    lo, hi = _z_range(st, "T12")
+    assert lo <= low.z_mm <= hi and abs(low.left_z_mm - low.right_z_mm) < 10.0
+    assert names[low.body_index] == "T12" and ribs.lowest_z_mm == low.z_mm
+    lo, hi = _z_range(st, "T11")
+    assert lo - 3.0 <= upper.z_mm <= hi
+    assert upper.body_index == (names.index("T11") if "T11" in names else None)
+    assert ribs.confidence == 1.0
+    json.dumps(ribs.to_dict())
+
+
+def test_field_of_view_below_the_ribs_gives_none():
+    vol, st = _phantom(0)
+    z_cut = st.params["levels"]["T12"]["center"][2] - 40.0
+    z = vol.affine[2, 3] + vol.affine[2, 2] * np.arange(vol.data.shape[0])
+    keep = z < z_cut
+    assert 40 < keep.sum() < len(z)
+    crop = Volume(np.ascontiguousarray(vol.data[keep]), vol.affine.copy())
+    ribs = find_ribs(crop, find_midsagittal_plane(crop))
+    assert ribs is None, [p.z_mm for p in ribs.pairs]
 
 
 def test_real_ct_lowest_rib_pair_is_at_t12():
