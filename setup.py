@@ -18,6 +18,8 @@ setup(
     install_requires=[
         "numpy>=1.22",
         "scipy>=1.9",
+        "spekpy>=2.5",  # phantoms/physics.py: X-ray tube spectra (tables ship in the wheel, ~215 MB installed)
+        "xraydb>=4.5",  # phantoms/physics.py: mass attenuation coefficients (SQLite database ships in the wheel)
         "torch>=1.10",
         "torchvision>=0.11",
         "pydicom>=2.4",
