@@ -150,9 +150,9 @@ def _hash_id(source: str) -> str:
 
 def _local_workers(args) -> int:
     """``--workers``, by default the CPU cores // ``--cpus-per-worker`` (at least 1)."""
-    from bmd_d2.engine.ray_batch import available_cpus
+    from bmd_d2.utils.threads import usable_cores
 
-    return args.workers or max(1, available_cpus() // args.cpus_per_worker)
+    return args.workers or max(1, usable_cores() // args.cpus_per_worker)
 
 
 def worker(args) -> int:
@@ -199,8 +199,8 @@ def worker(args) -> int:
     else:
         from bmd_d2.engine.ray_batch import run_ray_batch
 
-        summary = run_ray_batch(cfg, studies, args.output, workers=args.workers or (
-                                    None if args.ray_address else _local_workers(args)),
+        summary = run_ray_batch(cfg, studies, args.output,
+                                workers=args.workers if args.ray_address else _local_workers(args),
                                 cpus_per_worker=args.cpus_per_worker, address=args.ray_address, retries=args.retries,
                                 study_timeout=args.study_timeout, overlay=not args.no_overlay, masks=args.masks,
                                 dicom=dicom_kinds(args), resume=not args.no_resume, progress=not args.quiet,

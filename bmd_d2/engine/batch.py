@@ -222,9 +222,14 @@ class StudyOutcome:
 
 
 def finished_outcome(out_root: str, study_id: str, source: str, requested: Iterable[str]) -> Optional[StudyOutcome]:
-    """A "skipped" outcome when ``<out_root>/<study_id>`` holds a finished study with the ``requested`` optional
-    outputs (:func:`bmd_d2.reports.is_finished_result`), else None (to be measured). ``result.json`` is read once."""
-    done = reports.read_result(safe_study_dir(out_root, study_id))
+    """What is known of a study before measuring it: "skipped" when ``<out_root>/<study_id>`` holds a finished study
+    with the ``requested`` optional outputs (:func:`bmd_d2.reports.is_finished_result`; ``result.json`` is read
+    once), "failed" when the id would leave the output folder, else None (to be measured)."""
+    try:
+        out_dir = safe_study_dir(out_root, study_id)
+    except BMDError as e:
+        return StudyOutcome(study_id, source, "failed", reason=reports.one_line_reason(e))
+    done = reports.read_result(out_dir)
     if not reports.is_finished_result(done, list(requested)):
         return None
     warned = "output_not_written" in (done.get("qc_flags") or [])
@@ -323,10 +328,7 @@ def run_batch(measure: Callable[[str, str], object], studies: List[Tuple[str, st
     bar = tqdm(shard, desc=f"measuring (rank {rank})" if world_size > 1 else "measuring", unit="study",
                disable=not progress or None, position=rank if world_size > 1 else None, leave=rank == 0)
     for sid, src in bar:
-        try:
-            skipped = finished_outcome(out_root, sid, src, requested) if resume else None
-        except BMDError as e:  # an id that would leave the output folder
-            skipped = StudyOutcome(sid, src, "failed", reason=reports.one_line_reason(e))
+        skipped = finished_outcome(out_root, sid, src, requested) if resume else None
         outcome = skipped or measure_study(measure, sid, src, out_root, overlay=overlay, masks=masks, dicom=dicom)
         if outcome.status == "failed":
             logger.error("study %s failed: %s", sid, outcome.reason)

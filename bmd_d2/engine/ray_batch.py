@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bmd_d2 import reports
 from bmd_d2.errors import BMDError, one_line
+from bmd_d2.utils.threads import usable_cores
 
 from .batch import BatchSummary, StudyOutcome, finished_outcome, measure_study, write_batch_files
 
@@ -47,14 +48,6 @@ CRASH_ENV = "BMD_BATCH_TEST_CRASH"
 _START_FAILURES = 3  # workers dying in a row while they start: the batch stops
 _SHARED_STORAGE = "on a Ray cluster the inputs and the output folder must be on storage every node mounts at the " \
                   "same path"
-
-
-def available_cpus() -> int:
-    """CPU cores this process may use (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class StudyWorker:
@@ -363,10 +356,7 @@ def run_ray_batch(cfg, studies: List[Tuple[str, str]], out_root: str, *, workers
     outcomes: Dict[str, StudyOutcome] = {}
     pending = []
     for sid, src in studies:
-        try:
-            done = finished_outcome(out_root, sid, src, requested) if resume else None
-        except BMDError as e:  # an id that would leave the output folder
-            done = StudyOutcome(sid, src, "failed", reason=reports.one_line_reason(e))
+        done = finished_outcome(out_root, sid, src, requested) if resume else None
         if done is None:
             pending.append((sid, src))
         else:
@@ -388,7 +378,7 @@ def run_ray_batch(cfg, studies: List[Tuple[str, str]], out_root: str, *, workers
         if pending:
             import ray
 
-            size = workers or max(1, available_cpus() // cpus_per_worker)
+            size = workers or max(1, usable_cores() // cpus_per_worker)
             _start_ray(address, min(size, len(pending)) * cpus_per_worker, verbosity)
             try:
                 cpus = ray.cluster_resources().get("CPU", 0)

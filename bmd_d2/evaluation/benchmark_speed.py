@@ -51,7 +51,9 @@ def describe_machine(device: str = "cpu") -> Dict[str, Any]:
     import pydicom
     import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from bmd_d2.utils.threads import usable_cores
+
+    usable = usable_cores()
     d = OrderedDict(
         cpu=_cpu_model(), logical_cores=os.cpu_count(), usable_cores=usable, torch_threads=torch.get_num_threads(),
         ram_gb=round(_ram_gb(), 1) if _ram_gb() else None, load_average_1min=round(os.getloadavg()[0], 2),

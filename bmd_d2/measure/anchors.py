@@ -154,22 +154,32 @@ class RibAnchor:
 
     Attributes:
         pairs: rib-bearing levels, cranial → caudal.
-        lowest_z_mm, lowest_row_mm: the last (lowest) rib-bearing level.
-        n_pairs: number of rib-bearing levels in view.
+        lowest_z_mm, lowest_row_mm: the last (lowest) rib-bearing level (properties, from ``pairs``).
+        n_pairs: number of rib-bearing levels in view (property).
         confidence: 0…1.
         evidence: per-rib details (lateral run, volume, medial end).
     """
 
     pairs: List[RibPair]
-    lowest_z_mm: float
-    lowest_row_mm: float
-    n_pairs: int
     confidence: float
     evidence: Dict = field(default_factory=dict)
 
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def lowest_z_mm(self) -> float:
+        return self.pairs[-1].z_mm
+
+    @property
+    def lowest_row_mm(self) -> float:
+        return self.pairs[-1].row_mm
+
     def to_dict(self) -> Dict:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (the derived ``lowest_z_mm``, ``lowest_row_mm`` and ``n_pairs`` included)."""
+        return dict(asdict(self), lowest_z_mm=self.lowest_z_mm, lowest_row_mm=self.lowest_row_mm,
+                    n_pairs=self.n_pairs)
 
 
 @dataclass
@@ -474,5 +484,4 @@ def find_ribs(volume: Volume, plane: SagittalPlane, body_centres_lps: Optional[S
                 p.body_index = int(np.argmin(dz))
     low = pairs[-1]
     conf = low.confidence * (0.8 if len(pairs) == 1 else 1.0)
-    return RibAnchor(pairs=pairs, lowest_z_mm=low.z_mm, lowest_row_mm=low.row_mm, n_pairs=len(pairs),
-                     confidence=float(conf), evidence=dict(ribs=ribs))
+    return RibAnchor(pairs=pairs, confidence=float(conf), evidence=dict(ribs=ribs))
