@@ -71,7 +71,11 @@ def add_bmd_config(cfg):
     _C.MODEL.ROI_BMD_HEAD.NUM_FC = 1
     # Spatial size the masked features are pooled to before flattening (56 keeps full resolution).
     _C.MODEL.ROI_BMD_HEAD.POOL_SIZE = 14
-    # Targets are normalised as (bmd - MEAN) / STD (mg/cm³) for the loss; predictions are de-normalised.
+    # What the estimator learns: "bmd" (the vertebra's BMD, mg/cm³: blind to the scanner's HU <-> BMD line) or "hu"
+    # (its trabecular CT number, HU, which the measurement converts with the study's calibration: MEASURE.CALIBRATION).
+    _C.MODEL.ROI_BMD_HEAD.TARGET = "bmd"
+    # Targets are normalised as (value - MEAN) / STD (mg/cm³, or HU for TARGET "hu") for the loss; predictions are
+    # de-normalised.
     _C.MODEL.ROI_BMD_HEAD.BMD_MEAN, _C.MODEL.ROI_BMD_HEAD.BMD_STD = 140.0, 50.0
     # "smooth_l1" or "l1" on normalised targets.
     _C.MODEL.ROI_BMD_HEAD.LOSS_TYPE = "smooth_l1"
@@ -84,8 +88,9 @@ def add_bmd_config(cfg):
     # Training schedule.
     # ---------------------------------------------------------------------------------------------------------------
     _C.SOLVER.ALTERNATING = CN()
-    # "joint" (end-to-end) or "alternating" (4 steps: RPN; heads; RPN with frozen backbone; heads with frozen
-    # backbone). STEP_ITERS are the iteration counts of the 4 steps (their sum should equal SOLVER.MAX_ITER).
+    # "joint" (end-to-end), "alternating" (4 steps: RPN; heads; RPN with frozen backbone; heads with frozen
+    # backbone) or "bmd_head" (the BMD branch alone, everything else frozen: e.g. a new ROI_BMD_HEAD.TARGET on top of
+    # trained weights). STEP_ITERS are the iteration counts of the 4 steps (their sum should equal SOLVER.MAX_ITER).
     _C.SOLVER.ALTERNATING.MODE = "joint"
     # Step i runs from sum(STEP_ITERS[:i]) to sum(STEP_ITERS[:i+1]); iterations after the sum stay in step 4.
     # A step freezes parameters (requires_grad=False: no update, no weight decay, no momentum) and detaches the

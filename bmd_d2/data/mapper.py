@@ -3,8 +3,8 @@
 Image: the 3-slice sagittal PNG (``file_name``); when a dict has only ``series_dir`` (DICOM folder or NIfTI file), the
 sagittal image is built once and cached by series content (``INPUT.DICOM.CACHE_DIR``). Training returns ``image``
 (uint8 → float tensor (3, H, W), 0…255; normalisation by ``MODEL.PIXEL_MEAN/STD`` happens in the model) and
-``instances`` with ``gt_boxes``, ``gt_classes``, ``gt_masks`` (BitMasks), ``gt_bmd`` float32 (N,) mg/cm³ (NaN when
-unknown) and ``gt_levels`` int64 (N,) (T11 = 1 … S1 = 8); inference returns ``image`` only.
+``instances`` with ``gt_boxes``, ``gt_classes``, ``gt_masks`` (BitMasks), ``gt_bmd`` float32 (N,) mg/cm³ and
+``gt_trabecular_hu`` float32 (N,) HU (NaN when unknown) and ``gt_levels`` int64 (N,) (T11 = 1 … S1 = 8); inference returns ``image`` only.
 
 Augmentations (training, ``INPUT.BMD_AUG``): random scale (``SCALE_RANGE``) with a fixed-size crop/pad back to the
 image size, a small in-plane rotation (``ROTATION`` degrees), resolution randomisation (``RESOLUTION_PROB``: down- and
@@ -202,6 +202,9 @@ class BMDDatasetMapper:
         # Fields aligned with the annotations before any filtering.
         instances.gt_bmd = torch.tensor([float("nan") if a.get("bmd") is None else float(a["bmd"]) for a in annos],
                                         dtype=torch.float32)
+        instances.gt_trabecular_hu = torch.tensor(
+            [float("nan") if a.get("trabecular_hu") is None else float(a["trabecular_hu"]) for a in annos],
+            dtype=torch.float32)
         from bmd_d2.levels import LEVEL_TO_LABEL
 
         instances.gt_levels = torch.tensor([LEVEL_TO_LABEL.get(a.get("level") or "", 0) for a in annos],

@@ -1,4 +1,4 @@
-"""Training schedules: joint end-to-end (no hook) or the method's 4-step alternating schedule.
+"""Training schedules: joint end-to-end (no hook), the method's 4-step alternating schedule, or the BMD branch alone.
 
 Alternating (``SOLVER.ALTERNATING.MODE: "alternating"``, ``STEP_ITERS: [n1, n2, n3, n4]``), with a shared backbone:
 
@@ -16,6 +16,11 @@ step starts and autograd never writes it), and PyTorch optimizers skip parameter
 update, no weight decay and no momentum. Losses of the frozen part are detached in a forward hook on the model, so
 they cannot train the shared backbone through the features either. A frozen backbone is also put in eval mode so BN
 statistics (if BN is used) stay fixed.
+
+BMD branch alone (``SOLVER.ALTERNATING.MODE: "bmd_head"``, :class:`BMDHeadOnlyHook`): every parameter but
+``roi_heads.bmd_head``'s is frozen and every loss but ``loss_bmd`` detached, so detections, masks and everything the
+measurement takes from them stay exactly those of the starting weights (e.g. a BMD head retrained for a new target,
+``MODEL.ROI_BMD_HEAD.TARGET``, on top of a shipped detector).
 """
 import logging
 from typing import Dict, Iterable, List, Optional, Sequence, Set
@@ -25,7 +30,7 @@ from torch import nn
 
 from detectron2.engine import HookBase
 
-__all__ = ["AlternatingScheduleHook", "build_schedule_hooks", "frozen_parameter_names", "STEP_FROZEN", "STEP_DETACHED"]
+__all__ = ["AlternatingScheduleHook", "BMDHeadOnlyHook", "build_schedule_hooks", "frozen_parameter_names", "STEP_FROZEN", "STEP_DETACHED"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +132,68 @@ class AlternatingScheduleHook(HookBase):
         return out
 
 
+class BMDHeadOnlyHook(HookBase):
+    """Train ``roi_heads.bmd_head`` alone (see module docstring); usable without a trainer via :meth:`attach`."""
+
+    TRAINED = "roi_heads.bmd_head."
+
+    def __init__(self):
+        super().__init__()
+        self._handle = None
+        self._model: Optional[nn.Module] = None
+
+    def before_train(self):
+        self.attach(self.trainer.model)
+
+    def before_step(self):
+        if self._model is not None and self._model.training:
+            self._model.backbone.train(False)  # fixed norm statistics (EvalHook calls model.train())
+
+    def after_train(self):
+        self.detach()
+
+    def attach(self, model: nn.Module) -> None:
+        """Freeze all but the BMD branch and register the loss-detaching hook on ``model`` (a GeneralizedRCNN)."""
+        self.detach()
+        self._model = _unwrap(model)
+        heads = getattr(self._model, "roi_heads", None)
+        if not isinstance(getattr(heads, "bmd_head", None), nn.Module):
+            raise ValueError("SOLVER.ALTERNATING.MODE 'bmd_head' needs a model with a BMD branch (MODEL.BMD_ON)")
+        for name, p in self._model.named_parameters():
+            trained = name.startswith(self.TRAINED)
+            p.requires_grad_(trained)
+            if not trained:
+                p.grad = None
+        logger.info("Training the BMD branch alone: %d of %d parameter tensors trained",
+                    sum(p.requires_grad for p in self._model.parameters()), len(list(self._model.parameters())))
+        self._handle = self._model.register_forward_hook(self._detach_losses)
+
+    def detach(self) -> None:
+        """Remove the hook and unfreeze everything."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._model is not None:
+            self._model.requires_grad_(True)
+        self._model = None
+
+    @staticmethod
+    def _detach_losses(module: nn.Module, inputs, output):
+        if not module.training or not isinstance(output, dict):
+            return output
+        return {k: (v.detach() if k != "loss_bmd" and isinstance(v, torch.Tensor) else v) for k, v in output.items()}
+
+
 def build_schedule_hooks(cfg) -> List[HookBase]:
     """Hooks for ``cfg.SOLVER.ALTERNATING``: ``[]`` for ``"joint"``, ``[AlternatingScheduleHook]`` for
-    ``"alternating"``. Add them first in ``DefaultTrainer.build_hooks``."""
+    ``"alternating"``, ``[BMDHeadOnlyHook]`` for ``"bmd_head"``. Add them first in ``DefaultTrainer.build_hooks``."""
     mode = cfg.SOLVER.ALTERNATING.MODE
     if mode == "joint":
         return []
+    if mode == "bmd_head":
+        return [BMDHeadOnlyHook()]
     if mode != "alternating":
-        raise ValueError(f"SOLVER.ALTERNATING.MODE must be 'joint' or 'alternating', got {mode!r}")
+        raise ValueError(f"SOLVER.ALTERNATING.MODE must be 'joint', 'alternating' or 'bmd_head', got {mode!r}")
     steps = list(cfg.SOLVER.ALTERNATING.STEP_ITERS)
     if sum(steps) != cfg.SOLVER.MAX_ITER:
         logger.warning("SOLVER.ALTERNATING.STEP_ITERS %s sum to %d, not SOLVER.MAX_ITER=%d (later iterations stay "

@@ -73,7 +73,9 @@ class VertebraResult:
         mask: bool ``(H, W)`` sagittal mask (not serialised).
         centroid_px: ``(x, y)`` mask centre in sagittal pixels.
         centroid_lps: ``(x, y, z)`` mm, patient coordinates (DICOM LPS).
-        learned_bmd: model estimate, mg/cm³.
+        learned_bmd: model estimate, mg/cm³ (for a model that learned the trabecular HU: ``learned_hu`` through the
+            study's calibration).
+        learned_hu: the model's trabecular HU estimate (models with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``), else None.
         trabecular_hu: mean HU in the eroded mask over the 3 sagittal slices.
         trabecular_hu_sd: SD of those HU values.
         trabecular_hu_3d: mean HU in the 3-D core, or None when the geometry does not allow it.
@@ -104,6 +106,7 @@ class VertebraResult:
     centroid_px: Optional[List[float]] = None
     centroid_lps: Optional[List[float]] = None
     learned_bmd: Optional[float] = None
+    learned_hu: Optional[float] = None
     trabecular_hu: Optional[float] = None
     trabecular_hu_sd: Optional[float] = None
     trabecular_hu_3d: Optional[float] = None

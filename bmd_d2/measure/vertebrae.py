@@ -100,7 +100,7 @@ def _rejection(dets: Dict[str, Any], r: int, reason: str) -> Dict[str, Any]:
 
 def detection_arrays(detections: Dict[str, Any], image_hw: Tuple[int, int]) -> Dict[str, Any]:
     """The detections as arrays of fixed types: ``boxes`` float64 ``(R, 4)``, ``scores`` ``(R,)``, ``classes`` int64
-    ``(R,)``, ``masks`` bool ``(R, H, W)``, ``bmd`` as given (or None).
+    ``(R,)``, ``masks`` bool ``(R, H, W)``, ``bmd`` and ``hu`` (the learned trabecular HU) as given (or None).
 
     Raises:
         ValueError: no ``masks`` (the model was built without ``MODEL.MASK_ON``).
@@ -113,7 +113,8 @@ def detection_arrays(detections: Dict[str, Any], image_hw: Tuple[int, int]) -> D
         raise ValueError("measure_detections needs masks (MODEL.MASK_ON)")
     return {"boxes": np.asarray(detections["boxes"], dtype=np.float64).reshape(-1, 4), "scores": scores,
             "classes": np.asarray(detections["classes"], dtype=np.int64).reshape(-1),
-            "masks": np.asarray(masks, dtype=bool).reshape(R, H, W), "bmd": detections.get("bmd")}
+            "masks": np.asarray(masks, dtype=bool).reshape(R, H, W), "bmd": detections.get("bmd"),
+            "hu": detections.get("hu")}
 
 
 def fov_rows(sagittal) -> Optional[tuple]:
@@ -298,7 +299,11 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
     if v.trabecular_hu_3d is None:
         v.qc_flags.append("no_3d_core")
     withhold = any(f in v.qc_flags for f in WITHHOLDING_FLAGS)
-    v.learned_bmd = _float(dets["bmd"][r]) if dets["bmd"] is not None else None
+    if dets.get("hu") is not None:  # a head that learned the trabecular HU: converted by the study's calibration
+        v.learned_hu = _float(dets["hu"][r])
+        v.learned_bmd = _float(calibration.hu_to_bmd(v.learned_hu))
+    else:
+        v.learned_bmd = _float(dets["bmd"][r]) if dets["bmd"] is not None else None
     if not withhold:
         v.classical_bmd = _float(calibration.hu_to_bmd(v.trabecular_hu))
         v.classical_bmd_3d = _float(calibration.hu_to_bmd(v.trabecular_hu_3d))

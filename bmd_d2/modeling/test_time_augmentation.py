@@ -80,7 +80,8 @@ def instances_to_arrays(instances) -> Detections:
     Returns:
         ``boxes`` float ``(R, 4)`` XYXY, ``scores`` ``(R,)``, ``classes`` int ``(R,)``, ``masks`` ``(R, H, W)`` as
         the instances hold them (bool after ``detector_postprocess``; None without ``pred_masks``), ``bmd`` float
-        ``(R,)`` mg/cm³ (None without ``pred_bmd``).
+        ``(R,)`` mg/cm³ (None without ``pred_bmd``), ``hu`` float ``(R,)`` the learned trabecular HU (None without
+        ``pred_trabecular_hu``: a BMD head trained with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``).
     """
     inst = instances.to("cpu")
     return {
@@ -89,7 +90,13 @@ def instances_to_arrays(instances) -> Detections:
         "classes": inst.pred_classes.numpy().astype(np.int64),
         "masks": inst.pred_masks.numpy().astype(bool) if inst.has("pred_masks") else None,
         "bmd": inst.pred_bmd.numpy().astype(np.float64).reshape(-1) if inst.has("pred_bmd") else None,
+        "hu": inst.pred_trabecular_hu.numpy().astype(np.float64).reshape(-1) if inst.has("pred_trabecular_hu")
+        else None,
     }
+
+
+#: The learned per-vertebra values of a pass (``bmd`` mg/cm³, ``hu`` HU), merged alike.
+LEARNED_KEYS = ("bmd", "hu")
 
 
 def shift_image(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -144,9 +151,9 @@ def merge_tta_passes(passes: Sequence[Detections], min_iou: float = 0.5) -> Dete
     Every other pass is matched to it one to one by box IoU ≥ ``min_iou`` between detections of the same class
     (:func:`~bmd_d2.utils.matching.box_iou`, :func:`~bmd_d2.utils.matching.match_greedy`: highest IoU first). Per
     reference detection: the mask is the mean probability of the matched passes thresholded at 0.5, box and learned
-    BMD are the matched passes' means, and the score is the mean over *all* passes (a pass that missed it counts 0,
-    so an unstable detection loses confidence). A pass whose ``bmd`` is None (e.g. one at another input size)
-    contributes to everything but the learned BMD.
+    values (``bmd``, ``hu``: :data:`LEARNED_KEYS`) are the matched passes' means, and the score is the mean over *all*
+    passes (a pass that missed it counts 0, so an unstable detection loses confidence). A pass whose learned values are
+    None (e.g. one at another input size) contributes to everything but them.
 
     Returns:
         as :func:`instances_to_arrays` (``masks`` bool).
@@ -154,13 +161,11 @@ def merge_tta_passes(passes: Sequence[Detections], min_iou: float = 0.5) -> Dete
     ref = passes[0]
     R = len(ref["scores"])
     n_match = np.ones(R)
-    n_bmd = np.ones(R)
     boxes = ref["boxes"].copy()
     score_sum = ref["scores"].copy()
     has_masks = ref.get("masks") is not None
     mask_sum = ref["masks"].astype(np.float32) if has_masks else None
-    has_bmd = ref.get("bmd") is not None
-    bmd_sum = ref["bmd"].copy() if has_bmd else None
+    learned = {k: [ref[k].copy(), np.ones(R)] for k in LEARNED_KEYS if ref.get(k) is not None}
     for other in passes[1:]:
         if not len(other["scores"]) or not R:
             continue
@@ -172,15 +177,16 @@ def merge_tta_passes(passes: Sequence[Detections], min_iou: float = 0.5) -> Dete
             score_sum[i] += other["scores"][j]
             if has_masks and other.get("masks") is not None:
                 mask_sum[i] += other["masks"][j]
-            if has_bmd and other.get("bmd") is not None:
-                bmd_sum[i] += other["bmd"][j]
-                n_bmd[i] += 1
+            for k, (total, count) in learned.items():
+                if other.get(k) is not None:
+                    total[i] += other[k][j]
+                    count[i] += 1
     return {
         "boxes": boxes / n_match[:, None],
         "scores": score_sum / len(passes),
         "classes": ref["classes"].copy(),
         "masks": (mask_sum / n_match[:, None, None] >= 0.5) if has_masks else None,
-        "bmd": bmd_sum / n_bmd if has_bmd else None,
+        **{k: (learned[k][0] / learned[k][1] if k in learned else None) for k in LEARNED_KEYS},
     }
 
 
@@ -296,5 +302,5 @@ class BMDRCNNWithTTA(nn.Module):
         found = [self.soft_detections(inst, H, W) for inst in self.inference_batch(same)]
         passes = [found[0]] + [unshift_pass(d, dy, dx) for d, (dy, dx) in zip(found[1:], self.shifts)]
         for size in self.sizes:
-            passes.append(dict(self.soft_pass(image, size), bmd=None))
+            passes.append(dict(self.soft_pass(image, size), bmd=None, hu=None))
         return merge_tta_passes(passes)

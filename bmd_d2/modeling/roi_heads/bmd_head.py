@@ -5,11 +5,15 @@
 * Mask branch: ``MultiScaleFusionMaskHead`` on per-level pools (``ROI_FUSION.MASK_POOLER_RESOLUTIONS``).
 * BMD branch (``ROI_BMD_HEAD_REGISTRY``, default ``BMDErosionEstimator``): mask probabilities → truncation
   (threshold → binary) → K stacked 3×3 erosions → eroded mask × fused 56×56 mask features → estimator
-  (3×3 conv, pool, flatten, FC…, FC→1) → BMD (mg/cm³). Neither truncation nor erosion passes gradient.
+  (3×3 conv, pool, flatten, FC…, FC→1) → BMD (mg/cm³), or with ``MODEL.ROI_BMD_HEAD.TARGET: "hu"`` the
+  trabecular CT number (HU), which the measurement turns into mg/cm³ with the study's own calibration (a value the
+  image alone cannot give: the HU ↔ BMD line differs between scanners). Neither truncation nor erosion passes
+  gradient.
 
 The BMD branch needs the mask head's fused features, so it runs inside ``_forward_mask`` (which
 ``StandardROIHeads.forward`` calls in training and ``forward_with_given_boxes`` at inference); nothing of Detectron2's
-``forward`` is copied. ``gt_bmd`` reaches the sampled proposals through Detectron2's ``label_and_sample_proposals``.
+``forward`` is copied. ``gt_bmd`` / ``gt_trabecular_hu`` reach the sampled proposals through Detectron2's
+``label_and_sample_proposals``.
 """
 import logging
 from typing import Dict, List, Optional, Union
@@ -42,7 +46,8 @@ ROI_BMD_HEAD_REGISTRY = Registry("ROI_BMD_HEAD")
 ROI_BMD_HEAD_REGISTRY.__doc__ = """
 Registry for BMD branches: modules called as ``head(fused, mask_probs, instances)`` with fused ROI features
 ``(R, C, S, S)`` and mask probabilities ``(R, S, S)``, returning ``{"loss_bmd": ...}`` in training and setting
-``pred_bmd`` (float32 ``(R_i,)``, mg/cm³) on the instances at inference. Built as ``cls(cfg, input_shape)`` with
+``pred_bmd`` (float32 ``(R_i,)``, mg/cm³) or, for a head trained on the trabecular CT number, ``pred_trabecular_hu``
+(float32 ``(R_i,)``, HU) on the instances at inference. Built as ``cls(cfg, input_shape)`` with
 ``input_shape = ShapeSpec(channels=C, height=S, width=S)``.
 """
 
@@ -97,14 +102,21 @@ class BMDErosionEstimator(nn.Module):
     """Truncation → stacked erosion → masked features → estimator → BMD; plus its loss.
 
     Estimator: 3×3 conv + ReLU (``conv_dim``) → adaptive average pool to ``pool_size``² → flatten →
-    ``num_fc`` × (FC ``fc_dim`` + ReLU) → FC → 1 value, the BMD normalised as ``(bmd - bmd_mean) / bmd_std``.
+    ``num_fc`` × (FC ``fc_dim`` + ReLU) → FC → 1 value, the target normalised as ``(value - bmd_mean) / bmd_std``.
+
+    Targets (``target``): ``"bmd"`` — the vertebra's BMD (annotation ``bmd``, mg/cm³; instances get ``pred_bmd``);
+    ``"hu"`` — its trabecular CT number (annotation ``trabecular_hu``, the noise-free mean HU of the trabecular core;
+    instances get ``pred_trabecular_hu``), for a learned value that knows the scan: the measurement converts it with
+    the study's calibration (:mod:`bmd_d2.measure.classical`).
     """
+
+    TARGETS = {"bmd": ("gt_bmd", "pred_bmd"), "hu": ("gt_trabecular_hu", "pred_trabecular_hu")}
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, mask_threshold: float = 0.5, erosion_iters: int = 3,
                  conv_dim: int = 64, fc_dim: int = 1024, num_fc: int = 1, pool_size: int = 14,
                  bmd_mean: float = 140.0, bmd_std: float = 50.0, loss_type: str = "smooth_l1",
-                 smooth_l1_beta: float = 0.1, loss_weight: float = 1.0):
+                 smooth_l1_beta: float = 0.1, loss_weight: float = 1.0, target: str = "bmd"):
         """
         Args:
             input_shape: fused ROI features, ``ShapeSpec(channels=C, height=S, width=S)``.
@@ -114,13 +126,18 @@ class BMDErosionEstimator(nn.Module):
             fc_dim: units of each hidden FC layer.
             num_fc: hidden FC layers before the final FC→1 (≥ 0).
             pool_size: side the conv output is average-pooled to before flattening (≤ S).
-            bmd_mean: target normalisation mean, mg/cm³.
-            bmd_std: target normalisation std, mg/cm³ (> 0).
+            bmd_mean: target normalisation mean (mg/cm³, or HU for ``target="hu"``).
+            bmd_std: target normalisation std, same unit (> 0).
             loss_type: ``"smooth_l1"`` or ``"l1"`` on normalised targets.
             smooth_l1_beta: beta of smooth-L1 (normalised units).
             loss_weight: multiplier of ``loss_bmd``.
+            target: ``"bmd"`` or ``"hu"`` (see the class docstring).
         """
         super().__init__()
+        if target not in self.TARGETS:
+            raise ValueError(f"MODEL.ROI_BMD_HEAD.TARGET must be 'bmd' or 'hu', got {target!r}")
+        self.target = target
+        self.gt_field, self.pred_field = self.TARGETS[target]
         if loss_type not in ("smooth_l1", "l1"):
             raise ValueError(f"MODEL.ROI_BMD_HEAD.LOSS_TYPE must be 'smooth_l1' or 'l1', got {loss_type!r}")
         if bmd_std <= 0:
@@ -169,6 +186,7 @@ class BMDErosionEstimator(nn.Module):
             "loss_type": c.LOSS_TYPE,
             "smooth_l1_beta": c.SMOOTH_L1_BETA,
             "loss_weight": c.LOSS_WEIGHT,
+            "target": c.TARGET,
         }
 
     def layers(self, masked: torch.Tensor) -> torch.Tensor:
@@ -184,11 +202,12 @@ class BMDErosionEstimator(nn.Module):
             fused: fused ROI features float ``(R, C, S, S)`` (R over all images).
             mask_probs: mask probabilities (or 0/1 GT masks) float ``(R, S, S)``.
             instances: per image; training: foreground proposals with ``gt_bmd`` float32 ``(R_i,)`` mg/cm³
-                (non-finite values are ignored); inference: predictions.
+                (``gt_trabecular_hu``, HU, for ``target="hu"``; non-finite values are ignored); inference:
+                predictions.
 
         Returns:
             training: ``{"loss_bmd": scalar}`` (a graph-connected zero when there is no valid target);
-            inference: ``instances`` with ``pred_bmd`` float32 ``(R_i,)`` mg/cm³.
+            inference: ``instances`` with ``pred_bmd`` float32 ``(R_i,)`` mg/cm³ (``pred_trabecular_hu``, HU).
         """
         num = sum(len(x) for x in instances)
         assert fused.shape == (num, self.in_channels, self.size, self.size), (tuple(fused.shape), num)
@@ -199,9 +218,11 @@ class BMDErosionEstimator(nn.Module):
 
         if self.training:
             for x in instances:
-                if not x.has("gt_bmd"):
-                    raise KeyError("BMD branch needs 'gt_bmd' on the training instances (see BMDDatasetMapper)")
-            gt = cat([x.gt_bmd for x in instances], dim=0).to(pred.dtype) if num else pred.new_zeros((0,))
+                if not x.has(self.gt_field):
+                    raise KeyError(f"BMD branch needs '{self.gt_field}' on the training instances (see "
+                                   "BMDDatasetMapper)")
+            gt = cat([x.get(self.gt_field) for x in instances], dim=0).to(pred.dtype) if num else \
+                pred.new_zeros((0,))
             assert gt.shape == pred.shape, (tuple(gt.shape), tuple(pred.shape))
             valid = torch.isfinite(gt)
             if not bool(valid.any()):
@@ -214,9 +235,9 @@ class BMDErosionEstimator(nn.Module):
                 loss = F.smooth_l1_loss(pred[valid], target, beta=self.smooth_l1_beta, reduction="mean")
             return {"loss_bmd": loss * self.loss_weight}
 
-        bmd = (pred * self.bmd_std + self.bmd_mean).to(torch.float32)
-        for x, b in zip(instances, bmd.split([len(x) for x in instances])):
-            x.pred_bmd = b
+        value = (pred * self.bmd_std + self.bmd_mean).to(torch.float32)
+        for x, b in zip(instances, value.split([len(x) for x in instances])):
+            x.set(self.pred_field, b)
         return instances
 
 
