@@ -135,7 +135,9 @@ def test_truth_masks_through_measuring_chain():
     listed = [t["level"] for t in st.truth]
     gt = truth_masks_on_sagittal(sag, st.labels, st.affine, listed)
     assert list(gt) == [lv for lv in LEVELS if lv in gt] and {"L1", "L2", "L3", "L4", "S1"} <= set(gt)
-    truth = {t["level"]: t["bmd_mg_cm3"] for t in st.truth}
+    from bmd_d2.evaluation.study_accuracy import reference_bmd
+
+    truth = {t["level"]: reference_bmd(t) for t in st.truth}
     masks = np.stack(list(gt.values()))
     boxes = [[c.min(), r.min(), c.max() + 1, r.max() + 1] for r, c in (np.nonzero(m) for m in masks)]
     dets = {"boxes": np.array(boxes, float), "scores": np.full(len(gt), 0.99),

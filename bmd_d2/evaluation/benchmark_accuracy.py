@@ -70,7 +70,9 @@ def calibration_blind_floor(truths: List[List[Dict]]) -> Dict[str, Any]:
     """
     import numpy as np
 
-    rows = [(i, float(t["trabecular_hu"]), float(t["bmd_mg_cm3"])) for i, tr in enumerate(truths) for t in tr
+    from bmd_d2.evaluation.study_accuracy import reference_bmd
+
+    rows = [(i, float(t["trabecular_hu"]), reference_bmd(t)) for i, tr in enumerate(truths) for t in tr
             if t.get("level") != "S1" and t.get("trabecular_hu") is not None]
     if len(truths) < 3 or len(rows) < 6:
         return {"n": len(rows), "mae": float("nan"), "pearson_r": float("nan")}

@@ -14,10 +14,16 @@ Matching, per study:
   A prediction overlapping a labelled but unlisted (mostly out of view) level is neither a hit nor a false positive.
 * By label (what a reader of the report sees): the vertebra reported as level X ↔ the truth of level X.
 
-BMD methods compared with the truth (mg/cm³): ``learned`` (the model), ``classical`` (sagittal ROI HU through the
-configured calibration, as reported), ``classical_true_cal`` (the same HU through the phantom's own per-study
+BMD methods compared with the truth (mg/cm³): ``learned`` (the model, as reported), ``learned_true_cal`` (a model
+that learned the trabecular HU: that HU through the phantom's own calibration), ``classical`` (sagittal ROI HU through
+the configured calibration, as reported), ``classical_true_cal`` (the same HU through the phantom's own per-study
 calibration ``HU = a + b·BMD``: a phantom-calibrated scanner), ``classical_3d`` and ``classical_3d_true_cal``
 (3-D core).
+
+The truth (:func:`reference_bmd`): the BMD a phantom QCT reads (``qct_bmd_mg_cm3``, generator v5: the K2HPO4-
+equivalent density through K2HPO4-in-water rods imaged with the study's spectrum, the marrow-fat confounder included,
+as in clinical QCT, on which the ACR thresholds are defined), or the drawn mineral density ``bmd_mg_cm3`` for older
+generators (where the two are the same thing). Pairs also keep the mineral density (``gt_mineral``).
 """
 import math
 from collections import OrderedDict
@@ -31,11 +37,18 @@ from bmd_d2.measure.categories import ACR_CATEGORIES, acr_category, acr_levels
 from . import metrics
 
 __all__ = [
-    "METHODS", "truth_masks_on_sagittal", "truth_acr", "vertebra_values", "study_record",
+    "METHODS", "reference_bmd", "truth_masks_on_sagittal", "truth_acr", "vertebra_values", "study_record",
     "summarize_studies", "rescan_groups", "summarize_precision",
 ]
 
-METHODS = ("learned", "classical", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
+METHODS = ("learned", "learned_true_cal", "classical", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
+
+
+def reference_bmd(t: Dict) -> float:
+    """The truth a measurement is compared with (module docstring): ``qct_bmd_mg_cm3`` where the phantom has it,
+    else ``bmd_mg_cm3``."""
+    q = t.get("qct_bmd_mg_cm3")
+    return float(q if q is not None else t["bmd_mg_cm3"])
 
 
 def truth_masks_on_sagittal(sagittal, labels, affine: np.ndarray, levels: Sequence[str], *, min_area_px: int = 30
@@ -90,8 +103,10 @@ def vertebra_values(v, slope: float, intercept: float) -> Dict[str, Optional[flo
     """The BMD of one reported vertebra by every method in :data:`METHODS` (mg/cm³; None when not given)."""
     # The true calibration replaces only the conversion: where the measurement withheld its classical value (metal,
     # implausible HU, ...), so does this one.
+    learned_hu = getattr(v, "learned_hu", None)
     return {
         "learned": v.learned_bmd,
+        "learned_true_cal": None if v.learned_bmd is None else _true_cal(learned_hu, slope, intercept),
         "classical": v.classical_bmd,
         "classical_true_cal": None if v.classical_bmd is None else _true_cal(v.trabecular_hu, slope, intercept),
         "classical_3d": v.classical_bmd_3d,
@@ -117,7 +132,8 @@ def study_record(result, truth: Sequence[Dict], gt_masks: Dict[str, np.ndarray],
         holds ``gt_level``, ``gt_class``, ``gt_bmd``, ``pred_level``, ``pred_class``, ``iou``, ``dice`` and
         ``pred`` = method → value.
     """
-    truth_bmd = {t["level"]: float(t["bmd_mg_cm3"]) for t in truth}
+    truth_bmd = {t["level"]: reference_bmd(t) for t in truth}
+    mineral = {t["level"]: float(t["bmd_mg_cm3"]) for t in truth}
     verts = list(result.vertebrae)
     gt_levels = list(gt_masks)
     H, W = (next(iter(gt_masks.values())).shape if gt_masks else
@@ -131,7 +147,7 @@ def study_record(result, truth: Sequence[Dict], gt_masks: Dict[str, np.ndarray],
     for i, j in matches:
         lv = gt_levels[j]
         pairs.append({"gt_level": lv, "gt_class": level_class(lv), "gt_bmd": truth_bmd.get(lv),
-                      "pred_level": verts[i].level, "pred_class": int(verts[i].category_id),
+                      "gt_mineral": mineral.get(lv), "pred_level": verts[i].level, "pred_class": int(verts[i].category_id),
                       "iou": float(iou[i, j]), "dice": metrics.dice(pm[i], gm[j]), "pred": values[i]})
     matched = {i for i, _ in matches}
     ignored = 0
