@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from bmd_d2.evaluation.study_accuracy import reference_bmd
 from bmd_d2 import BMDError
 from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume
@@ -115,7 +116,7 @@ def _gt_detections(st, sag):
         masks.append(m)
         classes.append(level_class(t["level"]))
         boxes.append([c.min(), r.min(), c.max() + 1, r.max() + 1])
-        bmd.append(t["bmd_mg_cm3"])
+        bmd.append(reference_bmd(t))
         truth.append(t)
     dets = dict(boxes=np.array(boxes, float), scores=np.ones(len(masks)), classes=np.array(classes),
                 masks=np.array(masks), bmd=np.array(bmd))
@@ -140,13 +141,13 @@ def test_classical_hu_matches_phantom_truth(seed, noise):
     # (the 3 slices sample the textured field, islands included, less completely than the core does).
     e2 = np.array([v.trabecular_hu - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
     e3 = np.array([v.trabecular_hu_3d - t["trabecular_hu"] for v, t in zip(res.vertebrae, truth)])
-    eb = np.array([v.classical_bmd_3d - t["bmd_mg_cm3"] for v, t in zip(res.vertebrae, truth)])
+    eb = np.array([v.classical_bmd_3d - reference_bmd(t) for v, t in zip(res.vertebrae, truth)])
     assert np.abs(e3).mean() < 5.0 and np.abs(e3).max() < 18.0, e3
     assert np.abs(e2).mean() < 8.0 and np.abs(e2).max() < 28.0, e2
     assert abs(e3.mean()) < 4.0  # no systematic bias
     assert np.abs(eb).mean() < 5.0 / cal.slope + 1.0, eb  # mg/cm³ through the phantom's calibration
     for v, t in zip(res.vertebrae, truth):
-        assert v.learned_bmd == t["bmd_mg_cm3"] and v.bmd == v.learned_bmd
+        assert v.learned_bmd == reference_bmd(t) and v.bmd == v.learned_bmd
         assert v.bmd_difference == pytest.approx(v.learned_bmd - v.classical_bmd)
 
 

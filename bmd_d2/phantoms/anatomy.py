@@ -4,13 +4,14 @@ Ranges (all drawn per study unless fixed in :class:`~bmd_d2.phantoms.options.Pha
 
 * BMD: patient mean drawn across the ACR categories (osteoporosis < 80, osteopenia 80–120, normal > 120 mg/cm³)
   within 30–250 mg/cm³; level-to-level variation ±6 % (1 σ); a fractured vertebra is 5–20 % denser (compaction).
-* Calibration ``HU = a + b * density``: ``a`` ∈ [-10, 30] HU, ``b`` ∈ [0.8, 1.25] HU per mg/cm³ (higher at low kVp).
+* Calibration ``HU = a + b * density`` (v4): ``a`` ∈ [-10, 30] HU, ``b`` ∈ [0.8, 1.25] HU per mg/cm³ (higher at
+  low kVp), one line for every bone.
 * Cortical shell 0.5–1.5 mm of 600–1000 mg/cm³, superior/inferior endplates 1–2 mm at 0.4–0.8 × that density;
   posterior elements: a cortical shell of 0.8–1.6 mm around a cancellous core of 0.9–1.4 × BMD + 30 mg/cm³.
   Trabecular core: anisotropic filtered-noise texture (relative SD grows as BMD falls), a basivertebral vein, and
   0–4 sclerotic islands per level on average (Ø 2–5 mm, +150–400 mg/cm³: the heavy bright tail of real trabecular
   HU); the core mean is then set to the level's BMD exactly.
-* Soft tissue (HU, before noise): fat −110…−85, muscle 10–60 (low end: fat-infiltrated), disc 55–100, CSF 5–15,
+* Soft tissue (v4, HU, before noise): fat −110…−85, muscle 10–60 (low end: fat-infiltrated), disc 55–100, CSF 5–15,
   aorta 35–50 or 150–350 with contrast, liver 50–65 (90–130), kidney 25–35 (140–200), metal 3000–6000 (clipped by
   12-bit storage to 3071).
 * PSF: in-plane Gaussian σ 0.35–0.8 mm. Noise: correlated Gaussian (filtered white noise), σ 8–30 HU at 2.5 mm
@@ -20,6 +21,23 @@ Ranges (all drawn per study unless fixed in :class:`~bmd_d2.phantoms.options.Pha
   vertebral-body size ×0.88–1.25 of a base L3 of 46 mm (lateral) × 35.5 mm (AP); patient / table /
   reconstruction-centre offsets, lordosis scaled 0.4–1.3, scoliosis ≤ 8°, axial rotation, 8 % compression
   fractures, 6 % pedicle screws with rods.
+
+Generator v5 (drawn after every draw above, so a v5 study has the v4 study's anatomy, geometry and events):
+
+* Tube: kVp 80 / 100 / 110 / 120 / 130 / 140 (10 / 20 / 8 / 45 / 7 / 10 %), anode angle 7–12° (whole degrees),
+  Al 5–9 mm (0.5 mm steps), + Cu 0.1–0.4 mm on 30 % of scanners, energy-integrating detector; the spectrum hardened
+  by the patient's water-equivalent diameter at L3 (:mod:`bmd_d2.phantoms.tissues`). DICOM KVP written on 90 %.
+* Calibration error of the scanner: every voxel ``gain * HU + offset``, offset −4…4 HU, gain 1 ± 0.01.
+* Patient: age 20–90 (PatientAge), sex M/F (PatientSex); marrow fat fraction
+  ``clip(0.30 + 0.005 (age − 40) + N(0, 0.06), 0.10, 0.80)``, per level + N(0, 0.02); fat density × (1 ± 0.6 %);
+  muscle fat infiltration ``clip(0.02 + 0.002 (age − 20) + N(0, 0.03), 0, 0.3)``; hematocrit N(0.42, 0.04) within
+  0.30–0.52; liver fat N(0.03, 0.04) within 0–0.25; disc water share 0–0.35.
+* Contrast (the v4 draw, 40 %): arterial or portal-venous (half each); iodine mg I/ml arterial: aorta 10–20,
+  liver 0.3–0.8, kidney 3–6; portal-venous: aorta 4–8, liver 1.5–2.5, kidney 4–7; IVC 0.2 (arterial) or 0.9
+  (portal-venous) of the aorta, visceral organs half the liver. ContrastBolusAgent written on 70 % of them.
+* Every tissue's HU then follows from the spectrum (``tissues.study_physics``); v4's free draws of the soft-tissue
+  HU and of ``calib_a`` / ``calib_b`` are replaced by the physics values (``calib_a`` / ``calib_b``: the phantom
+  QCT rod line). The BMD draws are unchanged: the mineral density, K2HPO4-equivalent mg/cm³.
 
 Draws are made in a fixed order whatever the options (options override values after drawing), so fixing one option
 never changes the others; the DICOM encoding has its own random stream.
@@ -32,6 +50,7 @@ import numpy as np
 
 from bmd_d2.levels import LEVELS
 
+from . import tissues
 from .geometry import Grid, rotation
 from .options import TRANSFER_SYNTAXES, DicomStyle, PhantomOptions
 
@@ -46,6 +65,8 @@ _THICKNESSES = (0.625, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 _THICKNESS_P = (0.1, 0.25, 0.15, 0.1, 0.15, 0.1, 0.15)
 _KVPS = (80.0, 100.0, 120.0, 140.0)
 _KVP_P = (0.1, 0.25, 0.5, 0.15)
+_V5_KVPS = (80.0, 100.0, 110.0, 120.0, 130.0, 140.0)
+_V5_KVP_P = (0.1, 0.2, 0.08, 0.45, 0.07, 0.1)
 
 
 def draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
@@ -141,7 +162,56 @@ def draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     # laminae / spinous processes a model must learn not to take for vertebral bodies
     p["posterior_cortex_mm"] = float(rng.uniform(0.8, 1.6))
     p["posterior_core_factor"] = float(rng.uniform(0.9, 1.4))
+    if opts.generator_version >= 5:  # appended to the stream: every draw above is the same in v4 and v5
+        _draw_v5(rng, p, opts)
     return p
+
+
+def _draw_v5(rng: np.random.Generator, p: Dict, opts: PhantomOptions) -> None:
+    """Generator v5: the scanner's tube and calibration error, the patient's age, sex and tissue composition and the
+    contrast phase, in a fixed order; then every tissue's HU from them (:func:`~bmd_d2.phantoms.tissues.study_physics`,
+    which overwrites v4's free draws of ``fat_hu``, ``muscle_hu``, ``aorta_hu``, ``liver_hu``, ``kidney_hu``,
+    ``disc_hu``, ``csf_hu``, ``calib_a``, ``calib_b`` and ``kvp`` with the physics values)."""
+    def pick(name, drawn, override):
+        p[name] = drawn if override is None else override
+        return p[name]
+
+    pick("kvp", float(rng.choice(_V5_KVPS, p=_V5_KVP_P)), None if opts.kvp is None else float(opts.kvp))
+    p["anode_angle_deg"] = float(rng.integers(7, 13))  # whole degrees: few anode spectra to cache
+    p["al_mm"] = round(2.0 * float(rng.uniform(5.0, 9.0))) / 2.0
+    copper = bool(rng.random() < 0.3)
+    cu = round(float(rng.uniform(0.1, 0.4)), 2)
+    p["cu_mm"] = cu if copper else 0.0
+    p["detector"] = "energy_integrating"
+    p["hu_offset"] = float(rng.uniform(-4.0, 4.0))  # the scanner's water calibration error (HU)
+    p["hu_gain"] = 1.0 + float(rng.uniform(-0.01, 0.01))
+    p["kvp_tag_written"] = bool(rng.random() < 0.9)
+    age = pick("age", int(rng.integers(20, 91)), opts.age)
+    p["patient_sex"] = "F" if rng.random() < 0.5 else "M"
+    ff = float(np.clip(0.30 + 0.005 * (age - 40) + 0.06 * rng.standard_normal(), 0.10, 0.80))
+    ff = pick("marrow_fat_fraction", ff, opts.marrow_fat_fraction)
+    jitter = 0.02 * rng.standard_normal(len(LEVELS))
+    p["marrow_fat_fraction_levels"] = np.clip(ff + jitter, 0.0, 0.95).tolist()
+    p["fat_density_factor"] = 1.0 + float(np.clip(0.006 * rng.standard_normal(), -0.015, 0.015))
+    p["muscle_fat_fraction"] = float(np.clip(0.02 + 0.002 * (age - 20) + 0.03 * rng.standard_normal(), 0.0, 0.3))
+    p["hematocrit"] = float(np.clip(0.42 + 0.04 * rng.standard_normal(), 0.30, 0.52))
+    p["liver_fat_fraction"] = float(np.clip(0.03 + 0.04 * rng.standard_normal(), 0.0, 0.25))
+    p["disc_water_fraction"] = float(rng.uniform(0.0, 0.35))
+    arterial = bool(rng.random() < 0.5)
+    doses = {"arterial": dict(aorta=rng.uniform(10.0, 20.0), liver=rng.uniform(0.3, 0.8), kidney=rng.uniform(3.0, 6.0),
+                              ivc=0.2),
+             "portal_venous": dict(aorta=rng.uniform(4.0, 8.0), liver=rng.uniform(1.5, 2.5),
+                                   kidney=rng.uniform(4.0, 7.0), ivc=0.9)}
+    p["contrast_tag_written"] = bool(rng.random() < 0.7)
+    phase = ("arterial" if arterial else "portal_venous") if p["contrast"] else "none"
+    phase = pick("contrast_phase", phase, opts.contrast_phase)
+    p["contrast"] = phase != "none"
+    dose = doses.get(phase)
+    aorta = float(dose["aorta"]) if dose else 0.0
+    liver = float(dose["liver"]) if dose else 0.0
+    p["iodine_mg_ml"] = {"aorta": aorta, "ivc": dose["ivc"] * aorta if dose else 0.0, "liver": liver,
+                         "kidney": float(dose["kidney"]) if dose else 0.0, "organ": 0.5 * liver}
+    p.update(tissues.study_physics(p, spine_frames(p)))
 
 
 def draw_style(rng: np.random.Generator, opts: PhantomOptions) -> DicomStyle:
@@ -220,6 +290,20 @@ def level_bmd(p: Dict, i: int) -> float:
 def hu_of_density(p: Dict, density):
     """The scanner calibration ``HU = a + b * density`` of the study with parameters ``p`` (scalar or array)."""
     return p["calib_a"] + p["calib_b"] * density
+
+
+def bone_hu(p: Dict, density, kind: str = "cortical", level: int = 0):
+    """HU (before the scanner's gain/offset) of bone of mineral ``density`` (mg/cm³, scalar or array).
+
+    Generator v4 paints every bone with :func:`hu_of_density`; v5 with the physics line of its material:
+    ``"cortical"`` (mineral in soft tissue), ``"trabecular"`` (in the marrow of ``level``, an index of ``LEVELS``) or
+    ``"marrow"`` (in the patient's mean marrow).
+    """
+    lines = p.get("bone_lines")
+    if lines is None:
+        return hu_of_density(p, density)
+    a, b = lines["trabecular"][level] if kind == "trabecular" else lines[kind]
+    return a + b * density
 
 
 @dataclass

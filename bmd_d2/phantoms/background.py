@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import Layout, hu_of_density
+from .anatomy import Layout, bone_hu
 from .geometry import Grid, ramp, superellipse_d
 
 _ANCHOR_STEP_MM = 8.0
@@ -90,9 +90,9 @@ class _Anchor:
         cav = ramp(dbody + t_f + 12.0, cv.px)
         fld, tex, gas = fields
         organ = np.clip((fld - (p["visceral_fat"] * 2 - 1.0) * 0.5) * 3.0 + 0.5, 0, 1)  # 1 = soft organ
-        soup = p["fat_hu"] + organ * (40.0 - p["fat_hu"]) + 6.0 * tex
+        soup = p["fat_hu"] + organ * (p.get("organ_hu", 40.0) - p["fat_hu"]) + 6.0 * tex
         gas_m = np.clip((gas - 1.6) * 4.0, 0, 1) * (v < (sy - self.by) - 45.0)
-        soup += gas_m * (-950.0 - soup)
+        soup += gas_m * (p.get("gas_hu", -950.0) - soup)
         cv.cover(wall - cav, p["muscle_hu"])  # abdominal wall muscle ring
         cv.cover(cav, soup)
         return inside, cav
@@ -124,7 +124,7 @@ class _Anchor:
             off = 10.0 + 0.5 * (self.z_l4 - z)
             for side in (-1, 1):
                 cv.ellipse(sx + side * off, ya + 0.2 * (self.z_l4 - z), 6.5, 6.5, p["aorta_hu"])
-        ivc_hu = 0.6 * p["aorta_hu"] + 15.0 if p["contrast"] else 40.0
+        ivc_hu = p.get("ivc_hu", 0.6 * p["aorta_hu"] + 15.0 if p["contrast"] else 40.0)
         cv.ellipse(sx - 20.0, ya - 2.0, 12.0, 8.0, ivc_hu)
 
     def _iliac_wings(self, z, spine):
@@ -135,7 +135,7 @@ class _Anchor:
         if z >= crest:
             return
         depth_in = float(np.clip((crest - z) / 40.0, 0.0, 1.0))
-        bone = hu_of_density(p, 1.1 * p["bmd_mg_cm3"] + 300.0)
+        bone = bone_hu(p, 1.1 * p["bmd_mg_cm3"] + 300.0, "cortical")
         for side in (-1, 1):
             cx_ = sx + side * (swid + 45.0)
             rr = np.sqrt((cv.X - cx_) ** 2 + ((cv.Y - (sy + 10.0)) / 1.4) ** 2)

@@ -19,7 +19,7 @@ from typing import List, Optional
 from bmd_d2.errors import BMDError, one_line
 
 from .dataset import generate_dataset
-from .options import TRANSFER_SYNTAXES, PhantomOptions
+from .options import CONTRAST_PHASES, GENERATOR_VERSION, GENERATOR_VERSIONS, TRANSFER_SYNTAXES, PhantomOptions
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("contrast", "table", "fracture", "metal"):
         g.add_argument(f"--{flag}", type=_bool, default=None, metavar="BOOL", help="force true/false (default random)")
     g.add_argument("--no-scoliosis", action="store_true", help="straight coronal alignment, no axial rotation")
+    g.add_argument("--generator-version", type=int, choices=GENERATOR_VERSIONS, default=None,
+                   help=f"phantom generator (default {GENERATOR_VERSION}; 4 = before the X-ray physics)")
+    g.add_argument("--kvp", type=float, default=None, help="tube potential kV, v5 (random 80–140)")
+    g.add_argument("--age", type=int, default=None, help="patient age in years, v5 (random 20–90)")
+    g.add_argument("--marrow-fat", type=float, default=None, help="marrow fat fraction 0–0.95, v5 (random by age)")
+    g.add_argument("--contrast-phase", choices=CONTRAST_PHASES, default=None, help="v5 (random)")
     d = ap.add_argument_group("DICOM encoding (default: drawn at random per study)")
     d.add_argument("--storage", choices=("signed", "unsigned"), default=None)
     d.add_argument("--rescale", type=float, nargs=2, metavar=("SLOPE", "INTERCEPT"), default=None)
@@ -79,6 +85,8 @@ def options_from_args(args: argparse.Namespace) -> PhantomOptions:
         rescale=tuple(args.rescale) if args.rescale else None, bits_stored=args.bits_stored,
         transfer_syntax=args.transfer_syntax, shuffle_names=args.shuffle_names,
         reverse_instances=args.reverse_instances, fov_padding=args.fov_padding, optional_tags=args.optional_tags,
+        generator_version=args.generator_version, kvp=args.kvp, age=args.age, marrow_fat_fraction=args.marrow_fat,
+        contrast_phase=args.contrast_phase,
     )
     over = {k: v for k, v in over.items() if v is not None}
     if args.no_scoliosis:

@@ -26,8 +26,9 @@ __all__ = ["generate_dataset", "generate_study"]
 
 def _truth(p: Dict, vol: np.ndarray, labels: np.ndarray, cores: np.ndarray, spine: SpineRenderer) -> List[Dict]:
     """One truth record per level labelled (at least half in view, a non-empty core), cranial → caudal; the core HU
-    is measured on ``vol`` as it is before noise."""
+    is measured on ``vol`` as it is before noise (v5: after the scanner's gain/offset)."""
     truth = []
+    qct = p.get("qct_calibration")
     for name in LEVELS:
         info = spine.level_info.get(name)
         sl = spine.level_boxes.get(name)
@@ -37,16 +38,27 @@ def _truth(p: Dict, vol: np.ndarray, labels: np.ndarray, cores: np.ndarray, spin
         m = cores[sl] == lv
         if not m.any():
             continue
-        truth.append(dict(
+        trab_hu = float(vol[sl][m].mean(dtype=np.float64))
+        if qct is None:  # v4: one calibration line for every bone
+            calibrated = anatomy.hu_of_density(p, info["bmd"])
+        else:  # v5: the level's trabecular bone through the spectrum, then the scanner's gain/offset
+            calibrated = p["hu_gain"] * anatomy.bone_hu(p, info["bmd"], "trabecular", LEVELS.index(name)) \
+                + p["hu_offset"]
+        rec = dict(
             level=name, label=lv, bmd_mg_cm3=round(info["bmd"], 3),
-            trabecular_hu=round(float(vol[sl][m].mean(dtype=np.float64)), 3),
-            calibrated_hu=round(anatomy.hu_of_density(p, info["bmd"]), 3),
+            trabecular_hu=round(trab_hu, 3),
+            calibrated_hu=round(calibrated, 3),
             core_voxels=int(m.sum()), body_voxels=int((labels[sl] == lv).sum()),
             in_view=round(info["in_view"], 3), fractured=info["fractured"],
             metal=bool(p["metal"] and name in p["metal_levels"]),
             height_mm=round(info["height_mm"], 2), depth_mm=round(info["depth_mm"], 2),
             width_mm=round(info["width_mm"], 2),
-        ))
+        )
+        if qct is not None:  # what an ideal phantom QCT reads for this core, and its marrow-fat bias
+            qct_bmd = (trab_hu - qct["intercept"]) / qct["slope"]
+            rec.update(fat_fraction=round(p["marrow_fat_fraction_levels"][LEVELS.index(name)], 4),
+                       qct_bmd_mg_cm3=round(qct_bmd, 3), fat_bias_mg_cm3=round(qct_bmd - info["bmd"], 3))
+        truth.append(rec)
     return truth
 
 
@@ -88,6 +100,9 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
     spine = SpineRenderer(lay, p, img_rng)
     spine.render(vol, labels, cores)
     apply_psf(vol, p, lay.g, spine.region)
+    if "hu_gain" in p:  # v5: the scanner's water-calibration error, on every voxel (linear: commutes with the PSF)
+        vol *= np.float32(p["hu_gain"])
+        vol += np.float32(p["hu_offset"])
     truth = _truth(p, vol, labels, cores, spine)
     add_noise(vol, p, np.random.default_rng(s_noise))
     if style.fov_padding:
@@ -105,7 +120,7 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
     return PhantomStudy(
         study_id=study_id or f"phantom_{seed}", seed=int(seed), hu=vol, affine=lay.affine, labels=labels, cores=cores,
         truth=truth, params=json_ready(params, nonfinite_to_none=False), style=style,
-        slice_thickness=float(p["slice_thickness"]),
+        slice_thickness=float(p["slice_thickness"]), generator_version=int(opts.generator_version),
     )
 
 

@@ -10,8 +10,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 __all__ = [
+    "CONTRAST_PHASES",
     "EXAMPLE_SEED",
     "GENERATOR_VERSION",
+    "GENERATOR_VERSIONS",
     "TRANSFER_SYNTAXES",
     "DicomStyle",
     "PhantomOptions",
@@ -32,8 +34,12 @@ TRANSFER_SYNTAXES = {
 
 # Version of the rendering (bumped when the same seed gives a different study): 1 first release; 2 realism (sizes,
 # cortex, endplates, discs, muscle, islands, coarse pixels); 3 endplate density, body depth; 4 ring-shaped posterior
-# elements. Written to phantom.json as ``generator_version``.
-GENERATOR_VERSION = 4
+# elements; 5 X-ray physics (every tissue's HU from the scanner's spectrum and the patient's composition,
+# :mod:`bmd_d2.phantoms.tissues`). Written to phantom.json as ``generator_version``; the default of
+# ``PhantomOptions.generator_version``. Versions 4 and 5 can be generated (4 bit-for-bit as before).
+GENERATOR_VERSION = 5
+GENERATOR_VERSIONS = (4, 5)
+CONTRAST_PHASES = ("none", "arterial", "portal_venous")
 
 # Seed of the bundled example study (``tools/demo.py``), drawn with :func:`example_options`.
 EXAMPLE_SEED = 20261125
@@ -52,6 +58,8 @@ class _ScanOptions:
         max_slices: cap on the number of slices; the top of the scan range is cut to respect it.
         noise_sd: noise σ in HU (random 8–30 HU at 2.5 mm, scaled by sqrt(2.5/thickness)); 0 disables noise.
         psf_sigma_mm: in-plane Gaussian PSF σ in mm (random 0.35–0.8); 0 disables blur.
+        kvp: tube potential (generator v5 only: random among 80, 100, 110, 120, 130, 140 kVp; any multiple of 0.5
+            within 80–140 when fixed).
     """
 
     matrix: int = 512
@@ -61,6 +69,7 @@ class _ScanOptions:
     max_slices: int = 400
     noise_sd: Optional[float] = None
     psf_sigma_mm: Optional[float] = None
+    kvp: Optional[float] = None
 
 
 @dataclass
@@ -74,6 +83,11 @@ class _PatientOptions(_ScanOptions):
         fracture: force (True) or forbid (False) one compression fracture (random 8 %).
         metal: force or forbid pedicle screws and rods (random 6 %).
         scoliosis: allow scoliosis / axial rotation (False: straight coronal alignment).
+        age: patient age in years (generator v5 only: random 20–90); sets the marrow and muscle fat.
+        marrow_fat_fraction: the patient's mean marrow fat (yellow-marrow volume share, generator v5 only; random
+            ``0.30 + 0.005 (age - 40) + N(0, 0.06)`` within 0.10–0.80); each level adds its own N(0, 0.02).
+        contrast_phase: one of :data:`CONTRAST_PHASES` (generator v5 only; random: arterial or portal-venous half
+            each when the study has contrast); fixing it also fixes ``contrast``.
     """
 
     bmd_mg_cm3: Optional[float] = None
@@ -82,6 +96,9 @@ class _PatientOptions(_ScanOptions):
     fracture: Optional[bool] = None
     metal: Optional[bool] = None
     scoliosis: bool = True
+    age: Optional[int] = None
+    marrow_fat_fraction: Optional[float] = None
+    contrast_phase: Optional[str] = None
 
 
 @dataclass
@@ -107,9 +124,10 @@ class PhantomOptions(_PixelOptions):
 
     Random draws are made in a fixed order whatever the options, so fixing one option never changes the others.
     The scan, patient and pixel fields are documented on the groups this class extends (``matrix``,
-    ``pixel_spacing``, ``slice_thickness``, ``slice_spacing``, ``max_slices``, ``noise_sd``, ``psf_sigma_mm``;
-    ``bmd_mg_cm3``, ``contrast``, ``table``, ``fracture``, ``metal``, ``scoliosis``; ``storage``, ``rescale``,
-    ``bits_stored``, ``transfer_syntax``), in that order, before the fields below.
+    ``pixel_spacing``, ``slice_thickness``, ``slice_spacing``, ``max_slices``, ``noise_sd``, ``psf_sigma_mm``,
+    ``kvp``; ``bmd_mg_cm3``, ``contrast``, ``table``, ``fracture``, ``metal``, ``scoliosis``, ``age``,
+    ``marrow_fat_fraction``, ``contrast_phase``; ``storage``, ``rescale``, ``bits_stored``, ``transfer_syntax``), in
+    that order, before the fields below.
 
     Attributes:
         shuffle_names: random file names instead of ``IM00001.dcm`` in instance order.
@@ -122,6 +140,9 @@ class PhantomOptions(_PixelOptions):
             patient position (body and reconstruction-centre offsets, table z) and the start of the scan range are
             redrawn from ``(seed, rescan_seed)``. Each core's mean density still equals the drawn BMD exactly; the
             voxel-level trabecular texture is re-sampled on the shifted grid (a slightly pessimistic re-scan).
+        generator_version: one of :data:`GENERATOR_VERSIONS` (default :data:`GENERATOR_VERSION`); 4 renders exactly
+            what generator v4 rendered for the same seed and options (``kvp``, ``age``, ``marrow_fat_fraction`` and
+            ``contrast_phase`` are v5 options).
     """
 
     shuffle_names: Optional[bool] = None
@@ -130,6 +151,7 @@ class PhantomOptions(_PixelOptions):
     optional_tags: Optional[bool] = None
     preview: bool = True
     rescan_seed: Optional[int] = None
+    generator_version: int = GENERATOR_VERSION
 
     @classmethod
     def tiny(cls, **overrides) -> "PhantomOptions":
@@ -160,6 +182,23 @@ class PhantomOptions(_PixelOptions):
         if self.rescan_seed is not None and (not isinstance(self.rescan_seed, (int, np.integer))
                                              or isinstance(self.rescan_seed, bool) or self.rescan_seed < 0):
             raise ValueError(f"rescan_seed must be None or a non-negative integer, got {self.rescan_seed!r}")
+        if self.generator_version not in GENERATOR_VERSIONS:
+            raise ValueError(f"generator_version must be one of {GENERATOR_VERSIONS}, got {self.generator_version!r}")
+        v5_only = {k: getattr(self, k) for k in ("kvp", "age", "marrow_fat_fraction", "contrast_phase")
+                   if getattr(self, k) is not None}
+        if v5_only and self.generator_version < 5:
+            raise ValueError(f"{', '.join(sorted(v5_only))} need generator_version 5, got {self.generator_version}")
+        if self.kvp is not None and (not 80.0 <= self.kvp <= 140.0 or (2.0 * self.kvp) % 1.0):
+            raise ValueError(f"kvp must be within 80–140 kV in steps of 0.5 kV, got {self.kvp}")
+        if self.age is not None and not 0 <= self.age <= 120:
+            raise ValueError(f"age must be within 0–120 years, got {self.age}")
+        if self.marrow_fat_fraction is not None and not 0.0 <= self.marrow_fat_fraction <= 0.95:
+            raise ValueError(f"marrow_fat_fraction must be within 0–0.95, got {self.marrow_fat_fraction}")
+        if self.contrast_phase not in (None, *CONTRAST_PHASES):
+            raise ValueError(f"contrast_phase must be one of {CONTRAST_PHASES}, got {self.contrast_phase!r}")
+        if (self.contrast_phase is not None and self.contrast is not None
+                and self.contrast != (self.contrast_phase != "none")):
+            raise ValueError(f"contrast={self.contrast} contradicts contrast_phase={self.contrast_phase!r}")
 
 
 @dataclass
@@ -204,10 +243,13 @@ class PhantomStudy:
         labels: uint8 ``(K, J, I)`` vertebral bodies, values from :mod:`bmd_d2.levels`.
         cores: uint8 ``(K, J, I)`` trabecular cores (ground-truth BMD region), same values.
         truth: one dict per labelled level, cranial → caudal: ``level``, ``label``, ``bmd_mg_cm3``, ``trabecular_hu``,
-            ``calibrated_hu`` (a + b·bmd), ``core_voxels``, ``body_voxels``, ``in_view``, ``fractured``, ``metal``.
+            ``calibrated_hu`` (the core's HU without noise, blur or partial volume: a + b·bmd in v4),
+            ``core_voxels``, ``body_voxels``, ``in_view``, ``fractured``, ``metal``; v5 adds ``fat_fraction``,
+            ``qct_bmd_mg_cm3`` and ``fat_bias_mg_cm3`` (see :mod:`bmd_d2.phantoms`).
         params: every random parameter (JSON-serialisable), written as ``phantom.json``.
         style: the DICOM encoding of this study.
         slice_thickness: mm.
+        generator_version: the generator version that rendered it (written to ``phantom.json``).
     """
 
     study_id: str
@@ -220,6 +262,7 @@ class PhantomStudy:
     params: Dict
     style: DicomStyle
     slice_thickness: float
+    generator_version: int = GENERATOR_VERSION
 
     @property
     def spacing(self) -> Tuple[float, float, float]:

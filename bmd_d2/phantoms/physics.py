@@ -3,10 +3,12 @@
 The model:
 
 * A **tube spectrum** (:class:`Spectrum`, :func:`tube_spectrum`): photon fluence per energy bin of a tungsten anode
-  at a tube potential of 80–140 kVp, an anode angle and a filtration (mm Al, optionally mm Cu), from spekpy (its
-  default physics model, 0.5 keV bins). It is **hardened** through a water-equivalent patient thickness
-  (:meth:`Spectrum.hardened`): the fluence is multiplied by ``exp(-mu_water(E) * t)``, with ``mu_water`` from the same
-  tables as every material below. Built spectra are cached (one per scanner protocol, reused for every study).
+  at a tube potential of 80–140 kVp and an anode angle, from spekpy (its default physics model, 0.5 keV bins),
+  through a filtration (mm Al, optionally mm Cu) applied as ``exp(-mu(E) * t)`` with the same attenuation tables as
+  every material below (Al 2.699, Cu 8.96 g/cm³; within 0.03 keV of spekpy's own filters in mean energy). It is
+  **hardened** through a water-equivalent patient thickness (:meth:`Spectrum.hardened`): the fluence is multiplied by
+  ``exp(-mu_water(E) * t)``. The anode spectra (the slow part, ~0.4 s each) are cached per (kVp, anode angle), the
+  filtered and hardened ones per argument set, so a new filtration or patient costs well under a millisecond.
 * A **material** (:class:`Material`): elemental composition by mass fraction and density. Its linear attenuation is
   ``mu(E) = rho * sum_i w_i (mu/rho)_i(E)``, with the elements' total mass attenuation coefficients (coherent and
   incoherent scattering, photo-absorption) from the Elam tables in xraydb.
@@ -33,10 +35,13 @@ yellow marrow in a red/yellow mix; ICRU 44's red marrow already holds about 40 %
 so fat fraction 0 means "all red marrow", not lipid-free marrow. Iodine (:func:`with_iodine`) adds its mass without
 displacing the base material (the contrast agent's organic carrier is ignored).
 
-Sources of the tables (:data:`MATERIALS`): skeletal muscle, whole blood, cortical bone, red and yellow marrow and
-``adipose_icru44`` from ICRU Report 44 (1989), "Tissue Substitutes in Radiation Dosimetry and Measurement",
-appendix A, as NIST lists them (NIST Standard Reference Database 126, "X-ray mass attenuation coefficients",
-table 2). ``adipose`` (the fat of the phantoms) is NIST's "Adipose Tissue (ICRP)" (ICRP Publication 23,
+Sources of the tables (:data:`MATERIALS`): skeletal muscle, whole blood, cortical bone, red and yellow marrow,
+``adipose_icru44``, liver, kidney, cartilage (the intervertebral discs) and ``soft_tissue`` (ICRU 44 "soft tissue":
+bowel wall and mesentery, and the matrix of cortical bone) from ICRU Report 44 (1989), "Tissue Substitutes in
+Radiation Dosimetry and Measurement", appendix A, as NIST lists them (NIST Standard Reference Database 126, "X-ray
+mass attenuation coefficients", table 2). Cerebrospinal fluid (``csf``, 1.007 g/cm³: H 11.1, O 88.0, Na 0.5,
+Cl 0.4 %) from ICRU Report 46 (1992) after H. Q. Woodard and D. R. White, Br. J. Radiol. 59 (1986) 1209–1218 (not
+in the NIST table). ``adipose`` (the fat of the phantoms) is NIST's "Adipose Tissue (ICRP)" (ICRP Publication 23,
 0.92 g/cm³): it reads the -100 HU of subcutaneous fat in clinical CT, where ICRU 44's 0.95 g/cm³ adipose reads about
 -80 HU at 120 kVp. Dry air near sea level from the same NIST table; water H2O at 1.000 g/cm³; K2HPO4 and
 hydroxyapatite from their formulas with IUPAC 2013 standard atomic weights, solid densities from the CRC Handbook of
@@ -69,6 +74,7 @@ __all__ = [
     "hu_per_fat_fraction",
     "hu_per_mg",
     "hu_table",
+    "mineral_in",
     "mix",
     "trabecular_bone",
     "tube_spectrum",
@@ -141,6 +147,11 @@ MATERIALS: Dict[str, Material] = {
         _icru("cortical_bone", 1.92, H=3.4, C=15.5, N=4.2, O=43.5, Na=0.1, Mg=0.2, P=10.3, S=0.3, Ca=22.5),
         _icru("red_marrow", 1.03, H=10.5, C=41.4, N=3.4, O=43.9, P=0.1, S=0.2, Cl=0.2, K=0.2, Fe=0.1),
         _icru("yellow_marrow", 0.98, H=11.5, C=64.4, N=0.7, O=23.1, Na=0.1, S=0.1, Cl=0.1),
+        _icru("liver", 1.06, H=10.2, C=13.9, N=3.0, O=71.6, Na=0.2, P=0.3, S=0.3, Cl=0.2, K=0.3),
+        _icru("kidney", 1.05, H=10.3, C=13.2, N=3.0, O=72.4, Na=0.2, P=0.2, S=0.2, Cl=0.2, K=0.2, Ca=0.1),
+        _icru("cartilage", 1.10, H=9.6, C=9.9, N=2.2, O=74.4, Na=0.5, P=2.2, S=0.9, Cl=0.3),
+        _icru("soft_tissue", 1.06, H=10.2, C=14.3, N=3.4, O=70.8, Na=0.2, P=0.3, S=0.3, Cl=0.2, K=0.3),
+        _icru("csf", 1.007, H=11.1, O=88.0, Na=0.5, Cl=0.4),
         _formula("K2HPO4", 2.44, {"K": 2, "H": 1, "P": 1, "O": 4}),
         _formula("HA", 3.16, {"Ca": 10, "P": 6, "O": 26, "H": 2}),
         Material("iodine", 4.93, (("I", 1.0),)),
@@ -149,6 +160,20 @@ MATERIALS: Dict[str, Material] = {
 
 #: Reference bone minerals accepted by :func:`trabecular_bone` (name -> material at its solid density).
 MINERALS = {"K2HPO4": MATERIALS["K2HPO4"], "HA": MATERIALS["HA"]}
+
+MaterialLike = Union[str, Material]
+
+
+def _material(m: MaterialLike) -> Material:
+    if isinstance(m, Material):
+        return m
+    if m not in MATERIALS:
+        raise ValueError(f"unknown material {m!r}; named materials: {sorted(MATERIALS)}")
+    return MATERIALS[m]
+
+
+# The tube's filters (elements at their CRC Handbook densities), applied with the same Elam tables as every tissue.
+_FILTERS = {"Al": Material("Al", 2.699, (("Al", 1.0),)), "Cu": Material("Cu", 8.96, (("Cu", 1.0),))}
 
 
 def mix(name: str, parts: Iterable[Tuple[Material, float]]) -> Material:
@@ -200,6 +225,29 @@ def trabecular_bone(bmd_mg_cm3: float, fat_fraction: float = 0.0, mineral: str =
         (red, marrow_volume * (1.0 - fat_fraction) * red.density),
         (yellow, marrow_volume * fat_fraction * yellow.density),
     ))
+
+
+def mineral_in(base: MaterialLike, mg_cm3: float, mineral: str = "K2HPO4", name: Optional[str] = None) -> Material:
+    """Reference mineral at ``mg_cm3`` in a ``base`` matrix that fills the rest of the volume.
+
+    The mineral occupies its own volume at its solid density (as in :func:`trabecular_bone`), so HU is exactly linear
+    in ``mg_cm3``. Uses: a QCT calibration rod (K2HPO4 in water) and cortical bone (mineral in a soft-tissue matrix).
+
+    Args:
+        base: the matrix (a :class:`Material` or the name of one in :data:`MATERIALS`).
+        mg_cm3: mineral density (mg/cm³), 0 up to the mineral's solid density.
+        mineral: ``"K2HPO4"`` or ``"HA"`` (:data:`MINERALS`).
+        name: label of the mixture (default ``<mineral>_<mg_cm3>_in_<base>``).
+    """
+    if mineral not in MINERALS:
+        raise ValueError(f"mineral must be one of {sorted(MINERALS)}, got {mineral!r}")
+    matrix, solid = _material(base), MINERALS[mineral]
+    mineral_g = float(mg_cm3) / 1000.0
+    if not 0.0 <= mineral_g < solid.density:
+        raise ValueError(f"mineral density must be within 0–{1000 * solid.density:.0f} mg/cm³ for {mineral}, "
+                         f"got {mg_cm3}")
+    return mix(name or f"{mineral}_{mg_cm3:g}_in_{matrix.name}",
+               ((solid, mineral_g), (matrix, (1.0 - mineral_g / solid.density) * matrix.density)))
 
 
 def with_iodine(base: Material, mg_iodine_per_ml: float) -> Material:
@@ -281,20 +329,25 @@ def _cached_spectrum(kvp: float, anode_angle_deg: float, al_mm: float, cu_mm: fl
 
 @functools.lru_cache(maxsize=64)
 def _tube(kvp: float, anode_angle_deg: float, al_mm: float, cu_mm: float) -> Spectrum:
-    """The tube's filtered output from spekpy (the slow part: ~0.2 s)."""
+    """The tube's filtered output: the anode's spectrum (spekpy, cached) through the Al and Cu filters."""
+    if al_mm < 0 or cu_mm < 0:
+        raise ValueError(f"filtration must be >= 0 mm, got {al_mm:g} mm Al, {cu_mm:g} mm Cu")
+    anode = _anode(kvp, anode_angle_deg)
+    mu = (al_mm / 10.0) * _FILTERS["Al"].mu(_GRID) + (cu_mm / 10.0) * _FILTERS["Cu"].mu(_GRID)
+    return Spectrum(_GRID, _readonly(anode * np.exp(-mu)), kvp, anode_angle_deg, al_mm, cu_mm, 0.0)
+
+
+@functools.lru_cache(maxsize=128)
+def _anode(kvp: float, anode_angle_deg: float) -> np.ndarray:
+    """Unfiltered spekpy fluence on :data:`_GRID` (zeros above the kVp): the slow part, ~0.4 s per call."""
     if not _KVP_RANGE[0] <= kvp <= _KVP_RANGE[1] or (2.0 * kvp) % 1.0:
         raise ValueError(f"kvp must be within {_KVP_RANGE[0]:g}–{_KVP_RANGE[1]:g} kV in steps of 0.5 kV "
                          f"(spekpy's bins), got {kvp:g}")
     if not 0.0 < anode_angle_deg < 90.0:
         raise ValueError(f"anode angle must be within 0–90 degrees, got {anode_angle_deg:g}")
-    if al_mm < 0 or cu_mm < 0:
-        raise ValueError(f"filtration must be >= 0 mm, got {al_mm:g} mm Al, {cu_mm:g} mm Cu")
     import spekpy  # imported on first use: ~0.7 s
 
     spek = spekpy.Spek(kvp=kvp, th=anode_angle_deg, dk=_BIN_KEV)
-    filters = [(el, t) for el, t in (("Al", al_mm), ("Cu", cu_mm)) if t > 0]
-    if filters:
-        spek.multi_filter(filters)
     energies, fluence = spek.get_spectrum(flu=True, diff=False)
     # every spectrum goes on one grid (zeros above its kVp), so the attenuation tables are computed once per process
     start = int(round((energies[0] - _GRID[0]) / _BIN_KEV))
@@ -304,7 +357,7 @@ def _tube(kvp: float, anode_angle_deg: float, al_mm: float, cu_mm: float) -> Spe
     on_grid = np.zeros(len(_GRID))
     on_grid[start:start + len(energies)] = np.clip(fluence, 0.0, None)
     _element_table(_ALL_ELEMENTS, _GRID)  # warm the tables with the spectrum: later HU calls take ~0.1 ms
-    return Spectrum(_GRID, _readonly(on_grid), kvp, anode_angle_deg, al_mm, cu_mm, 0.0)
+    return _readonly(on_grid)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -363,17 +416,6 @@ def _mu_matrix(materials: Sequence[Material], energies: np.ndarray) -> np.ndarra
 def _effective_mu(materials: Sequence[Material], spectrum: Spectrum, detector: str) -> np.ndarray:
     """float64 ``(M,)`` spectrum-averaged linear attenuation (1/cm) of ``materials``."""
     return _mu_matrix(materials, spectrum.energies_kev) @ spectrum.weights(detector)
-
-
-MaterialLike = Union[str, Material]
-
-
-def _material(m: MaterialLike) -> Material:
-    if isinstance(m, Material):
-        return m
-    if m not in MATERIALS:
-        raise ValueError(f"unknown material {m!r}; named materials: {sorted(MATERIALS)}")
-    return MATERIALS[m]
 
 
 def hu_table(materials: Optional[Iterable[MaterialLike]], spectrum: Spectrum,

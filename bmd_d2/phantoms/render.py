@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from bmd_d2.levels import LEVEL_TO_LABEL, LEVELS
 
-from .anatomy import Layout, hu_of_density, level_bmd
+from .anatomy import Layout, bone_hu, level_bmd
 from .geometry import body_fracs, ellipsoid_frac, paint, ramp, superellipse_d, texture
 
 # Transverse-process length (mm) per level.
@@ -36,9 +36,11 @@ class SpineRenderer:
         self.level_info: Dict = {}
         self.metal_segments: List[Tuple] = []
 
-    def calib(self, dens):
-        """HU of mineral density ``dens`` (mg/cm³) on this study's scanner."""
-        return hu_of_density(self.p, dens)
+    def calib(self, dens, kind: str = "cortical", level: int = 0):
+        """HU of bone of mineral density ``dens`` (mg/cm³) on this study's scanner: one line for every bone in v4;
+        in v5 the physics line of ``kind`` (``"cortical"``, ``"trabecular"`` of ``level``, ``"marrow"``), before the
+        scanner's gain/offset (:func:`~bmd_d2.phantoms.anatomy.bone_hu`)."""
+        return bone_hu(self.p, dens, kind, level)
 
     def _grow(self, sl):
         if sl is None:
@@ -124,7 +126,7 @@ class SpineRenderer:
             fb, fc, _, _ = body_fracs(g, sl, s["center"], s["R"], s["h"], s["d"], s["w"], p["cortex_mm"])
             dens = 1.1 * p["bmd_mg_cm3"] + 10.0 * texture(self.rng, fb.shape, g)
             paint(vol, sl, fb - fc, self.calib(p["cortex_density"]))
-            paint(vol, sl, fc, self.calib(dens))
+            paint(vol, sl, fc, self.calib(dens, "marrow"))
             self._grow(sl)
 
     def _level_bmd(self, i, name):
@@ -183,7 +185,7 @@ class SpineRenderer:
         paint(vol, sl, fb - fc, self.calib(p["cortex_density"]))
         if p.get("endplate_density_factor", 1.0) != 1.0:  # subchondral plates: thicker but less dense than cortex
             paint(vol, sl, fe, self.calib(p["endplate_density_factor"] * p["cortex_density"]))
-        paint(vol, sl, fc, self.calib(dens))
+        paint(vol, sl, fc, self.calib(dens, "trabecular", i))
         lv = LEVEL_TO_LABEL[name]
         if in_view >= 0.5:
             labels[sl][fb >= 0.5] = lv
@@ -209,7 +211,7 @@ class SpineRenderer:
         s = p["size"]
         ac = 11.0 * s * (1 + 0.04 * i)
         yc = d / 2 + 9.0 * s  # canal centre (posterior of body centre)
-        hu = self.calib(1.3 * level_bmd(p, i) + 150.0)
+        hu = self.calib(1.3 * level_bmd(p, i) + 150.0, "trabecular", i)
         name = LEVELS[i]
         tp_len = _TP_LENGTH[name]
         tp_thick = 9.0 if name == "S1" else 5.0
@@ -237,7 +239,7 @@ class SpineRenderer:
             paint(vol, sl, ellipsoid_frac(u, v, w, ax, width), outer)
             self._grow(sl)
         if shell is not None:
-            core = self.calib(p["posterior_core_factor"] * level_bmd(p, i) + 30.0)
+            core = self.calib(p["posterior_core_factor"] * level_bmd(p, i) + 30.0, "trabecular", i)
             for sl, u, v, w, ax in boxes:
                 inner = [max(a - shell, 0.5) for a in ax]
                 paint(vol, sl, ellipsoid_frac(u, v, w, inner, width), core)
@@ -262,7 +264,7 @@ class SpineRenderer:
                         continue
                     dd = g.capsule_d(sl, pa, pb, 5.0)
                     paint(vol, sl, ramp(dd, 1.0), hu_c - 120.0)
-                    paint(vol, sl, ramp(dd + 1.2, 1.0), self.calib(0.9 * p["bmd_mg_cm3"] + 40.0))
+                    paint(vol, sl, ramp(dd + 1.2, 1.0), self.calib(0.9 * p["bmd_mg_cm3"] + 40.0, "marrow"))
                     self._grow(sl)
 
     def _metal_segments(self):

@@ -17,7 +17,7 @@ import numpy as np
 from bmd_d2.levels import LEVELS
 from bmd_d2.utils.files import atomic_write_text
 
-from .options import GENERATOR_VERSION, TRANSFER_SYNTAXES, DicomStyle, PhantomStudy
+from .options import TRANSFER_SYNTAXES, DicomStyle, PhantomStudy
 
 __all__ = ["CSV_FIELDS", "write_bmd_csv", "write_dicom_series", "write_preview", "write_study"]
 
@@ -70,11 +70,16 @@ def _series_template(study: PhantomStudy, style: DicomStyle, ts_uid):
     ds.PatientName = "PHANTOM^BMD"
     ds.PatientID = f"PHANTOM-{study.study_id}"
     ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
+    ds.PatientSex = p.get("patient_sex", "O")
+    if "age" in p:
+        ds.PatientAge = f"{int(p['age']):03d}Y"
     ds.PatientIdentityRemoved = "YES"
     ds.BodyPartExamined = "LSPINE"
     ds.SliceThickness = f"{study.slice_thickness:g}"
-    ds.KVP = f"{p['kvp']:g}"
+    if p.get("kvp_tag_written", True):
+        ds.KVP = f"{p['kvp']:g}"
+    if p.get("contrast") and p.get("contrast_tag_written"):
+        ds.ContrastBolusAgent = "IODINATED CONTRAST"
     ds.DataCollectionDiameter = "500"
     ds.ReconstructionDiameter = f"{ni * study.spacing[2]:.2f}"
     ds.ConvolutionKernel = p["kernel"]
@@ -238,8 +243,9 @@ def write_study(study: PhantomStudy, study_dir, preview: bool = True) -> Path:
     write_dicom_series(study, d / "dicom")
     _save_nifti(study.labels, study.affine, d / "labels.nii.gz")
     _save_nifti(study.cores, study.affine, d / "cores.nii.gz")
-    rec = dict(study_id=study.study_id, truth=study.truth, params=study.params, generator_version=GENERATOR_VERSION,
-               affine_lps=study.affine.tolist(), shape_kji=list(study.hu.shape))
+    rec = dict(study_id=study.study_id, truth=study.truth, params=study.params,
+               generator_version=study.generator_version, affine_lps=study.affine.tolist(),
+               shape_kji=list(study.hu.shape))
     (d / "phantom.json").write_text(json.dumps(rec, indent=1, sort_keys=True))
     if preview:
         write_preview(study, d / "preview.png")
