@@ -229,8 +229,15 @@ MEASURE_KEYS = (
     ("CALIBRATION_SLOPE", 1.0, _REAL),
     ("CALIBRATION_INTERCEPT", 0.0, _REAL),
     ("CALIBRATION_FILE", "", _ReadableFile()),
+    # Which HU -> BMD calibration the classical BMD uses: "auto" (the phantom CALIBRATION_FILE when given, else the
+    # internal calibration: the study's air, subcutaneous fat, paraspinal muscle and aortic blood fitted to the X-ray
+    # physics of its spectrum, K2HPO4-equivalent mg/cm^3 with an uncertainty; where it cannot be trusted the linear
+    # default with the flags calibration_fallback + uncalibrated), "file" (CALIBRATION_FILE, required) or "none" (the
+    # linear default above, every vertebra flagged uncalibrated). bmd_d2/measure/internal_calibration.py.
+    ("CALIBRATION", "auto", _Choice("auto", "file", "none")),
     # Internal air/fat reference: measure air and fat in the scan and correct the HU scale to these nominal values
-    # before the calibration (scanner drift correction; see bmd_d2/measure/classical.py).
+    # before the calibration (scanner drift correction; see bmd_d2/measure/classical.py). Applies to the file and
+    # default calibrations; the internal calibration (CALIBRATION "auto" without a file) fits its own HU offset/gain.
     ("INTERNAL_REFERENCE", False, _Flag()),
     ("REFERENCE_AIR_HU", -1000.0, _FINITE),
     ("REFERENCE_FAT_HU", -100.0, _FINITE),
@@ -324,6 +331,11 @@ def validate_measure_config(cfg) -> None:
     if m.MIN_AREA_MM2 >= m.MAX_AREA_MM2:
         raise BMDError(f"MEASURE.MIN_AREA_MM2 ({m.MIN_AREA_MM2:g}) must be below MEASURE.MAX_AREA_MM2 "
                        f"({m.MAX_AREA_MM2:g})")
+    if m.CALIBRATION == "file" and not m.CALIBRATION_FILE:
+        raise BMDError("MEASURE.CALIBRATION 'file' needs MEASURE.CALIBRATION_FILE (a phantom calibration JSON)")
+    if m.CALIBRATION == "none" and m.CALIBRATION_FILE:
+        raise BMDError("MEASURE.CALIBRATION 'none' uses the linear default: remove MEASURE.CALIBRATION_FILE or set "
+                       "MEASURE.CALIBRATION to 'auto' or 'file'")
     if m.CALIBRATION_FILE:  # the file's calibration replaces the linear default
         _check_readable(m.CALIBRATION_FILE)
         return

@@ -20,25 +20,38 @@ Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1,
 2. **Order** the remaining vertebral bodies (class 0) along the spine by their centre row (the sagittal row axis runs
    head → feet). Two centres closer than ``DUPLICATE_FRACTION`` of the vertebral pitch are one vertebra: the
    lower-scoring one is rejected (``duplicate``).
-3. **Count upward** from the sacrum: the caudal-most body is L5, the next T12 … unless the spacing says a vertebra
+3. **Count upward** from the sacrum: the caudal-most body is L5, the next L4 … unless the spacing says a vertebra
    was missed: the pitch (centre-to-centre distance, mm) is the median of the consecutive distances (with none usable,
    ``HEIGHT_TO_PITCH`` × the median box height), and a distance ``d`` hides
    ``floor(d / pitch + 0.5) - 1`` undetected vertebrae, which are skipped in the count (vertebra flag
    ``level_after_gap``, study flag ``level_gap``). Between L5 and the sacrum the expected distance from the L5 centre
    to the top of the sacrum is ``SACRUM_OFFSET`` pitches. Only distances below ``GAP_FRACTION`` × the height-based
    pitch enter the median, so a gap does not inflate the pitch it is measured against.
-4. **No sacrum** (``levels_unanchored``): with ``rule="lowest_is_L5"`` (default) the caudal-most body is called L5
+4. **Count from the last rib** (``ribs``: :class:`RibLevel`, found in 3-D by
+   :func:`bmd_d2.measure.anchors.find_ribs`): the body whose centre row lies within ``RIB_TIE_FRACTION`` of a pitch
+   of the lowest rib-bearing level's costovertebral joints is T12 (the usual convention: 12 rib pairs), and the
+   others are counted from it as from the sacrum (gaps included). Not used below ``RIB_MIN_CONFIDENCE``
+   (``rib_anchor_low_confidence``) or with no body at the joints' height (``rib_anchor_untied``). The number of
+   rib-bearing levels in view is reported (``rib_pairs_in_view``).
+5. **Cross-check.** Both anchors giving the same count: ``anchor = "sacrum+rib"``. Different counts (11 or 13 rib
+   pairs, a sacralised L5 or a lumbarised S1, or a wrong anchor): the study and every body are flagged
+   ``level_count_conflict``, both labelings are kept (``labelings``) and the levels are counted from
+   ``PRIMARY_ANCHOR`` (the sacrum, as TotalSegmentator and most radiology reports count; the detector's sacrum is
+   also the better-tested anchor). A body counted below L5 (only from the rib: six lumbar-type bodies) gets no name
+   (``below_labelled_range``). One anchor: the levels are counted from it (``anchor`` "sacrum" or "rib").
+6. **No anchor** (``levels_unanchored``): with ``rule="lowest_is_L5"`` (default) the caudal-most body is called L5
    *only if* the image continues at least one pitch below it (the sacrum should then have been in view and was
    missed by the detector); otherwise the field of view ends inside the lumbar spine and no level can be named:
    every level is None and the study is flagged ``levels_unknown``. ``rule="none"`` never names unanchored levels.
-5. **Never guess silently.** Counting past T11 gives None (``above_labelled_range``). A caudal-most body much shorter
+7. **Never guess silently.** Counting past T11 gives None (``above_labelled_range``). A caudal-most body much shorter
    than the others (< ``TRANSITIONAL_HEIGHT_RATIO`` × their median height) or almost touching the sacrum suggests a
    lumbosacral transitional vertebra (``possible_transitional_anatomy``): the labels are still given, flagged.
    Boxes touching the image edge are ``truncated_by_image_edge``; a study missing any of L1–L4 is
    ``partial_coverage``.
 
-Sagittal images cannot show ribs, so thoracolumbar transitional anatomy (11 or 13 rib-bearing vertebrae) and
-lumbarisation of S1 cannot be detected here; counting from the sacrum is the convention used in that case.
+Sagittal images cannot show ribs: the rib anchor comes from the 3-D volume. Without it thoracolumbar transitional
+anatomy (11 or 13 rib-bearing vertebrae) and lumbarisation of S1 cannot be recognised; the count from the sacrum is
+then the convention.
 """
 import math
 from dataclasses import dataclass, field
@@ -79,7 +92,12 @@ TRANSITIONAL_HEIGHT_RATIO = 0.7
 SACRUM_SCORE_FRACTION = 0.5
 TRANSITIONAL_MIN_SACRUM_OFFSET = 0.25
 EDGE_MARGIN_PX = 1
+RIB_TIE_FRACTION = 0.4  # the last rib's joints lie within this fraction of a pitch of its body's centre row
+RIB_MIN_CONFIDENCE = 0.6  # below it (the only rib-bearing level in view, one side only) the rib anchor is not used
+PRIMARY_ANCHOR = "sacrum"  # the count used when the anchors disagree (level_count_conflict)
 _S1 = LEVELS.index("S1")
+_L5 = LEVELS.index("L5")
+_T12 = LEVELS.index("T12")
 _LUMBAR_REQUIRED = ("L1", "L2", "L3", "L4")
 
 
@@ -110,8 +128,13 @@ class LevelAssignment:
         rejected: detection index → reason, for detections that are not measured at all.
         order: indices of kept detections, cranial → caudal (sacrum last).
         study_flags: QC flags of the whole study.
-        anchored: whether the sacrum anchored the count.
+        anchored: whether an anchor (sacrum and/or last rib) anchored the count.
         pitch_mm: vertebral pitch used for gap detection (mm), or None.
+        anchor: what the levels are counted from: "sacrum+rib" (both, agreeing), "sacrum" (the sacrum alone, or both
+            in conflict: ``level_count_conflict``), "rib", or None (unanchored).
+        labelings: anchor name ("sacrum", "rib") → the level it gives each detection of ``order`` (None where it
+            names none), for every anchor counted from.
+        rib_pairs_in_view: rib-bearing levels found in 3-D (None when the rib search was not run).
     """
 
     levels: List[Optional[str]]
@@ -121,6 +144,24 @@ class LevelAssignment:
     study_flags: List[str] = field(default_factory=list)
     anchored: bool = False
     pitch_mm: Optional[float] = None
+    anchor: Optional[str] = None
+    labelings: Dict[str, List[Optional[str]]] = field(default_factory=dict)
+    rib_pairs_in_view: Optional[int] = None
+
+
+@dataclass
+class RibLevel:
+    """The rib anchor as the counting rule takes it (found in 3-D by :func:`bmd_d2.measure.anchors.find_ribs`).
+
+    Attributes:
+        row: sagittal row (pixels, float) of the lowest rib-bearing level's costovertebral joints.
+        n_pairs: rib-bearing levels in view.
+        confidence: 0…1; below ``RIB_MIN_CONFIDENCE`` the anchor is reported but not counted from.
+    """
+
+    row: float
+    n_pairs: int
+    confidence: float
 
 
 def add_flag(flags: List[str], flag: str):
@@ -131,7 +172,7 @@ def add_flag(flags: List[str], flag: str):
 
 def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 1.0,
                   image_shape: Optional[Tuple[int, int]] = None, fov_rows: Optional[Tuple[int, int]] = None,
-                  rule: str = "lowest_is_L5") -> LevelAssignment:
+                  rule: str = "lowest_is_L5", ribs: Optional[RibLevel] = None) -> LevelAssignment:
     """Name the level of every detection by the rule in the module docstring.
 
     Args:
@@ -140,7 +181,8 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
         image_shape: ``(H, W)`` of the sagittal image, for edge checks; None skips them.
         fov_rows: ``(first, last)`` rows of the image that hold scanned anatomy (not padding); default the whole
             image height.
-        rule: what to do without a sacrum: "lowest_is_L5" or "none".
+        rule: what to do without an anchor: "lowest_is_L5" or "none".
+        ribs: the last-rib anchor (its joints' sagittal row), or None when the rib search was not run / found none.
 
     Returns:
         A :class:`LevelAssignment`.
@@ -204,26 +246,35 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
     pitch = float(np.median(regular)) if regular else height_pitch
     out.pitch_mm = pitch
     out.order = verts + ([sacrum] if sacrum is not None else [])
+    if ribs is not None:
+        out.rib_pairs_in_view = int(ribs.n_pairs)
     if not verts and sacrum is None:
         add_flag(out.study_flags, "no_vertebrae_detected")
         return out
 
     # missing vertebrae hidden in each gap (between verts[k] and verts[k+1])
     missing = [max(0, math.floor(d / pitch + 0.5) - 1) if pitch else 0 for d in dists]
+    # rel[k]: count positions from verts[k] down to the caudal-most body, undetected vertebrae included
+    rel = [0] * len(verts)
+    for k in range(len(verts) - 2, -1, -1):
+        rel[k] = rel[k + 1] + 1 + missing[k]
 
     if sacrum is not None:
-        out.anchored = True
         out.levels[sacrum] = "S1"
         if not verts:
+            out.anchored, out.anchor, out.labelings = True, "sacrum", {"sacrum": ["S1"]}
             _finish(out, detections)
             return out
-        low = verts[-1]
+    low = verts[-1]
+    # each anchor gives the level index of the caudal-most body
+    anchors: Dict[str, int] = {}
+    if sacrum is not None:
         offset = (detections[sacrum].box[1] - detections[low].centroid[1]) * sp
         miss_sac = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5)) if pitch else 0
         if miss_sac:
             add_flag(out.flags[low], "level_after_gap")
             add_flag(out.study_flags, "level_gap")
-        pos = _S1 - 1 - miss_sac
+        anchors["sacrum"] = _S1 - 1 - miss_sac
         # transitional-anatomy hints
         others = [detections[i].box[3] - detections[i].box[1] for i in verts[:-1]]
         low_h = detections[low].box[3] - detections[low].box[1]
@@ -231,9 +282,26 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
                 (pitch and offset < TRANSITIONAL_MIN_SACRUM_OFFSET * pitch):
             add_flag(out.flags[low], "possible_transitional_anatomy")
             add_flag(out.study_flags, "possible_transitional_anatomy")
+    rib_pos = _rib_position(detections, verts, rel, ribs, pitch, sp, out.study_flags)
+    if rib_pos is not None:
+        anchors["rib"] = rib_pos
+
+    if anchors:
+        out.anchored = True
+        for name, p in anchors.items():
+            out.labelings[name] = [_level_at(p - r) for r in rel] + (["S1"] if sacrum is not None else [])
+        if len(anchors) == 1:
+            out.anchor = next(iter(anchors))
+        elif anchors["sacrum"] == anchors["rib"]:
+            out.anchor = "sacrum+rib"
+        else:  # never a silent choice: flagged, both labelings kept, counted from PRIMARY_ANCHOR
+            out.anchor = PRIMARY_ANCHOR
+            add_flag(out.study_flags, "level_count_conflict")
+            for i in verts:
+                add_flag(out.flags[i], "level_count_conflict")
+        pos = anchors["sacrum" if out.anchor == "sacrum+rib" else out.anchor]
     else:
         add_flag(out.study_flags, "levels_unanchored")
-        low = verts[-1]
         first, last = fov_rows if fov_rows is not None else (0, (image_shape[0] - 1) if image_shape else None)
         below_mm = ((last - detections[low].box[3]) * sp) if last is not None else 0.0
         if rule == "none" or not pitch or below_mm < pitch:
@@ -248,17 +316,40 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
 
     for k in range(len(verts) - 1, -1, -1):
         i = verts[k]
-        if pos >= 0:
-            out.levels[i] = LEVELS[pos]
-        else:
+        idx = pos - rel[k]
+        if idx < 0:
             add_flag(out.flags[i], "above_labelled_range")
-        if k > 0:
-            if missing[k - 1]:
-                add_flag(out.flags[verts[k - 1]], "level_after_gap")
-                add_flag(out.study_flags, "level_gap")
-            pos -= 1 + missing[k - 1]
+        elif idx > _L5:
+            add_flag(out.flags[i], "below_labelled_range")
+        else:
+            out.levels[i] = LEVELS[idx]
+        if k > 0 and missing[k - 1]:
+            add_flag(out.flags[verts[k - 1]], "level_after_gap")
+            add_flag(out.study_flags, "level_gap")
     _finish(out, detections)
     return out
+
+
+def _level_at(idx: int) -> Optional[str]:
+    """The vertebral-body level of count position ``idx`` (T11 = 0 … L5), None outside T11…L5."""
+    return LEVELS[idx] if 0 <= idx <= _L5 else None
+
+
+def _rib_position(detections: Sequence[Detection], verts: List[int], rel: List[int], ribs: Optional[RibLevel],
+                  pitch: Optional[float], sp: float, study_flags: List[str]) -> Optional[int]:
+    """Level index of the caudal-most body counted from the last rib (its body is T12), or None: no usable rib
+    anchor (``rib_anchor_low_confidence``) or no detected body at the joints' height (``rib_anchor_untied``)."""
+    if ribs is None or not verts or not pitch:
+        return None
+    if ribs.confidence < RIB_MIN_CONFIDENCE:
+        add_flag(study_flags, "rib_anchor_low_confidence")
+        return None
+    d = [abs(detections[i].centroid[1] - ribs.row) * sp for i in verts]
+    k = int(np.argmin(d))
+    if d[k] > RIB_TIE_FRACTION * pitch:  # its body undetected or out of view: no count from it
+        add_flag(study_flags, "rib_anchor_untied")
+        return None
+    return _T12 + rel[k]
 
 
 def _finish(out: LevelAssignment, detections: Sequence[Detection]):

@@ -24,7 +24,9 @@ Sacrum (:func:`find_sacrum`) — experimental, not reliable yet
 Status (issue 18, session 8): on the real example CT the endplate height is 3.9 mm from TotalSegmentator's L5/S1
 boundary, but the point lies 18.6 mm off antero-posteriorly; the search window of step 3 is tuned to that one scan
 (a window from 30 mm above picks L4/L5); "iliac bone on both sides" also fires on ribs and hip joints; on full
-phantom seed 2 it anchors 150 mm too high. Not used by the measurement. Next: an SI-joint model plus disc detection
+phantom seed 2 it anchors 150 mm too high; on full phantom seeds 0–19 (session 10) 10 of 20 are 150–215 mm too
+high with confidences 0.67–0.92, and 1.0 comes with errors up to 28 mm, so no confidence threshold makes it safe: not
+used by the measurement. Next: an SI-joint model plus disc detection
 along the curved spine, tested on phantoms (S1 top, pelvis out of view → None).
 
 Ribs (:func:`find_ribs`)
@@ -36,34 +38,41 @@ Ribs (:func:`find_ribs`)
    components (the earlier method) lost low-BMD ribs under 150 HU and merged ribs touching an enhanced kidney.
 2. **Lateral slabs.** Per side, the mask is resampled into 2 mm slabs of constant ``u`` (40…170 mm). Seeds are the
    2-D blobs of the first slabs (u 40–44 mm) no taller or deeper than ``RIB_SEED_MAX_MM`` (24 mm), with their centre
-   -20…+70 mm AP of the body and not touching the top or bottom of the field of view.
+   ``RIB_SEED_AP_MM`` (+15…+70 mm) posterior of the body centre (the rib passes the transverse process there; the
+   sacral alae and the iliac wings lie in front of it) and not touching the top or bottom of the field of view.
 3. **Tracing.** Each seed is followed outward slab by slab inside a ``RIB_TRACK_MM`` (8 mm) disc around the position
-   predicted from the last steps; a slab counts when it holds at least ``RIB_SECTION_MM2`` (48 mm²) of mask there,
-   the trace stops after two empty slabs. A rib runs at least ``RIB_MIN_RUN_MM`` (36 mm): lumbar transverse
-   processes end within ~15 mm, noise and soft-tissue edges do not hold the section.
-4. **Joint height.** The rib's z over its medial ``RIB_FIT_MM`` (20 mm) is fitted linearly in ``u`` (slope clipped
-   to -1…0.5) and extrapolated to ``u = RIB_JOINT_MM`` (25 mm, the costovertebral joint at the body's side): the 11th
-   and 12th ribs fall ~0.5 mm per mm laterally, so the z at u = 40 mm lies ~8 mm below the joint. Traces of one side
-   whose medial z lie within 8 mm are one rib. Left and right joints within ``PAIR_DZ_MM`` (15 mm) form a pair; pairs
-   are ordered cranial → caudal, the lowest is the last rib-bearing level (T12 under the usual convention).
+   predicted from the last steps; a slab counts when it holds at least ``RIB_SECTION_MM2`` (48 mm²) of mask there
+   (after three slabs: ``RIB_SECTION_FRACTION`` of the track's median section, at least ``RIB_SECTION_MIN_MM2``,
+   and the weaker ``RIB_TOPHAT_WEAK_HU`` (20 HU) mask counts: a rib running along the liver or a kidney), the trace
+   stops after two empty slabs. A rib runs at least ``RIB_MIN_RUN_MM`` (36 mm) and falls as it runs out: at least
+   ``RIB_DESCENT_MM`` (8 mm) over its run, by no more than ``RIB_FALL_MAX`` mm per mm, with a medial slope within
+   ``RIB_SLOPE`` (-0.9…-0.2 mm per mm): lumbar transverse processes end within ~15 mm; the sacral alae, the iliac
+   wings and organ edges run flat, rise or drop steeply.
+4. **Joint height.** The rib's z over its medial ``RIB_FIT_MM`` (20 mm) is fitted linearly in ``u`` and extrapolated
+   to ``u = RIB_JOINT_MM`` (25 mm, the costovertebral joint at the body's side): the 11th and 12th ribs fall ~0.5 mm
+   per mm laterally, so the z at u = 40 mm lies ~8 mm below the joint. Traces of one side whose medial z lie within
+   ``RIB_SAME_MM`` (12 mm) are one rib. Left and right joints within ``PAIR_DZ_MM`` (15 mm) form a pair; pairs are
+   ordered cranial → caudal and must be consecutive levels (a pair more than ``RIB_LEVEL_GAP_MM`` (48 mm) below the
+   one above it ends the list); the lowest is the last rib-bearing level (T12 under the usual convention).
 5. With ``body_centres_lps``, each pair is tied to the body whose centre is nearest in z, when it lies within
    ``RIB_TIE_FRACTION`` (0.4) × the median spacing of the bodies; otherwise (its body out of view or not detected)
-   ``body_index`` stays None.
+   ``body_index`` stays None. (The measurement ties it in the sagittal image instead:
+   :func:`bmd_d2.levels.assign_levels` through :func:`rib_level`.)
 6. **Confidence** per pair: 1 with both sides, 0.6 with one; the anchor's is the lowest pair's, times 0.8 when only
-   one pair is in view.
+   one pair is in view (the counting rule needs 0.6: a lone one-sided rib is reported, not counted from).
 
-Ribs status (issue 18, session 9): on full-size phantoms (``PhantomOptions()``, seeds 0–19) both pairs are found and
-the lowest tied to T12 with no spurious pair on seeds 0, 1, 3–7, 9, 11, 13–16 (joints 1–10 mm below the truth body
-centres); seed 8 finds one side of T11; seed 2 one side per level; seed 19 misses T12, seed 18 everything
-(low-contrast ribs); seeds 10, 12, 17 give a spurious lowest pair at L5/S1 (transverse process + iliac wing traced),
-which would name the wrong level: not safe to use until that is rejected. A field of view starting 40 mm below
-T12's centre gives None. On the real example CT one pair is found (joints at z 419.9 / 414.6 mm, inside T12's
-385–427 mm); the 11th rib's joint is above the field of view and correctly not counted. Not yet tested on
-``PhantomOptions.tiny``.
+Ribs status (issue 18, session 10; phantoms cached before the issue-19 generator rewrite): on full-size phantoms
+(``PhantomOptions()``) seeds 0–19 the lowest pair is at T12 on 20 of 20 (was 15, with 4 wrong lowest levels — seeds
+10, 12, 17 at L5/S1, 19 at T11 with T12 missed — and seed 18 missed); held-out seeds 20–39: 16 at T12, 4 None, all
+four with T12 out of view (was 9 right, 11 wrong: pelvis and processes traced as ribs). No wrong lowest level on the
+40. The known risk left is a missed last rib with the one above found (the count then shifts up by one): it is a
+``level_count_conflict`` when the sacrum is detected, not caught without it. On the real example CT one pair at T12
+(joints z 419.9 / 414.5 mm inside T12's 385–427 mm); the 11th rib's joint is above the field of view.
 
-Speed (measured, one core shared): find_ribs 0.07–0.14 s on full 512² phantoms (coarse grid 0.02–0.09 s more, the
-grey opening ~0.1 s of it), 0.08 s on the real CT; find_sacrum 0.04 s. Reusing the plane search's grid would remove
-the second resampling. Not used by the measurement yet.
+Speed: find_ribs (coarse grid included) 0.24–0.45 s CPU (median 0.32 s) on 512² phantoms, measured on a machine
+loaded ~4× over its 2 cores; of that the coarse grid ~30 %, the grey opening ~30 %; 0.2 s wall on the 3 mm real
+CT. find_sacrum 0.04–0.14 s (not used by the measurement). Reusing the plane search's grid would remove the
+second resampling.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,8 +82,10 @@ from scipy import ndimage
 
 from bmd_d2.data.dicom import Volume
 from bmd_d2.data.sagittal import SagittalPlane, coarse_lps
+from bmd_d2.levels import RibLevel
 
-__all__ = ["SacrumAnchor", "RibPair", "RibAnchor", "SpineGrid", "spine_grid", "find_sacrum", "find_ribs"]
+__all__ = ["SacrumAnchor", "RibPair", "RibAnchor", "SpineGrid", "spine_grid", "find_sacrum", "find_ribs",
+           "plane_of_sagittal", "rib_level"]
 
 COARSE_MM = 2.0
 BONE_HU = 150.0
@@ -90,14 +101,23 @@ RIB_OUTER_MM = 170.0
 RIB_MIN_RUN_MM = 36.0
 RIB_HU = 70.0
 RIB_TOPHAT_HU = 40.0
+RIB_TOPHAT_WEAK_HU = 20.0
 RIB_OPEN_MM = 14.0
 RIB_AP_MM = (-120.0, 90.0)
-RIB_SEED_AP_MM = (-20.0, 70.0)
+RIB_SEED_AP_MM = (15.0, 70.0)
 RIB_SEED_MAX_MM = 24.0
 RIB_TRACK_MM = 8.0
 RIB_SECTION_MM2 = 48.0
+RIB_SECTION_MIN_MM2 = 24.0
+RIB_SECTION_FRACTION = 0.4
+RIB_MAX_MISS = 1
 RIB_FIT_MM = 20.0
 RIB_JOINT_MM = 25.0
+RIB_DESCENT_MM = 8.0
+RIB_SLOPE = (-0.9, -0.2)
+RIB_FALL_MAX = 1.05
+RIB_LEVEL_GAP_MM = 48.0
+RIB_SAME_MM = 12.0
 PAIR_DZ_MM = 15.0
 RIB_TIE_FRACTION = 0.4
 
@@ -136,6 +156,7 @@ class RibPair:
         left_z_mm, right_z_mm: joint z per side (None when absent).
         body_index: index into ``body_centres_lps`` of the body it is tied to (None without bodies).
         confidence: 1 for a pair, 0.6 for a single rib.
+        point_lps: (x, y, z) mm, the joints' height on the spine's centreline (mid-sagittal plane, body centre AP).
     """
 
     z_mm: float
@@ -146,6 +167,7 @@ class RibPair:
     right_z_mm: Optional[float] = None
     body_index: Optional[int] = None
     confidence: float = 1.0
+    point_lps: Optional[List[float]] = None
 
 
 @dataclass
@@ -343,21 +365,24 @@ def find_sacrum(volume: Volume, plane: SagittalPlane, grid: Optional[SpineGrid] 
 def _rib_mask(g: SpineGrid) -> Tuple[np.ndarray, int]:
     """Thin bright structures in the ribs' AP window: ``C >= RIB_HU`` and at least ``RIB_TOPHAT_HU`` above the grey
     opening of ``max(C, 0)`` by a ``RIB_OPEN_MM`` in-plane box (a rib, 10 mm thick, does not hold the box; a kidney,
-    the liver or a vertebral body does, so their interiors drop out whatever their HU). Returns (mask (Z, Yw, X), y0):
-    the rows ``y0 : y0 + Yw`` of the grid that the window covers."""
+    the liver or a vertebral body does, so their interiors drop out whatever their HU). Returns (mask (Z, Yw, X) uint8,
+    y0): 2 where that holds, 1 where only the weaker ``RIB_TOPHAT_WEAK_HU`` does (a rib running along the liver or a
+    kidney: the trace may continue there), 0 elsewhere; the rows ``y0 : y0 + Yw`` of the grid that the window covers."""
     dy = g.ys[None, :] - g.yb[:, None]
     rows = np.nonzero(((dy >= RIB_AP_MM[0]) & (dy <= RIB_AP_MM[1])).any(0))[0]
     if not len(rows):
-        return np.zeros((len(g.zs), 0, len(g.xs)), bool), 0
+        return np.zeros((len(g.zs), 0, len(g.xs)), np.uint8), 0
     y0, y1 = int(rows[0]), int(rows[-1]) + 1
     n = max(3, int(round(RIB_OPEN_MM / g.step)) | 1)
     C = np.maximum(g.C[:, y0:y1], 0.0)
     th = C - ndimage.grey_opening(C, size=(1, n, n))
-    return (g.C[:, y0:y1] >= RIB_HU) & (th >= RIB_TOPHAT_HU), y0
+    bright = g.C[:, y0:y1] >= RIB_HU
+    return (bright & (th >= RIB_TOPHAT_WEAK_HU)).astype(np.uint8) + (bright & (th >= RIB_TOPHAT_HU)), y0
 
 
-def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> List[Dict]:
-    """Ribs of one side traced outward through the lateral slabs of the rib mask (method in the module docstring)."""
+def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> Tuple[List[Dict], List[Dict]]:
+    """Ribs of one side traced outward through the lateral slabs of the rib mask (method in the module docstring).
+    Returns (ribs, rejected traces of at least 10 mm with the reason: too short, course, slope)."""
     st = g.step
     Z, Yw, X = M.shape
     ys = g.ys[y0:y0 + Yw]
@@ -365,7 +390,8 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> List[Dict]
     ks = np.arange(int(round(RIB_INNER_MM / st)), int(round(RIB_OUTER_MM / st)) + 1)
     ci = np.rint((xm[:, :, None] + side * ks[None, None, :] * st - g.lo[0]) / st).astype(int)  # (Z, Yw, K)
     inside = (ci >= 0) & (ci < X)
-    S = np.take_along_axis(M, np.clip(ci, 0, X - 1), 2) & inside  # S[z, y, k]: mask at u = ks[k] * st
+    Sc = np.take_along_axis(M, np.clip(ci, 0, X - 1), 2) * inside  # Sc[z, y, k]: mask code at u = ks[k] * st
+    S, Sw = Sc >= 2, Sc >= 1
     K = len(ks)
     dyb = ys[None, :] - g.yb[:, None]
     seed_img = S[:, :, :3].any(2)
@@ -373,9 +399,12 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> List[Dict]
     r_px = RIB_TRACK_MM / st
     zz, yy = np.mgrid[0:Z, 0:Yw]
     out = []
-    for k_ in range(1, n + 1):
-        blob = lab == k_
-        bz, by = np.nonzero(blob)
+    short = []
+    for k_, box in enumerate(ndimage.find_objects(lab), 1):
+        if box is None:
+            continue
+        bz, by = np.nonzero(lab[box] == k_)
+        bz, by = bz + box[0].start, by + box[1].start
         ext = (bz.max() - bz.min() + 1) * st
         ap = float(dyb[bz, by].mean())
         if ext > RIB_SEED_MAX_MM or (by.max() - by.min() + 1) * st > RIB_SEED_MAX_MM:
@@ -392,10 +421,14 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> List[Dict]
             w0, w1 = max(int(py - r_px - 1), 0), min(int(py + r_px + 2), Yw)
             if z1_ <= z0_ or w1 <= w0:
                 break
-            sub = S[z0_:z1_, w0:w1, k] & ((zz[z0_:z1_, w0:w1] - pz) ** 2 + (yy[z0_:z1_, w0:w1] - py) ** 2 <= r_px ** 2)
-            if sub.sum() * st * st < RIB_SECTION_MM2:
+            disc = (zz[z0_:z1_, w0:w1] - pz) ** 2 + (yy[z0_:z1_, w0:w1] - py) ** 2 <= r_px ** 2
+            sub = (S if len(track) < 3 else Sw)[z0_:z1_, w0:w1, k] & disc
+            # a rib thins and turns as it runs out: past its first slabs a fraction of its median section holds
+            need = RIB_SECTION_MM2 if len(track) < 3 else max(RIB_SECTION_MIN_MM2, RIB_SECTION_FRACTION * float(
+                np.median([q[3] for q in track])) * st * st)
+            if sub.sum() * st * st < need:
                 miss += 1
-                if miss > 1 and track:
+                if miss > RIB_MAX_MISS and track:
                     break
                 if not track and k >= 3:
                     break
@@ -414,22 +447,37 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> List[Dict]
         t = np.asarray(track, float)
         run = (t[-1, 0] - t[0, 0] + 1) * st
         if run < RIB_MIN_RUN_MM:
+            if run >= 10.0:
+                short.append(dict(medial_z_mm=float(g.lo[2] + st * t[0, 1]), run_mm=float(run), medial_ap_mm=ap,
+                                  reason="short"))
             continue
         u = ks[t[:, 0].astype(int)] * st
         zt = g.lo[2] + st * t[:, 1]
         near = u <= u[0] + RIB_FIT_MM
         slope = float(np.polyfit(u[near], zt[near], 1)[0]) if near.sum() >= 3 else 0.0
-        slope = float(np.clip(slope, -1.0, 0.5))
+        fall = float(zt[-1] - zt[0]) / run
+        if not (RIB_SLOPE[0] <= slope <= RIB_SLOPE[1] and -RIB_FALL_MAX <= fall):
+            # the 11th/12th ribs fall ~0.5 mm per mm from the joint; flat, rising or steep traces are processes,
+            # the pelvis or organ edges
+            short.append(dict(medial_z_mm=float(zt[0]), run_mm=float(run), medial_ap_mm=ap, reason="slope",
+                              slope=slope, fall=float(fall)))
+            continue
         z_joint = float(zt[near].mean() + slope * (RIB_JOINT_MM - u[near].mean()))
+        apt = (g.lo[1] + st * (t[:, 2] + y0)) - np.interp(zt, g.zs, g.yb)
+        if zt[-1] - zt[0] > -RIB_DESCENT_MM:  # the lower ribs fall as they run out; processes, pelvis do not
+            short.append(dict(medial_z_mm=float(zt[0]), run_mm=float(run), medial_ap_mm=ap, reason="course",
+                              lateral_ap_mm=float(apt[-1]), lateral_dz_mm=float(zt[-1] - zt[0])))
+            continue
         out.append(dict(z_mm=z_joint, medial_z_mm=float(zt[0]), medial_mm=float(u[0]), run_mm=float(run),
-                        slope=slope, medial_ap_mm=ap, section_mm2=float(np.median(t[:, 3]) * st * st)))
+                        slope=slope, medial_ap_mm=ap, section_mm2=float(np.median(t[:, 3]) * st * st),
+                        lateral_ap_mm=float(apt[-1]), lateral_dz_mm=float(zt[-1] - zt[0])))
     # one rib per height: seeds split by noise trace the same rib
     out.sort(key=lambda r: -r["run_mm"])
     kept: List[Dict] = []
     for r in out:
-        if all(abs(r["medial_z_mm"] - q["medial_z_mm"]) > 8.0 for q in kept):
+        if all(abs(r["medial_z_mm"] - q["medial_z_mm"]) > RIB_SAME_MM for q in kept):
             kept.append(r)
-    return kept
+    return kept, short
 
 
 def find_ribs(volume: Volume, plane: SagittalPlane, body_centres_lps: Optional[Sequence[Sequence[float]]] = None,
@@ -452,11 +500,13 @@ def find_ribs(volume: Volume, plane: SagittalPlane, body_centres_lps: Optional[S
     M, y0 = _rib_mask(g)
     if sacrum is not None:
         M[g.zs < sacrum.z_mm + 30.0] = False
-    ribs = []
+    ribs, rejected = [], []
     for side, name in ((1.0, "left"), (-1.0, "right")):
-        for r in _trace_ribs(g, M, y0, side):
+        kept, short = _trace_ribs(g, M, y0, side)
+        for r in kept + short:
             r["side"] = name
-            ribs.append(r)
+        ribs += kept
+        rejected += short
     if not ribs:
         return None
     ribs.sort(key=lambda r: -r["z_mm"])
@@ -471,11 +521,17 @@ def find_ribs(volume: Volume, plane: SagittalPlane, body_centres_lps: Optional[S
         zs_ = [v for v in (p.left_z_mm, p.right_z_mm) if v is not None]
         p.z_mm = float(np.mean(zs_))
     pairs.sort(key=lambda q: -q.z_mm)
+    # rib-bearing levels are consecutive: a level more than RIB_LEVEL_GAP_MM below the one above it is not a rib
+    for k in range(1, len(pairs)):
+        if pairs[k - 1].z_mm - pairs[k].z_mm > RIB_LEVEL_GAP_MM:
+            pairs = pairs[:k]
+            break
     bodies = np.asarray(body_centres_lps, float).reshape(-1, 3) if body_centres_lps is not None else None
     for p in pairs:
         xm = float(g.x_mid(np.interp(p.z_mm, g.zs, g.yb), p.z_mm))
         pt = np.array([xm, float(np.interp(p.z_mm, g.zs, g.yb)), p.z_mm])
         p.row_mm = g.row_mm(pt)
+        p.point_lps = [float(v) for v in pt]
         p.confidence = 1.0 if (p.left and p.right) else 0.6
         if bodies is not None and len(bodies):
             dz = np.abs(bodies[:, 2] - p.z_mm)
@@ -484,4 +540,24 @@ def find_ribs(volume: Volume, plane: SagittalPlane, body_centres_lps: Optional[S
                 p.body_index = int(np.argmin(dz))
     low = pairs[-1]
     conf = low.confidence * (0.8 if len(pairs) == 1 else 1.0)
-    return RibAnchor(pairs=pairs, confidence=float(conf), evidence=dict(ribs=ribs))
+    return RibAnchor(pairs=pairs, confidence=float(conf), evidence=dict(ribs=ribs, rejected=rejected))
+
+
+def plane_of_sagittal(sagittal) -> Optional[SagittalPlane]:
+    """The mid-sagittal plane a ``SagittalImage`` was cut along, rebuilt from its ``info`` and ``transform`` (no
+    second plane search); None when the image does not record one."""
+    info = getattr(sagittal, "info", None) or {}
+    fit, point, normal = info.get("plane"), info.get("plane_point"), info.get("plane_normal")
+    if not isinstance(fit, dict) or point is None or normal is None:
+        return None
+    T = np.asarray(sagittal.transform, float)
+    col, row = T[:3, 0] / np.linalg.norm(T[:3, 0]), T[:3, 1] / np.linalg.norm(T[:3, 1])
+    return SagittalPlane(point=np.asarray(point, float), normal=np.asarray(normal, float), col_dir=col, row_dir=row,
+                         info=dict(fit))
+
+
+def rib_level(ribs: RibAnchor, sagittal) -> RibLevel:
+    """The rib anchor as the counting rule (:func:`bmd_d2.levels.assign_levels`) takes it: the lowest rib-bearing
+    level's sagittal row (pixels), the number of rib-bearing levels and the confidence."""
+    row = float(sagittal.lps_to_pixel(np.asarray(ribs.pairs[-1].point_lps, float))[1])
+    return RibLevel(row=row, n_pairs=ribs.n_pairs, confidence=ribs.confidence)

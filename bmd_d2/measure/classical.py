@@ -25,10 +25,20 @@ Calibration (``HU = slope · BMD + intercept``, so ``BMD = (HU - intercept) / sl
 * **Phantom calibration file** (``MEASURE.CALIBRATION_FILE``, JSON): either ``{"slope": s, "intercept": i}`` or
   ``{"rods": [{"bmd": 0, "hu": 3.1}, {"bmd": 100, "hu": 104.2}, ...]}`` (≥ 2 distinct densities, fitted by least
   squares), optionally ``"kvp"`` and ``"description"``.
+* **Internal calibration** (``MEASURE.CALIBRATION "auto"`` without a file, the default): the study's own air,
+  subcutaneous fat, paraspinal muscle and aortic blood fitted to the X-ray physics of its spectrum
+  (:mod:`bmd_d2.measure.internal_calibration`), giving K2HPO4-equivalent mg/cm³ with an uncertainty; a study where it
+  cannot be trusted falls back to the linear default with the flags ``calibration_fallback`` and ``uncalibrated``
+  (:func:`study_calibration`).
 * **Internal air/fat reference** (``MEASURE.INTERNAL_REFERENCE``): the volume's air (< -850 HU, median) and
   subcutaneous/visceral fat (histogram mode in [-250, -30] HU) are measured and a linear HU correction maps them to
   their nominal values (``MEASURE.REFERENCE_AIR_HU``, ``MEASURE.REFERENCE_FAT_HU``) before the calibration: this
-  corrects scanner HU drift; it is not a substitute for a phantom.
+  corrects scanner HU drift; it is not a substitute for a phantom. It applies to the file and default calibrations;
+  the internal calibration fits its own HU offset and gain, so it ignores it.
+
+Which one (:func:`calibration_method`): ``MEASURE.CALIBRATION`` "auto" = the file when ``MEASURE.CALIBRATION_FILE``
+is given, else the internal calibration; "file" = the file (required); "none" = the linear default, every vertebra
+flagged ``uncalibrated``.
 """
 import copy
 import json
@@ -36,7 +46,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -59,9 +69,17 @@ class Calibration:
     Attributes:
         slope: HU per mg/cm³.
         intercept: HU at 0 mg/cm³.
-        source: "default", "file:<name>" or with "+internal" appended.
+        source: "default", "file:<name>", "internal", or with "+internal" appended (the air/fat HU correction).
         hu_gain, hu_offset: internal-reference correction (identity by default).
-        details: how it was obtained (fit residuals, measured air/fat, ...).
+        details: how it was obtained (fit residuals, measured air/fat; for the internal calibration its ROIs, fit and
+            slices: :meth:`~bmd_d2.measure.internal_calibration.InternalCalibration.to_dict`; for a fallback
+            ``fallback_reason``).
+        method: "default" (the generic linear line: BMD uncalibrated), "file" (a phantom calibration) or
+            "internal" (fitted to the study's reference tissues).
+        slope_sd, intercept_sd: 1-SD uncertainties (None when unknown).
+        covariance: ``[[var slope, cov], [cov, var intercept]]`` or None.
+        flags: QC flags the calibration raises for the study and every vertebra (``uncalibrated``,
+            ``calibration_fallback``, ``calibration_contrast``, ``calibration_metal``).
     """
 
     slope: float = 1.0
@@ -70,6 +88,11 @@ class Calibration:
     hu_gain: float = 1.0
     hu_offset: float = 0.0
     details: Dict[str, Any] = field(default_factory=dict)
+    method: str = "default"
+    slope_sd: Optional[float] = None
+    intercept_sd: Optional[float] = None
+    covariance: Optional[List[List[float]]] = None
+    flags: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not (math.isfinite(self.slope) and math.isfinite(self.intercept)) or abs(self.slope) < 1e-6:
@@ -86,6 +109,14 @@ class Calibration:
         if hu is None or not math.isfinite(hu):
             return None
         return (self.correct_hu(float(hu)) - self.intercept) / self.slope
+
+    def bmd_sd(self, hu: Optional[float]) -> Optional[float]:
+        """1-SD uncertainty (mg/cm³) of :meth:`hu_to_bmd` from the calibration's covariance alone (not the HU
+        measurement's noise); None without a covariance or for a None HU."""
+        if hu is None or self.covariance is None or not math.isfinite(hu):
+            return None
+        g = np.array([-(self.correct_hu(float(hu)) - self.intercept) / self.slope ** 2, -1.0 / self.slope])
+        return float(math.sqrt(max(float(g @ np.asarray(self.covariance, dtype=np.float64) @ g), 0.0)))
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -117,9 +148,9 @@ def load_calibration_file(path: str) -> Calibration:
             slope, intercept = np.polyfit(bmd, hu, 1)
             resid = hu - (slope * bmd + intercept)
             details = {"rods": len(rods), "rms_residual_hu": float(np.sqrt(np.mean(resid ** 2)))}
-            cal = Calibration(float(slope), float(intercept), name, details=details)
+            cal = Calibration(float(slope), float(intercept), name, details=details, method="file")
         else:
-            cal = Calibration(float(data["slope"]), float(data["intercept"]), name)
+            cal = Calibration(float(data["slope"]), float(data["intercept"]), name, method="file")
     except BMDError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -175,17 +206,83 @@ def calibration_from_cfg(cfg, volume_hu: Optional[np.ndarray] = None) -> Calibra
     return with_internal_reference(base_calibration(cfg), cfg, volume_hu)
 
 
-def base_calibration(cfg) -> Calibration:
-    """The calibration of ``cfg.MEASURE`` before any per-study correction: the phantom calibration file
-    (``MEASURE.CALIBRATION_FILE``, parsed here) or the linear default.
+def calibration_method(cfg) -> str:
+    """What ``MEASURE.CALIBRATION`` selects: "file" (the phantom file), "internal" (the study's reference tissues) or
+    "default" (the linear default, uncalibrated).
 
     Raises:
-        BMDError: the file cannot be read or parsed (:func:`load_calibration_file`).
+        BMDError: "file" without ``MEASURE.CALIBRATION_FILE`` (also checked by ``validate_measure_config``).
     """
     m = cfg.MEASURE
-    if m.CALIBRATION_FILE:
-        return load_calibration_file(m.CALIBRATION_FILE)
-    return Calibration(float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT), "default")
+    mode = m.get("CALIBRATION", "auto")
+    if mode == "file" and not m.CALIBRATION_FILE:
+        raise BMDError("MEASURE.CALIBRATION 'file' needs MEASURE.CALIBRATION_FILE (a phantom calibration JSON)")
+    if mode == "none":
+        return "default"
+    return "file" if m.CALIBRATION_FILE else "internal"
+
+
+def default_calibration(cfg) -> Calibration:
+    """The generic linear line (``MEASURE.CALIBRATION_SLOPE`` / ``CALIBRATION_INTERCEPT``), flagged ``uncalibrated``."""
+    m = cfg.MEASURE
+    return Calibration(float(m.CALIBRATION_SLOPE), float(m.CALIBRATION_INTERCEPT), "default",
+                       flags=["uncalibrated"])
+
+
+def base_calibration(cfg) -> Calibration:
+    """The calibration of ``cfg.MEASURE`` before any per-study step: the phantom calibration file
+    (``MEASURE.CALIBRATION_FILE``, parsed here) or the linear default (which the internal calibration replaces per
+    study, :func:`study_calibration`).
+
+    Raises:
+        BMDError: the file cannot be read or parsed (:func:`load_calibration_file`); "file" without a file.
+    """
+    if calibration_method(cfg) == "file":
+        return load_calibration_file(cfg.MEASURE.CALIBRATION_FILE)
+    return default_calibration(cfg)
+
+
+def study_calibration(cfg, volume, spine_lps) -> Calibration:
+    """The internal calibration of one study (:func:`bmd_d2.measure.internal_calibration.internal_calibration`) as a
+    :class:`Calibration`, or, where it cannot be trusted, the linear default with ``calibration_fallback`` (and
+    ``uncalibrated``) and the reason in ``details["fallback_reason"]``.
+
+    Args:
+        cfg: the config (``MEASURE.METAL_HU``, ``CONTRAST_HU``, the linear default).
+        volume: the study's ``Volume`` (``data``, ``affine``, ``meta["KVP"]``); None falls back.
+        spine_lps: ``(N, 3)`` LPS centres of the measured vertebral bodies (None: the spine is searched for).
+    """
+    from .internal_calibration import internal_calibration
+
+    m = cfg.MEASURE
+    if volume is None:
+        ic, kvp = None, None
+        reason = "no source volume: the reference tissues are measured in the volume"
+    else:
+        kvp = _kvp_tag(volume)
+        ic = internal_calibration(volume.data, volume.affine, kvp=kvp, spine_lps=spine_lps,
+                                  metal_hu=float(m.METAL_HU), contrast_hu=float(m.CONTRAST_HU))
+        reason = ic.reason
+    details = ic.to_dict() if ic is not None else {}
+    if ic is not None and ic.ok:
+        return Calibration(ic.slope, ic.intercept, "internal", details=details, method="internal",
+                           slope_sd=ic.slope_sd, intercept_sd=ic.intercept_sd, covariance=ic.covariance,
+                           flags=list(ic.flags))
+    logger.warning("internal calibration not usable (%s): generic default calibration used", reason)
+    cal = default_calibration(cfg)
+    cal.details = {"fallback_reason": reason, "internal": details}
+    cal.flags = ["calibration_fallback", "uncalibrated"] + (list(ic.flags) if ic is not None else [])
+    return cal
+
+
+def _kvp_tag(volume) -> Optional[float]:
+    """The DICOM KVP of ``volume`` (kV) when given, finite and positive; else None."""
+    meta = volume.meta if isinstance(getattr(volume, "meta", None), dict) else {}
+    try:
+        kvp = float(meta.get("KVP") or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return kvp if math.isfinite(kvp) and kvp > 0 else None
 
 
 def with_internal_reference(calibration: Calibration, cfg, volume_hu: Optional[np.ndarray] = None) -> Calibration:
@@ -196,7 +293,7 @@ def with_internal_reference(calibration: Calibration, cfg, volume_hu: Optional[n
     """
     m = cfg.MEASURE
     cal = copy.deepcopy(calibration)
-    if m.INTERNAL_REFERENCE and volume_hu is not None:
+    if m.INTERNAL_REFERENCE and volume_hu is not None and cal.method != "internal":
         try:
             gain, offset, det = internal_reference(volume_hu, air_hu=m.REFERENCE_AIR_HU, fat_hu=m.REFERENCE_FAT_HU)
             cal.hu_gain, cal.hu_offset = gain, offset

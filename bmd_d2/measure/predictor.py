@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from .classical import base_calibration, with_internal_reference
+from .classical import base_calibration, calibration_method, with_internal_reference
 from .result import StudyResult
 from .vertebrae import measure_detections
 
@@ -41,7 +41,9 @@ class BMDStudyPredictor:
         model: the built Detectron2 model (eval mode, weights loaded).
         tta: the model wrapped for test-time resize, shifts and sizes (``MEASURE.TTA_SHIFTS`` / ``TTA_SIZES``).
         calibration: the HU → BMD calibration of ``MEASURE`` (file parsed once; the internal reference, when enabled,
-            is applied per study).
+            is applied per study); with ``calibration_method`` "internal" (``MEASURE.CALIBRATION`` "auto" without a
+            file) each study's own internal calibration replaces it.
+        calibration_method: "file", "internal" or "default" (:func:`~bmd_d2.measure.classical.calibration_method`).
         unchecked: config keys the weights could not be checked against (weights without a stored config).
 
     Args:
@@ -71,6 +73,7 @@ class BMDStudyPredictor:
         # exactly what evaluation feeds (tests/test_measure_cli.py checks it).
         self.tta = BMDRCNNWithTTA(self.cfg, self.model)
         self.calibration = base_calibration(self.cfg)
+        self.calibration_method = calibration_method(self.cfg)
 
     def load(self, source) -> Any:
         """Load a study (DICOM folder/file/list, NIfTI path, or a ``Volume``) as a ``Volume``.
@@ -119,7 +122,9 @@ class BMDStudyPredictor:
         sid = study_id or study_id_from_path(volume.meta.get("source") or "study")
         sag = self.sagittal(volume)
         dets = self.detect(sag)
-        calibration = with_internal_reference(self.calibration, self.cfg, volume.data)
+        # the internal calibration is fitted per study at the labelled vertebrae (measure_detections, calibration=None)
+        calibration = None if self.calibration_method == "internal" else \
+            with_internal_reference(self.calibration, self.cfg, volume.data)
         result = measure_detections(dets, sag, self.cfg, volume=volume, calibration=calibration, study_id=sid)
         result.model.update({"weights": os.path.basename(self.cfg.MODEL.WEIGHTS) if self.cfg.MODEL.WEIGHTS
                              else "(random init)", "meta_architecture": self.cfg.MODEL.META_ARCHITECTURE,

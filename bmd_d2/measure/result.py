@@ -17,8 +17,15 @@ RESULT_VERSION = 1
 
 QC_FLAGS: Dict[str, str] = {
     # level labelling (bmd_d2.levels)
-    "levels_unanchored": "no sacrum detected: levels counted by the fallback rule (lowest body = L5)",
-    "levels_unknown": "no sacrum detected and the field of view ends in the lumbar spine: no level named",
+    "levels_unanchored": "neither the sacrum nor the last rib anchors the count: levels by the fallback rule "
+                         "(lowest body = L5)",
+    "levels_unknown": "no anchor and the field of view ends in the lumbar spine: no level named",
+    "level_count_conflict": "counting from the sacrum and from the last rib (= T12) disagree (11/13 ribs, a "
+                            "transitional vertebra, or a wrong anchor): levels from the sacrum, both labelings in "
+                            "levels.level_labelings",
+    "rib_anchor_untied": "ribs found in 3-D, but no detected body at the last rib's height: not counted from",
+    "rib_anchor_low_confidence": "only one rib of one rib-bearing level found: the rib anchor is not counted from",
+    "below_labelled_range": "counted below L5 from the last rib: no level name is given",
     "level_gap": "the spacing of the detected bodies shows an undetected vertebra; the count skips it",
     "level_after_gap": "this body's level was counted across a gap (an undetected vertebra below it)",
     "above_labelled_range": "counted above T11: no level name is given",
@@ -36,6 +43,15 @@ QC_FLAGS: Dict[str, str] = {
     "acr_levels_substituted": "the ACR patient value uses lumbar levels other than L1+L2",
     "acr_not_available": "fewer than two usable lumbar vertebrae: no ACR patient category",
     "internal_reference_failed": "air/fat internal reference not found: default calibration used",
+    # calibration (bmd_d2.measure.classical, bmd_d2.measure.internal_calibration)
+    "uncalibrated": "classical BMD through the generic linear default (MEASURE.CALIBRATION_SLOPE/INTERCEPT), not a "
+                    "phantom or internal calibration: not QCT-grade",
+    "calibration_fallback": "the internal calibration could not be trusted (calibration.details.fallback_reason): "
+                            "the generic default was used",
+    "calibration_contrast": "contrast in the aorta: blood left out of the internal calibration (iodine also raises "
+                            "trabecular HU)",
+    "calibration_metal": "metal (>= MEASURE.METAL_HU) in every slice within 10 mm of some vertebral levels: those "
+                         "levels left out of the internal calibration",
     "large_learned_classical_difference": "learned and classical BMD differ by more than MEASURE.MAX_BMD_DIFFERENCE",
     "volume_warning": "the volume loader reported a warning (see study.warnings)",
     # reports (bmd_d2.reports.study)
@@ -81,6 +97,8 @@ class VertebraResult:
         trabecular_hu_3d: mean HU in the 3-D core, or None when the geometry does not allow it.
         classical_bmd: mg/cm³ from ``trabecular_hu`` through the calibration.
         classical_bmd_3d: mg/cm³ from ``trabecular_hu_3d``.
+        classical_bmd_sd, classical_bmd_3d_sd: 1-SD uncertainty (mg/cm³) of those values from the calibration's
+            uncertainty (internal calibration; None for a line without one).
         bmd_difference: ``learned_bmd - classical_bmd``, mg/cm³.
         bmd: the reported BMD (``MEASURE.PRIMARY_BMD``: learned or classical), mg/cm³.
         category: ACR QCT category of ``bmd`` for this vertebra alone (the diagnosis uses ``patient``).
@@ -112,6 +130,8 @@ class VertebraResult:
     trabecular_hu_3d: Optional[float] = None
     classical_bmd: Optional[float] = None
     classical_bmd_3d: Optional[float] = None
+    classical_bmd_sd: Optional[float] = None
+    classical_bmd_3d_sd: Optional[float] = None
     bmd_difference: Optional[float] = None
     bmd: Optional[float] = None
     category: Optional[str] = None
@@ -140,7 +160,9 @@ class StudyResult:
         patient: patient-level values: ``acr_levels``, ``acr_bmd``, ``acr_category``, ``acr_bmd_classical``,
             ``acr_category_classical``, ``l1_hu``, ``hu_category``, ``primary_bmd``.
         qc_flags: study-level flags.
-        calibration: the HU → BMD calibration used (``slope``, ``intercept``, ``source``, ...).
+        calibration: the HU → BMD calibration used (``Calibration.to_dict()``: ``slope``, ``intercept``, ``source``,
+            ``method`` (internal | file | default), ``slope_sd``, ``intercept_sd``, ``covariance``, ``flags``,
+            ``details``: for the internal calibration its ROIs (voxels, HU), fitted spectrum and residuals).
         model: config file, weights path and score threshold.
         rejected: detections not reported, as ``{"box_xyxy", "score", "category_id", "reason"}``.
         qc: details of the study-level checks: ``plane_method`` (``"fallback"`` = no spine found), ``contrast``
@@ -149,6 +171,8 @@ class StudyResult:
             (optional outputs asked for), ``written`` (file names), ``failed`` (output → one-line reason),
             ``skipped`` (output → reason it does not apply, e.g. DICOM outputs of a NIfTI input) and ``complete``
             (every requested output was attempted; false only while they are being written).
+        levels: the level count (:func:`bmd_d2.measure.vertebrae.levels_record`): ``levels_anchor``,
+            ``level_labelings``, ``rib_pairs_in_view``, ``convention``, ``rib_anchor``.
         sagittal: the ``SagittalImage`` measured (not serialised).
         volume: the ``Volume`` (not serialised).
     """
@@ -163,6 +187,7 @@ class StudyResult:
     rejected: List[Dict[str, Any]] = field(default_factory=list)
     qc: Dict[str, Any] = field(default_factory=dict)
     outputs: Dict[str, Any] = field(default_factory=dict)
+    levels: Dict[str, Any] = field(default_factory=dict)
     sagittal: Any = None
     volume: Any = None
 
@@ -183,4 +208,5 @@ class StudyResult:
             "rejected": json_ready(self.rejected),
             "qc": json_ready(self.qc),
             "outputs": json_ready(self.outputs),
+            "levels": json_ready(self.levels),
         }

@@ -8,7 +8,8 @@ detections or ground-truth masks):
    the sagittal ROI (:func:`~bmd_d2.measure.classical.erode_roi_ellipse`) is measured here because its HU decides
    ``not_bone``.
 2. **Label** (:func:`label_vertebrae`): the level rule (:func:`bmd_d2.levels.assign_levels`) names the kept bodies
-   and may reject more (e.g. a second sacrum).
+   from the detector's sacrum and the last rib found in 3-D (:func:`find_rib_anchor`), cross-checked, and may reject
+   more (e.g. a second sacrum); :func:`levels_record` is what result.json says about it.
 3. **Measure** (:func:`measure_vertebra`): per labelled vertebra the 3-D core, the classical BMD through the
    calibration, the learned BMD, the reported value and category, the heights.
 4. **Grade** (:func:`grade_heights`, :func:`study_qc`, :func:`~bmd_d2.measure.patient.patient_values`): height loss
@@ -22,23 +23,30 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bmd_d2.levels import SACRUM_CLASS, VERTEBRAL_BODY_CLASS, Detection, LevelAssignment, add_flag, assign_levels
+from bmd_d2.levels import (SACRUM_CLASS, VERTEBRAL_BODY_CLASS, Detection, LevelAssignment, RibLevel, add_flag,
+                           assign_levels)
+
+from .anchors import RibAnchor, find_ribs, plane_of_sagittal, rib_level
 
 from .categories import acr_category
-from .classical import (Calibration, Core3D, calibration_from_cfg, core_min_rows_erosion_mm, core_volume_reason,
-                        erode_roi_ellipse, measure_core_3d, sagittal_roi_hu, slice_thickness_mm, vertebral_heights)
+from .classical import (Calibration, Core3D, calibration_from_cfg, calibration_method, core_min_rows_erosion_mm,
+                        core_volume_reason, erode_roi_ellipse, measure_core_3d, sagittal_roi_hu, slice_thickness_mm,
+                        study_calibration, vertebral_heights)
 from .patient import patient_values
 from .qc import contrast_check, genant_grade, height_loss, mask_has_bone, metal_in_mask, volume_flags
 from .result import StudyResult, VertebraResult
 
 __all__ = [
     "WITHHOLDING_FLAGS", "RoiGeometry", "Candidate", "detection_arrays", "fov_rows", "describe_study",
-    "roi_geometry", "screen_detection", "screen_detections", "label_vertebrae", "measure_vertebra", "grade_heights",
+    "roi_geometry", "screen_detection", "screen_detections", "find_rib_anchor", "label_vertebrae", "levels_record",
+    "measure_vertebra", "grade_heights",
     "study_qc", "measure_detections",
 ]
 
 # Vertebra flags whose BMD values are withheld (not trustworthy at all).
 WITHHOLDING_FLAGS = ("implausible_hu", "metal")
+# Calibration flags (Calibration.flags) every vertebra of the study carries; all of them are study flags too.
+_VERTEBRA_CALIBRATION_FLAGS = ("uncalibrated", "calibration_fallback")
 # Vertebra flags that, raised on any vertebra, are raised for the study as well.
 _STUDY_FROM_VERTEBRA_FLAGS = ("metal", "very_dense", "vertebral_height_loss", "low_confidence")
 _STUDY_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID", "Modality", "KVP",
@@ -241,9 +249,36 @@ def screen_detections(dets: Dict[str, Any], hu3: np.ndarray, m, geometry: RoiGeo
     return kept, rejected
 
 
-def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagittal, m
-                    ) -> Tuple[List[Detection], LevelAssignment, List[Dict[str, Any]]]:
-    """Name the candidates' levels (:func:`bmd_d2.levels.assign_levels`, ``MEASURE.UNANCHORED_LEVEL_RULE``).
+def find_rib_anchor(volume, sagittal) -> Optional[RibAnchor]:
+    """The ribs in view (:func:`bmd_d2.measure.anchors.find_ribs`) along the plane ``sagittal`` was cut on; None
+    without a volume, without a recorded plane or with no rib found."""
+    plane = plane_of_sagittal(sagittal) if volume is not None else None
+    return find_ribs(volume, plane) if plane is not None else None
+
+
+def levels_record(la: LevelAssignment, ribs: Optional[RibAnchor]) -> Dict[str, Any]:
+    """What result.json says about the level count (``levels``): ``levels_anchor`` ("sacrum+rib", "sacrum", "rib" or
+    None), ``level_labelings`` (anchor → levels of the reported vertebrae, cranial → caudal), ``rib_pairs_in_view``,
+    ``convention`` (one line: what the reported levels are counted from) and ``rib_anchor`` (the rib pairs found)."""
+    if la.anchor is None:
+        convention = "no anchor: " + ("lowest body called L5 (fallback)" if any(la.levels) else "no level named")
+    else:
+        convention = {"sacrum": "counted up from the sacrum (the lowest free body is L5)",
+                      "rib": "counted from the last rib (the lowest rib-bearing vertebra is T12)",
+                      "sacrum+rib": "sacrum and last rib agree"}[la.anchor]
+        if "level_count_conflict" in la.study_flags:
+            convention += "; the last-rib count (lowest rib-bearing vertebra = T12) disagrees: level_labelings.rib"
+    rib = None
+    if ribs is not None:
+        rib = {k: v for k, v in ribs.to_dict().items() if k != "evidence"}
+    return {"levels_anchor": la.anchor, "level_labelings": la.labelings, "rib_pairs_in_view": la.rib_pairs_in_view,
+            "convention": convention, "rib_anchor": rib}
+
+
+def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagittal, m,
+                    ribs: Optional[RibLevel] = None) -> Tuple[List[Detection], LevelAssignment, List[Dict[str, Any]]]:
+    """Name the candidates' levels (:func:`bmd_d2.levels.assign_levels`, ``MEASURE.UNANCHORED_LEVEL_RULE``), with
+    the rib anchor ``ribs`` (:func:`bmd_d2.measure.anchors.rib_level`) when one was found.
 
     Returns:
         ``(detections, assignment, rejected)``: one level-rule ``Detection`` per candidate (its centroid is the
@@ -257,7 +292,7 @@ def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagit
                                tuple(float(v) for v in dets["boxes"][c.index]),
                                (float(cols.mean()), float(rows.mean()))))
     la = assign_levels(found, pixel_spacing_mm=float(sagittal.spacing), image_shape=(H, W),
-                       fov_rows=fov_rows(sagittal), rule=m.UNANCHORED_LEVEL_RULE)
+                       fov_rows=fov_rows(sagittal), rule=m.UNANCHORED_LEVEL_RULE, ribs=ribs)
     rejected = [_rejection(dets, candidates[k].index, reason) for k, reason in la.rejected.items()]
     return found, la, rejected
 
@@ -307,6 +342,11 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
     if not withhold:
         v.classical_bmd = _float(calibration.hu_to_bmd(v.trabecular_hu))
         v.classical_bmd_3d = _float(calibration.hu_to_bmd(v.trabecular_hu_3d))
+        v.classical_bmd_sd = _float(calibration.bmd_sd(v.trabecular_hu))
+        v.classical_bmd_3d_sd = _float(calibration.bmd_sd(v.trabecular_hu_3d))
+    for f in calibration.flags:  # uncalibrated, calibration_fallback, ...: on every vertebra of the study
+        if f in _VERTEBRA_CALIBRATION_FLAGS:
+            add_flag(v.qc_flags, f)
     if v.learned_bmd is not None and v.classical_bmd is not None:
         v.bmd_difference = v.learned_bmd - v.classical_bmd
         if abs(v.bmd_difference) > float(m.MAX_BMD_DIFFERENCE):
@@ -366,13 +406,16 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
         sagittal: the ``SagittalImage`` the detections refer to (``hu`` ``(3, H, W)``, ``transform``, ``spacing``).
         cfg: config with the ``MEASURE`` section.
         volume: the source ``Volume`` (for the 3-D core and study identifiers); None skips them.
-        calibration: HU → BMD calibration; default ``calibration_from_cfg(cfg, volume.data)``.
+        calibration: HU → BMD calibration, used as given; default: the one ``MEASURE.CALIBRATION`` selects — the
+            internal calibration of ``volume`` at the labelled vertebral bodies (:func:`study_calibration`), or
+            ``calibration_from_cfg(cfg, volume.data)`` (file or linear default).
         study_id: id stored in the result.
 
     Returns:
         The study result; vertebrae cranial → caudal, the sacrum last.
     """
     m = cfg.MEASURE
+    internal = calibration is None and calibration_method(cfg) == "internal"
     if calibration is None:
         calibration = calibration_from_cfg(cfg, volume.data if volume is not None else None)
     hu3 = np.asarray(sagittal.hu)
@@ -388,10 +431,21 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
     candidates, rejected = screen_detections(dets, hu3, m, geometry, spine_missing=spine_missing, volume=volume,
                                              transform=transform)
     result.rejected.extend(rejected)
-    found, la, rejected = label_vertebrae(dets, candidates, sagittal, m)
+    rib_anchor = None if spine_missing else find_rib_anchor(volume, sagittal)
+    found, la, rejected = label_vertebrae(dets, candidates, sagittal, m,
+                                          rib_level(rib_anchor, sagittal) if rib_anchor is not None else None)
     result.rejected.extend(rejected)
+    result.levels = levels_record(la, rib_anchor)
     for f in la.study_flags:
         add_flag(result.qc_flags, f)
+    if internal and la.order:  # the reference tissues are measured at the labelled vertebral bodies
+        bodies = [k for k in la.order if found[k].category == VERTEBRAL_BODY_CLASS] or list(la.order)
+        spine = [(transform @ [found[k].centroid[0], found[k].centroid[1], 0.0, 1.0])[:3] for k in bodies]
+        calibration = study_calibration(cfg, volume, np.asarray(spine))
+        result.calibration = calibration.to_dict()
+    if la.order:
+        for f in calibration.flags:
+            add_flag(result.qc_flags, f)
     for k in la.order:
         result.vertebrae.append(measure_vertebra(dets, candidates[k], found[k], la.levels[k], la.flags[k],
                                                  calibration, m, geometry, volume=volume, transform=transform))
