@@ -38,8 +38,9 @@ Steps (:func:`internal_calibration`):
 4. **Fit** (:func:`fit_reference_tissues`): ``measured HU(t) = offset + gain · HU_physics(t; spectrum)`` with the
    spectrum ``physics.tube_spectrum(kVp, al_mm=filtration, water_mm=thickness)``. Unknown: offset, gain, filtration
    (mm Al: stands for every hardening of the tube side, i.e. the effective energy) and the hardening thickness, each
-   with a prior (offset 0 ± 10 HU, gain 1 ± 0.02, filtration 7.5 ± 2.5 mm Al, thickness from the WED ± 12 %), so
-   the fit is determined even with a tissue missing. Tissues weigh by their biological spread (:data:`TISSUE_SD_HU`:
+   with a prior (offset 0 ± 4 HU and gain 1 ± 0.01: the scanner's water/air calibration tolerances; filtration
+   7.5 ± 4 mm Al, wide enough for copper-filtered tubes (0.1–0.4 mm Cu ≈ 10–20 mm Al); thickness from the WED ± 12 %),
+   so the fit is determined even with a tissue missing. Tissues weigh by their biological spread (:data:`TISSUE_SD_HU`:
    air 4, fat 6, muscle 12, blood 4.5 HU; the materials: :func:`_materials`) plus their measurement error. A tissue
    more than 3.5 SD off the fit is dropped once and the fit repeated. The kVp is the DICOM ``KVP`` tag when given;
    otherwise each of 80–140 kV (10 kV steps) is fitted and the results are averaged by prior (120 kVp most likely) ×
@@ -94,8 +95,12 @@ MIN_VOXELS = {"air": 2000, "fat": 500, "muscle": 500, "blood": 100}
 _KVPS_UNKNOWN = {80.0: 0.08, 90.0: 0.04, 100.0: 0.18, 110.0: 0.08, 120.0: 0.42, 130.0: 0.08, 140.0: 0.12}
 _KVP_RANGE = (80.0, 140.0)
 _ROD_MG = 200.0  # two-point slope of the K2HPO4-in-water rod (exact: HU is linear in the mineral)
-# priors (mean, SD) of the fitted parameters; the hardening thickness is the WED's
-_PRIOR_OFFSET, _PRIOR_GAIN, _PRIOR_AL = (0.0, 10.0), (1.0, 0.02), (7.5, 2.5)
+# priors (mean, SD) of the fitted parameters; the hardening thickness is the WED's. Offset and gain: the scanner's
+# daily water (0 ± 4 HU) and air (-1000 ± 10 HU) calibration tolerances; they fix the offset, so the fat and muscle HU tell
+# more of the spectrum. Filtration (mm Al-equivalent): plain tubes ~5-9 mm, copper-filtered ones (0.1-0.4 mm Cu) ~10-20 mm; a
+# narrower prior (7.5 ± 2.5) pulled those down to a softer spectrum and slopes 8-10 % too high; a higher mean pulls
+# plain tubes up instead (the soft tissues pin the filtration only loosely).
+_PRIOR_OFFSET, _PRIOR_GAIN, _PRIOR_AL = (0.0, 4.0), (1.0, 0.01), (7.5, 4.0)
 _PRIOR_WATER_REL = 0.12
 _BOUNDS_AL = (0.5, 20.0)
 _PLAUSIBLE = {"effective_energy_kev": (45.0, 100.0), "gain": (0.85, 1.15), "offset": (-50.0, 50.0)}
@@ -178,7 +183,7 @@ class InternalCalibration:
         rois: one :class:`TissueROI` per tissue of :data:`TISSUES`.
         flags: QC flags (``calibration_contrast``, ``calibration_metal``).
         info: how the ROIs were found (slices, spine source, block factor, contrast search, WED per slice).
-        seconds: time taken.
+        seconds: time taken (not in :meth:`to_dict`).
     """
 
     ok: bool
@@ -205,7 +210,11 @@ class InternalCalibration:
         return bmd_sd_from_covariance(hu, self.slope, self.intercept, self.covariance)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The JSON form (``result.json``'s calibration details), without ``seconds``: the same study must give the
+        same result and the same DICOM output UIDs, whatever the machine's speed."""
+        d = asdict(self)
+        d.pop("seconds", None)
+        return d
 
 
 def bmd_sd_from_covariance(hu: float, slope: float, intercept: float, covariance) -> float:
