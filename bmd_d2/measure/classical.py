@@ -275,14 +275,19 @@ def study_calibration(cfg, volume, spine_lps) -> Calibration:
     return cal
 
 
-def _kvp_tag(volume) -> Optional[float]:
-    """The DICOM KVP of ``volume`` (kV) when given, finite and positive; else None."""
+def _positive_meta(volume, key: str) -> Optional[float]:
+    """The header value ``key`` of ``volume.meta`` as a number when given, finite and positive; else None."""
     meta = volume.meta if isinstance(getattr(volume, "meta", None), dict) else {}
     try:
-        kvp = float(meta.get("KVP") or 0.0)
+        value = float(meta.get(key) or 0.0)
     except (TypeError, ValueError):
         return None
-    return kvp if math.isfinite(kvp) and kvp > 0 else None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _kvp_tag(volume) -> Optional[float]:
+    """The DICOM KVP of ``volume`` (kV) when given, finite and positive; else None."""
+    return _positive_meta(volume, "KVP")
 
 
 def with_internal_reference(calibration: Calibration, cfg, volume_hu: Optional[np.ndarray] = None) -> Calibration:
@@ -317,12 +322,7 @@ def disk(radius_px: float) -> np.ndarray:
 
 def _dicom_slice_thickness(volume) -> Optional[float]:
     """DICOM ``SliceThickness`` of ``volume`` (mm), or None when missing, malformed or not positive."""
-    meta = volume.meta if isinstance(getattr(volume, "meta", None), dict) else {}
-    try:
-        thick = float(meta.get("SliceThickness") or 0.0)
-    except (TypeError, ValueError):
-        return None
-    return thick if math.isfinite(thick) and thick > 0 else None
+    return _positive_meta(volume, "SliceThickness")
 
 
 def slice_thickness_mm(volume) -> float:
