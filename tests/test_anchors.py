@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from bmd_d2.data.dicom import Volume, load_nifti
 from bmd_d2.data.sagittal import find_midsagittal_plane
-from bmd_d2.measure.anchors import find_ribs, find_sacrum
+from bmd_d2.measure import anchors
+from bmd_d2.measure.anchors import SpineGrid, find_ribs, find_sacrum, spine_grid
 from bmd_d2.phantoms import PhantomOptions
 from bmd_d2.phantoms.dataset import generate_study
 
@@ -18,6 +20,12 @@ REAL = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example
 def _phantom(seed):
     st = generate_study(seed, PhantomOptions(preview=False))
     return Volume(st.hu, np.asarray(st.affine, float)), st
+
+
+def _hu_at(vol, pts):
+    """Trilinear HU of ``vol`` at LPS points (N, 3)."""
+    ijk = vol.lps_to_index(np.asarray(pts, float))
+    return ndimage.map_coordinates(vol.data, ijk[:, ::-1].T, order=1, mode="nearest")
 
 
 def _z_range(st, name):
@@ -50,6 +58,16 @@ def test_full_phantom_finds_both_rib_pairs_and_ties_the_lowest_to_t12(seed):
     assert lo - 3.0 <= upper.z_mm <= hi
     assert upper.body_index == (names.index("T11") if "T11" in names else None)
     assert ribs.confidence == 1.0
+    # each traced rib's path (drawn by tools/make_anchor_figures.py) runs on the rib, on its side of the spine: brighter
+    # than the tissue 10 mm above and below it and 12 mm in front of and behind it, from its medial end down laterally
+    for r in ribs.evidence["ribs"]:
+        p = np.asarray(r["path_lps"], float)
+        assert len(p) >= r["run_mm"] / 4 and abs(p[0, 2] - r["medial_z_mm"]) < 0.06
+        assert abs(p[-1, 2] - p[0, 2] - r["lateral_dz_mm"]) < 0.15
+        assert np.all((p[:, 0] - low.point_lps[0]) * (1.0 if r["side"] == "left" else -1.0) > 30.0)  # + x = left
+        on = np.median(_hu_at(vol, p))
+        off = [np.median(_hu_at(vol, p + d)) for d in ([0, 0, 10.0], [0, 0, -10.0], [0, 12.0, 0], [0, -12.0, 0])]
+        assert on > max(off) + 15.0, (r["side"], r["z_mm"], on, off)
     json.dumps(ribs.to_dict())
 
 
@@ -63,6 +81,37 @@ def test_no_false_rib_below_t12(seed):
     lo, hi = _z_range(st, "T12")
     assert lo <= ribs.lowest_z_mm <= hi, (ribs.lowest_z_mm, lo, hi)
     assert ribs.confidence >= 0.6
+
+
+def _rib_mask_reference(g: SpineGrid):
+    """The rib mask by its definition (module docstring), with scipy's grey opening."""
+    dy = g.ys[None, :] - g.yb[:, None]
+    rows = np.nonzero(((dy >= anchors.RIB_AP_MM[0]) & (dy <= anchors.RIB_AP_MM[1])).any(0))[0]
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    n = max(3, int(round(anchors.RIB_OPEN_MM / g.step)) | 1)
+    C = np.maximum(g.C[:, y0:y1], 0.0)
+    th = C - ndimage.grey_opening(C, size=(1, n, n))
+    bright = g.C[:, y0:y1] >= anchors.RIB_HU
+    return (bright & (th >= anchors.RIB_TOPHAT_WEAK_HU)).astype(np.uint8) + (bright & (th >= anchors.RIB_TOPHAT_HU)), y0
+
+
+def test_rib_mask_is_the_grey_opening_top_hat():
+    """The per-slice OpenCV opening gives the mask of the definition exactly: a full phantom, and random grids smaller
+    than the opening's box (its border handling)."""
+    vol, _ = _phantom(0)
+    g = spine_grid(vol, find_midsagittal_plane(vol))
+    M, y0 = anchors._rib_mask(g)
+    R, r0 = _rib_mask_reference(g)
+    assert y0 == r0 and M.dtype == np.uint8 and np.array_equal(M, R) and (M == 2).sum() > 1000
+    rng = np.random.default_rng(3)
+    for shape in [(4, 5, 9), (3, 12, 4), (6, 30, 40)]:
+        Z, Y, X = shape
+        C = rng.normal(100.0, 150.0, shape).astype(np.float32)
+        g = SpineGrid(C=C, lo=np.zeros(3), step=2.0, plane=None, yb=np.full(Z, 2.0 * Y / 2), xs=2.0 * np.arange(X),
+                      ys=2.0 * np.arange(Y), zs=2.0 * np.arange(Z))
+        M, y0 = anchors._rib_mask(g)
+        R, r0 = _rib_mask_reference(g)
+        assert y0 == r0 and np.array_equal(M, R), shape
 
 
 def test_field_of_view_below_the_ribs_gives_none():

@@ -6,6 +6,7 @@ Sections and the JSON report are described in ``tools/benchmark.py``. The ``io``
 :func:`describe_machine`, :func:`build_cfg`, :func:`phantom_options` and :func:`write_json` are shared with
 :mod:`bmd_d2.evaluation.benchmark_accuracy`.
 """
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TARGET_P50_S, TARGET_P95_S = 1.0, 1.5  # issue 21: per study on 2 CPU cores, shipped config
+TARGET_ANCHORS_S = 0.3  # issue 18: what the 3-D level anchors add per study (max), 2 CPU cores
+# the 3-D level-anchor steps measure_detections calls (functions of bmd_d2.measure.vertebrae), timed per study; a
+# 3-D sacrum step joins this list when the measurement calls one
+ANCHOR_STEPS = ("find_rib_anchor",)
 SECTIONS = ("io", "e2e", "infer", "train")
 
 
@@ -198,6 +203,22 @@ def _timed(fn: Callable, bucket: List[float], device: str) -> Callable:
     return wrapper
 
 
+@contextlib.contextmanager
+def _timed_anchor_steps(bucket: List[float]):
+    """While active, each call of a level-anchor step (:data:`ANCHOR_STEPS`, functions that ``measure_detections``
+    looks up in :mod:`bmd_d2.measure.vertebrae`) appends its wall time (s) to ``bucket``."""
+    from bmd_d2.measure import vertebrae as mod
+
+    saved = {n: getattr(mod, n) for n in ANCHOR_STEPS}
+    try:
+        for n, fn in saved.items():
+            setattr(mod, n, _timed(fn, bucket, "cpu"))
+        yield bucket
+    finally:
+        for n, fn in saved.items():
+            setattr(mod, n, fn)
+
+
 def bench_e2e(cfg, study_dirs: List[str], device: str) -> Dict[str, Any]:
     """Time ``BMDStudyPredictor(cfg)(dicom_folder)`` per study; returns stats and the results (for inference)."""
     from bmd_d2.measure import BMDStudyPredictor
@@ -208,17 +229,21 @@ def bench_e2e(cfg, study_dirs: List[str], device: str) -> Dict[str, Any]:
     pred.load = _timed(pred.load, parts["load"], device)
     pred.sagittal = _timed(pred.sagittal, parts["sagittal"], device)
     pred.detect = _timed(pred.detect, parts["model"], device)
-    totals, results = [], []
-    for d in study_dirs:
-        t = time.perf_counter()
-        res = pred(d)
-        _sync(device)
-        totals.append(time.perf_counter() - t)
-        results.append(res)
-        logger.info("%s: %.3f s (load %.3f, sagittal %.3f, model %.3f), %s, %d vertebrae",
-                    os.path.basename(os.path.dirname(d)), totals[-1], parts["load"][-1], parts["sagittal"][-1],
-                    parts["model"][-1], "×".join(str(n) for n in res.volume.data.shape) if res.volume is not None
-                    else "?", len(res.vertebrae))
+    totals, results, anchors = [], [], []
+    calls: List[float] = []
+    with _timed_anchor_steps(calls):
+        for d in study_dirs:
+            n0 = len(calls)
+            t = time.perf_counter()
+            res = pred(d)
+            _sync(device)
+            totals.append(time.perf_counter() - t)
+            anchors.append(float(sum(calls[n0:])))  # 0 when the study had no spine (no anchor searched)
+            results.append(res)
+            logger.info("%s: %.3f s (load %.3f, sagittal %.3f, model %.3f, anchors %.3f), %s, %d vertebrae",
+                        os.path.basename(os.path.dirname(d)), totals[-1], parts["load"][-1], parts["sagittal"][-1],
+                        parts["model"][-1], anchors[-1], "×".join(str(n) for n in res.volume.data.shape)
+                        if res.volume is not None else "?", len(res.vertebrae))
     measure = [tot - a - b - c for tot, a, b, c in zip(totals, parts["load"], parts["sagittal"], parts["model"])]
     out = _stats(totals)
     out["split_p50_s"] = {k: float(np.median(v)) for k, v in parts.items()}
@@ -227,6 +252,12 @@ def bench_e2e(cfg, study_dirs: List[str], device: str) -> Dict[str, Any]:
     out["per_study_split_s"] = [dict(load=a, sagittal=b, model=c, measure=m) for a, b, c, m in
                                 zip(parts["load"], parts["sagittal"], parts["model"], measure)]
     out["vertebrae_per_study"] = [len(r.vertebrae) for r in results]
+    # the 3-D level anchors (part of "measure"): issue 18's figure
+    out["anchors_p50_s"], out["anchors_max_s"] = float(np.median(anchors)), float(np.max(anchors))
+    out["per_study_anchors_s"] = anchors
+    out["anchors_steps"] = list(ANCHOR_STEPS)
+    out["target_anchors_s"] = TARGET_ANCHORS_S
+    out["meets_target_anchors"] = bool(out["anchors_max_s"] <= TARGET_ANCHORS_S)
     out["target_p50_s"], out["target_p95_s"] = TARGET_P50_S, TARGET_P95_S
     out["meets_target_p50"] = bool(out["p50_s"] <= TARGET_P50_S)
     out["meets_target_p95"] = bool(out["p95_s"] <= TARGET_P95_S)
@@ -344,6 +375,10 @@ def format_report(rep: Dict[str, Any]) -> str:
                      f"p95 ≤ {e['target_p95_s']:g} s {'met' if e['meets_target_p95'] else 'MISSED'}"]],
                    headers=["p50 s", "p95 s", "mean s", "max s", "load", "sagittal", "model", "measure", "target"],
                    tablefmt="pipe", floatfmt=".3f"))
+        if e.get("anchors_max_s") is not None:
+            p(f"Level anchors ({', '.join(e['anchors_steps'])}; part of measure): p50 {e['anchors_p50_s']:.3f} s, "
+              f"max {e['anchors_max_s']:.3f} s per study; "
+              f"target max ≤ {e['target_anchors_s']:g} s {'met' if e['meets_target_anchors'] else 'MISSED'}")
         by_ts = _by_transfer_syntax(rep.get("studies") or [], e)
         if by_ts:
             p("\nBy transfer syntax (per study; load = reading + decoding the series):")
