@@ -266,8 +266,10 @@ MEASURE_KEYS = (
     # is checked against the lower bound only.
     ("MIN_AREA_MM2", 100.0, _NON_NEGATIVE),
     ("MAX_AREA_MM2", 3000.0, _NON_NEGATIVE),
-    # Which BMD gives the reported value and categories: "learned" (model pred_bmd) or "classical" (HU + calibration).
-    ("PRIMARY_BMD", "learned", _Choice("learned", "classical")),
+    # Which BMD gives the reported value and categories: "learned" (model pred_bmd, or its learned HU through the
+    # calibration), "classical" (sagittal ROI HU + calibration) or "classical_3d" (the 3-D core where measured, else
+    # the sagittal ROI). docs/measurement.md ("Which value is reported") gives the figures behind the default.
+    ("PRIMARY_BMD", "learned", _Choice("learned", "classical", "classical_3d")),
     # Flag large_learned_classical_difference when |learned - classical| exceeds this (mg/cm^3).
     ("MAX_BMD_DIFFERENCE", 30.0, _NON_NEGATIVE),
     # Robustness checks (bmd_d2/measure/qc.py, flags documented in docs/measurement.md).

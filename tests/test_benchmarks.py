@@ -207,7 +207,11 @@ def test_benchmark_accuracy_cli_tiny(tmp_path, capsys):
               "levels", "bmd", "bmd_by_label", "acr", "precision", "targets", "studies_detail", "pairs", "plots"):
         assert k in rep, k
     assert rep["random_init"] is True and rep["studies"] == 1 and rep["study_seeds"][0] != 9000
-    assert "true calibration" in rep["calibration"]["note"]
+    assert "rod line" in rep["calibration"]["note"] and rep["calibration"]["configured"]["method"] == "internal"
+    assert {"mae_classical_3d", "mae_learned", "acr_classical_3d", "rescan_cv_classical_3d",
+            "mae_classical_3d_true_cal"} <= set(rep["targets"])
+    assert set(rep["acr"]) == {"learned", "classical", "learned_true_cal", "classical_true_cal", "classical_3d",
+                               "classical_3d_true_cal"}
     assert rep["detection"]["gt"] >= 5 and _finite_or_none(rep["detection"]["precision"])
     for m in METHODS:
         for k in ("mae", "rmse", "bias", "pearson_r", "loa_low", "loa_high"):

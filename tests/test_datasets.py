@@ -49,7 +49,8 @@ def test_dataset_dicts(dataset):
     assert os.path.isfile(d["file_name"]) and d["height"] == d["width"]
     assert d["series_dir"] and d["study_id"] == ids[0]
     a = d["annotations"][0]
-    assert set(a) >= {"bbox", "bbox_mode", "segmentation", "category_id", "level", "bmd", "trabecular_hu"}
+    assert set(a) >= {"bbox", "bbox_mode", "segmentation", "category_id", "level", "bmd", "trabecular_hu",
+                      "calibrated_hu"}
     assert a["category_id"] in (0, 1)
 
 
@@ -87,6 +88,25 @@ def test_register_by_name_only_dataset_folders(tmp_path, dataset):
     assert register_datasets_by_name(names, str(tmp_path)) == []  # idempotent
 
 
+def test_calibrated_hu_is_read_when_present_and_nan_in_old_tables(tmp_path):
+    """bmd.csv's calibrated_hu column (the trabecular bone's HU without the cortex's partial volume) reaches the
+    annotations and the HU target; a table written before it reads NaN there and the target falls back."""
+    from bmd_d2.data.mapper import _bone_hu
+    from bmd_d2.phantoms.writers import write_bmd_csv
+
+    write_bmd_csv(tmp_path / "new.csv", [dict(study_id="s", level="L1", bmd_mg_cm3=100.0, trabecular_hu=108.2,
+                                              calibrated_hu=99.6),
+                                         dict(study_id="s", level="L2", bmd_mg_cm3=90.0, trabecular_hu=95.0)])
+    rows = read_bmd_csv(tmp_path / "new.csv")["s"]
+    assert rows["L1"]["calibrated_hu"] == pytest.approx(99.6) and np.isnan(rows["L2"]["calibrated_hu"])
+    (tmp_path / "old.csv").write_text("study_id,level,bmd_mg_cm3,trabecular_hu\ns,L1,100,108.2\n")
+    old = read_bmd_csv(tmp_path / "old.csv")["s"]["L1"]
+    assert old["trabecular_hu"] == pytest.approx(108.2) and np.isnan(old["calibrated_hu"])
+    assert _bone_hu({"calibrated_hu": 99.6, "trabecular_hu": 108.2}) == pytest.approx(99.6)
+    assert _bone_hu({"calibrated_hu": float("nan"), "trabecular_hu": 108.2}) == pytest.approx(108.2)
+    assert np.isnan(_bone_hu({"calibrated_hu": None, "trabecular_hu": None}))
+
+
 def test_bad_csv(tmp_path):
     (tmp_path / "b.csv").write_text("study_id,level,bmd_mg_cm3\ns,L9,100\n")
     with pytest.raises(BMDError) as ex:
@@ -109,3 +129,29 @@ def test_prepare_with_workers_matches_serial(tmp_path):
     assert len(ja["annotations"]) == len(jb["annotations"]) > 0
     for x, y in zip(ja["annotations"], jb["annotations"]):
         assert x["bbox"] == y["bbox"] and x["level"] == y["level"] and x["bmd"] == y["bmd"]
+
+
+def test_mapper_hu_target_follows_the_intensity_augmentation(dataset):
+    """gt_trabecular_hu is the HU the augmented image shows: the intensity scale/shift applied to the image (fitted
+    back from the pixels here) moves the target exactly as it moves the window's HU."""
+    from detectron2.data import detection_utils as utils
+
+    from bmd_d2.data.mapper import BMDDatasetMapper, RandomIntensityNoise, _bone_hu
+
+    root, _ = dataset
+    params = make_sagittal_params(size=256)
+    d = load_bmd_dataset(prepare_sagittal_dataset(root, params=params))[0]  # cached after the first test
+    mapper = BMDDatasetMapper(True, augmentations=[RandomIntensityNoise(0.1, 10.0, 0.0)], sagittal_params=params)
+    np.random.seed(3)
+    out = mapper(d)
+    before = utils.read_image(d["file_name"], format="RGB").astype(np.float64)
+    after = out["image"].numpy().transpose(1, 2, 0).astype(np.float64)
+    inside = (before > 20) & (before < 200)  # away from clipping
+    scale, shift = np.polyfit(before[inside], after[inside], 1)
+    assert abs(scale - 1.0) > 1e-3 or abs(shift) > 0.5  # the draw did change the image
+    lo, width = params["window_level"] - params["window_width"] / 2, params["window_width"]
+    want = [scale * (_bone_hu(a) - lo) + shift * width / 255.0 + lo for a in d["annotations"]]
+    got = out["instances"].gt_trabecular_hu.numpy()
+    assert len(got) == len(want) and np.allclose(got, want, atol=1.0)  # 1 HU = 0.26 grey levels: the fit's rounding
+    plain = BMDDatasetMapper(True, augmentations=[], sagittal_params=params)(d)
+    assert np.allclose(plain["instances"].gt_trabecular_hu.numpy(), [_bone_hu(a) for a in d["annotations"]])

@@ -176,3 +176,27 @@ def test_synthetic_sanity_checks_reject_non_bone_and_withhold_metal():
     dets["scores"] = np.array([0.3, 0.3, 0.3, 0.3])
     res = measure_detections(dets, sag, cfg, calibration=Calibration())
     assert res.vertebrae == [] and res.model["below_threshold"] == 4 and "no_vertebrae_detected" in res.qc_flags
+
+
+def test_primary_classical_3d_reports_the_core_and_falls_back_to_the_sagittal_roi():
+    """MEASURE.PRIMARY_BMD classical_3d: the reported bmd (and the patient's ACR value) is the 3-D core's value; a
+    vertebra without a 3-D core (no source volume) reports the sagittal ROI's value and carries no_3d_core."""
+    cfg = get_bmd_cfg("configs/quick_schedules/bmd_rcnn_MFEFPN_instant_test.yaml",
+                      ["MEASURE.PRIMARY_BMD", "classical_3d"])
+    st = generate_study(1, PhantomOptions.tiny(metal=False, fracture=False, scoliosis=False, noise_sd=0.0))
+    vol = Volume(st.quantized_hu(), st.affine, meta={"source": "phantom"})
+    sag = truth_sagittal(st, vol, cfg)
+    dets, truth = _gt_detections(st, sag)
+    cal = Calibration(st.params["calib_b"], st.params["calib_a"], "phantom")
+    res = measure_detections(dets, sag, cfg, volume=vol, calibration=cal, study_id=st.study_id)
+    bodies = [v for v in res.vertebrae if v.level != "S1"]
+    assert len(bodies) >= 4
+    for v in bodies:
+        assert v.classical_bmd_3d is not None and v.bmd == v.classical_bmd_3d != v.classical_bmd
+    lv = res.patient["acr_levels"]
+    assert res.patient["primary_bmd"] == "classical_3d" and len(lv) == 2
+    assert res.patient["acr_bmd"] == pytest.approx(np.mean([res.vertebra(x).classical_bmd_3d for x in lv]))
+    flat = measure_detections(dets, sag, cfg, calibration=cal, study_id=st.study_id)  # no volume: no 3-D core
+    for v in flat.vertebrae:
+        if v.level != "S1":
+            assert v.classical_bmd_3d is None and "no_3d_core" in v.qc_flags and v.bmd == v.classical_bmd

@@ -114,8 +114,9 @@ def test_tissues_and_mineral_slope_move_with_kvp():
 
 
 def test_truth_is_a_phantom_qct_with_the_marrow_fat_bias():
-    """qct_bmd = (noise-free core HU - rod intercept) / rod slope; more marrow fat reads less mineral; a phantom
-    calibration file made from calib_a / calib_b turns the core HU into qct_bmd."""
+    """qct_bmd = (the trabecular bone's HU - rod intercept) / rod slope; more marrow fat reads less mineral; a phantom
+    calibration file made from calib_a / calib_b turns that HU into qct_bmd (the cortex's partial volume in the
+    core's rim, trabecular_hu - calibrated_hu, is not part of it)."""
     from bmd_d2.measure.classical import Calibration
 
     lean, fatty = (_tiny(9, marrow_fat_fraction=f) for f in (0.2, 0.7))
@@ -139,7 +140,7 @@ def test_truth_is_a_phantom_qct_with_the_marrow_fat_bias():
             assert t["fat_fraction"] == pytest.approx(p["marrow_fat_fraction_levels"][i], abs=1e-4)
             assert abs(t["trabecular_hu"] - t["calibrated_hu"]) < 2.0  # the core mean is the physics HU of the BMD
             assert abs(measured[t["level"]] - t["trabecular_hu"]) < 0.01
-            assert cal.hu_to_bmd(t["trabecular_hu"]) == pytest.approx(t["qct_bmd_mg_cm3"], abs=2e-3)
+            assert cal.hu_to_bmd(t["calibrated_hu"]) == pytest.approx(t["qct_bmd_mg_cm3"], abs=2e-3)
             assert t["fat_bias_mg_cm3"] == pytest.approx(t["qct_bmd_mg_cm3"] - t["bmd_mg_cm3"], abs=2e-3)
     assert [t["bmd_mg_cm3"] for t in lean.truth] == [t["bmd_mg_cm3"] for t in fatty.truth]
     for t_lean, t_fat in zip(lean.truth, fatty.truth):

@@ -4,7 +4,7 @@ Layout (see ``docs/ARCHITECTURE.md``)::
 
     <root>/<dataset>/studies/<study_id>/dicom/*       CT series (any file names)
     <root>/<dataset>/studies/<study_id>/labels.nii.gz vertebral-body labels (T11 = 1 … S1 = 8)
-    <root>/<dataset>/bmd.csv                          study_id,level,bmd_mg_cm3,trabecular_hu
+    <root>/<dataset>/bmd.csv                          study_id,level,bmd_mg_cm3,trabecular_hu[,calibrated_hu]
     <root>/<dataset>/sagittal/<study_id>.png|.npz     prepared 3-slice images (cache)
     <root>/<dataset>/annotations.json                 COCO (category ids 1 = vertebral_body, 2 = sacrum)
 
@@ -88,9 +88,10 @@ def series_content_hash(source, extra: Iterable[str] = ()) -> str:
 
 
 def read_bmd_csv(path) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Read ``study_id,level,bmd_mg_cm3,trabecular_hu`` → ``{study: {level: {"bmd": …, "trabecular_hu": …}}}``.
+    """Read ``study_id,level,bmd_mg_cm3,trabecular_hu[,calibrated_hu]`` → ``{study: {level: {"bmd": …,
+    "trabecular_hu": …, "calibrated_hu": …}}}``.
 
-    Missing values become NaN. Raises ``BMDError`` for a missing file or missing columns.
+    Missing values (and a missing ``calibrated_hu`` column) become NaN. Raises ``BMDError`` for a missing file or missing columns.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -113,7 +114,8 @@ def read_bmd_csv(path) -> Dict[str, Dict[str, Dict[str, float]]]:
             if level not in LEVELS:
                 raise BMDError(f"unknown level '{row['level']}' (expected one of {', '.join(LEVELS)})", path=path)
             out.setdefault(row["study_id"].strip(), {})[level] = {
-                "bmd": num(row.get("bmd_mg_cm3")), "trabecular_hu": num(row.get("trabecular_hu"))}
+                "bmd": num(row.get("bmd_mg_cm3")), "trabecular_hu": num(row.get("trabecular_hu")),
+                "calibrated_hu": num(row.get("calibrated_hu"))}
     return out
 
 
@@ -146,7 +148,8 @@ def _annotations_from_labels(labels2d: np.ndarray, bmd_rows: Dict[str, Dict[str,
         row = bmd_rows.get(level, {})
         anns.append({"bbox": [x, y, w, h], "segmentation": rle, "area": area, "category_id": level_class(level) + 1,
                      "level": level, "bmd": _nan_to_none(row.get("bmd")),
-                     "trabecular_hu": _nan_to_none(row.get("trabecular_hu")), "iscrowd": 0})
+                     "trabecular_hu": _nan_to_none(row.get("trabecular_hu")),
+                     "calibrated_hu": _nan_to_none(row.get("calibrated_hu")), "iscrowd": 0})
     return anns
 
 
@@ -327,7 +330,7 @@ def load_bmd_dataset(json_file, image_root=None) -> List[dict]:
     Returns:
         list of dicts ``{"file_name", "height", "width", "image_id", "study_id", "series_dir", "label_file",
         "sagittal_file", "annotations": [{"bbox", "bbox_mode", "segmentation", "category_id", "level", "bmd",
-        "trabecular_hu", "iscrowd"}]}``.
+        "trabecular_hu", "calibrated_hu", "iscrowd"}]}`` (``calibrated_hu`` NaN in datasets prepared without it).
     """
     from detectron2.structures import BoxMode
 
@@ -348,6 +351,7 @@ def load_bmd_dataset(json_file, image_root=None) -> List[dict]:
                          "category_id": int(a["category_id"]) - 1, "level": a.get("level"),
                          "bmd": float("nan") if a.get("bmd") is None else float(a["bmd"]),
                          "trabecular_hu": float("nan") if a.get("trabecular_hu") is None else float(a["trabecular_hu"]),
+                         "calibrated_hu": float("nan") if a.get("calibrated_hu") is None else float(a["calibrated_hu"]),
                          "iscrowd": int(a.get("iscrowd", 0))})
         dicts.append({"file_name": str(image_root / im["file_name"]), "height": im["height"], "width": im["width"],
                       "image_id": im["id"], "study_id": im.get("study_id"), "series_dir": im.get("series_dir"),

@@ -4,12 +4,15 @@ Image: the 3-slice sagittal PNG (``file_name``); when a dict has only ``series_d
 sagittal image is built once and cached by series content (``INPUT.DICOM.CACHE_DIR``). Training returns ``image``
 (uint8 → float tensor (3, H, W), 0…255; normalisation by ``MODEL.PIXEL_MEAN/STD`` happens in the model) and
 ``instances`` with ``gt_boxes``, ``gt_classes``, ``gt_masks`` (BitMasks), ``gt_bmd`` float32 (N,) mg/cm³ and
-``gt_trabecular_hu`` float32 (N,) HU (NaN when unknown) and ``gt_levels`` int64 (N,) (T11 = 1 … S1 = 8); inference returns ``image`` only.
+``gt_trabecular_hu`` float32 (N,) HU: the trabecular bone's own HU (the annotation's ``calibrated_hu``, without the
+cortex's partial volume; its ``trabecular_hu`` where that is unknown; NaN when both are) and ``gt_levels`` int64 (N,)
+(T11 = 1 … S1 = 8); inference returns ``image`` only.
 
 Augmentations (training, ``INPUT.BMD_AUG``): random scale (``SCALE_RANGE``) with a fixed-size crop/pad back to the
 image size, a small in-plane rotation (``ROTATION`` degrees), resolution randomisation (``RESOLUTION_PROB``: down- and
 up-sampling per axis by up to ``RESOLUTION_MAX_MM``, as in CTs with 1.5–3 mm pixels or slices; the masks stay sharp)
-and intensity scale/shift plus Gaussian noise. There is no
+and intensity scale/shift plus Gaussian noise (``gt_trabecular_hu`` follows the scale and shift: the HU the augmented
+image shows, :meth:`IntensityNoiseTransform.apply_hu`). There is no
 flip: a left-right flip of the *volume* would only swap channels 0 and 2, and a flip of the sagittal *image* would swap
 anterior/posterior or head/feet, which never occurs in real scans. Intensity changes alter apparent HU, which the BMD
 target depends on, so they are kept small (calibration varies between scanners anyway).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from typing import List, Optional
 
@@ -65,6 +69,13 @@ class IntensityNoiseTransform(ImageOnlyTransform):
         if img.dtype == np.uint8:
             return np.clip(np.rint(out), 0, 255).astype(np.uint8)
         return out.astype(img.dtype)
+
+    def apply_hu(self, hu, window_width: float, window_level: float):
+        """The HU a value ``hu`` reads in the transformed image of a ``window_width``/``window_level`` window (the
+        noise is zero-mean and clipping is ignored): ``scale · (hu - lo) + shift · width / 255 + lo``, ``lo`` the
+        window's lower end. Keeps a learned-HU target true to the image the model sees."""
+        lo = float(window_level) - float(window_width) / 2.0
+        return self.scale * (hu - lo) + self.shift * float(window_width) / 255.0 + lo
 
 
 class RandomIntensityNoise(T.Augmentation):
@@ -146,6 +157,15 @@ def build_bmd_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     return augs
 
 
+def _bone_hu(anno: dict) -> float:
+    """The HU target of an annotation: ``calibrated_hu`` where known, else ``trabecular_hu``, else NaN."""
+    for key in ("calibrated_hu", "trabecular_hu"):
+        v = anno.get(key)
+        if v is not None and math.isfinite(float(v)):
+            return float(v)
+    return float("nan")
+
+
 class BMDDatasetMapper:
     """Map a bmd_d2 dataset dict to ``{"image", "instances", ...}`` (see module docstring).
 
@@ -202,9 +222,11 @@ class BMDDatasetMapper:
         # Fields aligned with the annotations before any filtering.
         instances.gt_bmd = torch.tensor([float("nan") if a.get("bmd") is None else float(a["bmd"]) for a in annos],
                                         dtype=torch.float32)
-        instances.gt_trabecular_hu = torch.tensor(
-            [float("nan") if a.get("trabecular_hu") is None else float(a["trabecular_hu"]) for a in annos],
-            dtype=torch.float32)
+        hu = np.array([_bone_hu(a) for a in annos], dtype=np.float64)
+        for t in transforms.transforms:  # the intensity augmentation changes the HU the image shows
+            if isinstance(t, IntensityNoiseTransform):
+                hu = t.apply_hu(hu, self.sagittal_params["window_width"], self.sagittal_params["window_level"])
+        instances.gt_trabecular_hu = torch.tensor(hu, dtype=torch.float32)
         from bmd_d2.levels import LEVEL_TO_LABEL
 
         instances.gt_levels = torch.tensor([LEVEL_TO_LABEL.get(a.get("level") or "", 0) for a in annos],

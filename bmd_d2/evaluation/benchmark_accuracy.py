@@ -10,23 +10,36 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .benchmark_speed import build_cfg, describe_machine, phantom_options
 
 logger = logging.getLogger(__name__)
 
+#: Targets (issues 7 and 19): name → (operator, goal, what). "configured calibration" is what bmd-measure uses: the
+#: study's internal calibration when no file is given (the phantomless figures of issue 19), else the file;
+#: ``*_true_cal`` is the study's own rod line, i.e. a perfect phantom calibration file.
 TARGETS = OrderedDict([
+    ("mae_classical_3d", ("≤", 5.0, "MAE, classical BMD (3-D core, configured calibration), vertebral bodies")),
+    ("pearson_r_classical_3d", ("≥", 0.98, "Pearson r, classical BMD (3-D core, configured calibration)")),
+    ("mae_learned", ("≤", 5.0, "MAE, learned BMD (configured calibration), vertebral bodies")),
+    ("pearson_r_learned", ("≥", 0.98, "Pearson r, learned BMD vs truth, vertebral bodies")),
     ("max_per_level_mae_learned", ("≤", 5.0, "worst per-level MAE, learned BMD, T11–L5 (mg/cm³; aim ≤ 3)")),
-    ("pearson_r_learned", ("≥", 0.97, "Pearson r, learned BMD vs truth, vertebral bodies")),
+    ("acr_classical_3d", ("≥", 0.95, "ACR category accuracy, classical 3-D (patients)")),
+    ("acr_learned", ("≥", 0.95, "ACR category accuracy, learned (patients)")),
+    ("rescan_cv_classical_3d", ("≤", 2.0, "re-scan RMS-CV %, classical 3-D (configured calibration)")),
+    ("rescan_cv_learned", ("≤", 2.0, "re-scan RMS-CV %, learned")),
+    ("mae_classical_3d_true_cal", ("≤", 3.0, "MAE, classical 3-D through the study's rod line (phantom file)")),
     ("dice_vertebrae", ("≥", 0.90, "mean Dice of matched vertebral bodies (sagittal mid-plane)")),
     ("level_accuracy", ("≥", 0.99, "level label accuracy of matched vertebrae")),
 ])
 CALIBRATION_NOTE = (
-    "classical = sagittal-ROI HU through the configured calibration ({source}: slope {slope:g} HU per mg/cm³, "
-    "intercept {intercept:g} HU), as bmd-measure reports it; every phantom has its own scanner calibration "
-    "(slope 0.8-1.25), so a generic calibration is off by up to ±25 %. classical_true_cal = the same HU through the "
-    "study's true calibration (phantom.json calib_a/calib_b), i.e. a phantom-calibrated scanner. *_3d: the 3-D core.")
+    "configured calibration = what bmd-measure uses ({method}: {source}; with MEASURE.CALIBRATION auto and no file, "
+    "each study's own internal calibration from air, fat, muscle and blood). classical = sagittal-ROI HU through it; "
+    "classical_3d = the 3-D core through it; learned = the model's value (a head that learned the trabecular HU: "
+    "that HU through it). *_true_cal = the same HU through the study's own K2HPO4 rod line (phantom.json "
+    "qct_calibration = calib_a/calib_b), i.e. a perfect phantom calibration file. Truth: qct_bmd_mg_cm3, the "
+    "trabecular bone's HU (calibrated_hu) through that rod line, the marrow-fat confounder included.")
 
 
 def measure_phantom(predictor, study, folder: str, iou: float, min_area_px: int = 30) -> Dict[str, Any]:
@@ -62,7 +75,7 @@ def measure_phantom(predictor, study, folder: str, iou: float, min_area_px: int 
 def calibration_blind_floor(truths: List[List[Dict]]) -> Dict[str, Any]:
     """How well *any* estimator that sees HU but not the scanner's calibration could do on these studies.
 
-    Uses the truth itself: each vertebra's exact noise-free trabecular-core mean HU and its true BMD. A straight line
+    Uses the truth itself: each vertebra's exact trabecular HU (``calibrated_hu``) and its true BMD. A straight line
     BMD = α + β·HU is fitted on all other studies (leave one study out) and applied to the held-out study's exact HU —
     perfect segmentation, no noise, the best linear HU → BMD mapping for this scanner population. The remaining error
     is the spread of the per-scanner calibrations (``HU = a + b·BMD``, a −10…30 HU, b 0.8–1.25): a lower bound for the
@@ -72,8 +85,8 @@ def calibration_blind_floor(truths: List[List[Dict]]) -> Dict[str, Any]:
 
     from bmd_d2.evaluation.study_accuracy import reference_bmd
 
-    rows = [(i, float(t["trabecular_hu"]), reference_bmd(t)) for i, tr in enumerate(truths) for t in tr
-            if t.get("level") != "S1" and t.get("trabecular_hu") is not None]
+    rows = [(i, float(t.get("calibrated_hu", t.get("trabecular_hu"))), reference_bmd(t)) for i, tr in enumerate(truths)
+            for t in tr if t.get("level") != "S1" and t.get("calibrated_hu", t.get("trabecular_hu")) is not None]
     if len(truths) < 3 or len(rows) < 6:
         return {"n": len(rows), "mae": float("nan"), "pearson_r": float("nan")}
     sid, hu, bmd = (np.array(c) for c in zip(*rows))
@@ -84,18 +97,34 @@ def calibration_blind_floor(truths: List[List[Dict]]) -> Dict[str, Any]:
         pred[out] = alpha + beta * hu[out]
     return {"n": int(len(rows)), "mae": float(np.mean(np.abs(pred - bmd))),
             "pearson_r": float(np.corrcoef(pred, bmd)[0, 1]),
-            "what": "leave-one-study-out linear fit of true BMD on exact noise-free core HU, T11-L5"}
+            "what": "leave-one-study-out linear fit of true BMD on the exact trabecular HU, T11-L5"}
 
 
-def evaluate_targets(summary: Dict[str, Any]) -> Dict[str, Any]:
-    """Each target with its value, whether it is met (None when the value is undefined) and the margin."""
+def evaluate_targets(summary: Dict[str, Any], precision: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Each target with its value, whether it is met (None when the value is undefined) and the margin.
+
+    Args:
+        summary: :func:`~bmd_d2.evaluation.study_accuracy.summarize_studies`.
+        precision: :func:`~bmd_d2.evaluation.study_accuracy.summarize_precision` (None: the re-scan targets n/a).
+    """
     import math
 
     per_level = summary["bmd"]["learned"]["per_level"]
     maes = [d["mae"] for lv, d in per_level.items() if lv != "S1" and d["n"]]
+    vb = {m: d["vertebrae"] for m, d in summary["bmd"].items()}
+    acr = summary.get("acr", {})
+    prec = precision or {}
     values = {
+        "mae_classical_3d": vb["classical_3d"]["mae"],
+        "pearson_r_classical_3d": vb["classical_3d"]["pearson_r"],
+        "mae_learned": vb["learned"]["mae"],
+        "pearson_r_learned": vb["learned"]["pearson_r"],
         "max_per_level_mae_learned": max(maes) if maes else math.nan,
-        "pearson_r_learned": summary["bmd"]["learned"]["vertebrae"]["pearson_r"],
+        "acr_classical_3d": acr.get("classical_3d", {}).get("accuracy", math.nan),
+        "acr_learned": acr.get("learned", {}).get("accuracy", math.nan),
+        "rescan_cv_classical_3d": prec.get("classical_3d", {}).get("rms_cv_pct", math.nan),
+        "rescan_cv_learned": prec.get("learned", {}).get("rms_cv_pct", math.nan),
+        "mae_classical_3d_true_cal": vb["classical_3d_true_cal"]["mae"],
         "dice_vertebrae": summary["dice"]["vertebrae_mean"],
         "level_accuracy": summary["levels"]["accuracy"],
     }
@@ -124,7 +153,7 @@ def run(args) -> Dict[str, Any]:
     from bmd_d2.phantoms import generate_study, study_seed
     from bmd_d2.evaluation.study_accuracy import summarize_precision, summarize_studies
     from bmd_d2.measure import BMDStudyPredictor
-    from bmd_d2.measure.classical import calibration_from_cfg
+    from bmd_d2.measure.classical import calibration_from_cfg, calibration_method
 
     cfg = build_cfg(args.config_file, args.weights, args.device, args.opts, calibration=args.calibration)
     iou = float(cfg.MEASURE.EVAL_MATCH_IOU)
@@ -153,18 +182,23 @@ def run(args) -> Dict[str, Any]:
                 patients.append(scans)
     summary = summarize_studies(records)
     cal = calibration_from_cfg(cfg)
+    method = calibration_method(cfg)
     rep: Dict[str, Any] = OrderedDict(
         benchmark="accuracy", config_file=args.config_file, weights=cfg.MODEL.WEIGHTS or "(random init)",
         random_init=not cfg.MODEL.WEIGHTS, machine=describe_machine(cfg.MODEL.DEVICE), phantom=args.phantom,
         seed=args.seed, phantom_options=dict(args.phantom_options),
         study_seeds=[study_seed(args.seed, i) for i in range(args.n)], iou_threshold=iou,
         score_threshold=float(cfg.MEASURE.SCORE_THRESHOLD),
-        calibration={"configured": {"source": cal.source, "slope": cal.slope, "intercept": cal.intercept},
-                     "note": CALIBRATION_NOTE.format(source=cal.source, slope=cal.slope, intercept=cal.intercept)})
+        calibration={"configured": {"method": method, "source": cal.source, "slope": cal.slope,
+                                    "intercept": cal.intercept},
+                     "note": CALIBRATION_NOTE.format(
+                         method=method, source=("per study" if method == "internal" else
+                                                f"{cal.source}, slope {cal.slope:g} HU per mg/cm³, intercept "
+                                                f"{cal.intercept:g} HU"))})
     rep.update(summary)
     rep["precision"] = summarize_precision(patients)
     rep["calibration_blind_floor"] = calibration_blind_floor(truths)
-    rep["targets"] = evaluate_targets(summary)
+    rep["targets"] = evaluate_targets(summary, rep["precision"])
     rep["studies_detail"] = [{k: v for k, v in r.items() if k not in ("pairs", "by_label")} for r in records]
     rep["pairs"] = [dict(p, study_id=r["study_id"]) for r in records for p in r["pairs"]]
     rep["elapsed_s"] = time.perf_counter() - t0
@@ -178,7 +212,7 @@ def save_method_plots(records: List[Dict], folder: str) -> Dict[str, List[str]]:
     from bmd_d2.evaluation.bmd_evaluator import save_plots
 
     out = {}
-    for m in ("learned", "classical", "classical_true_cal"):
+    for m in ("learned", "classical_3d", "classical_3d_true_cal"):
         d = os.path.join(folder, m)
         os.makedirs(d, exist_ok=True)
         recs = [{"pairs": [{"gt_bmd": p["gt_bmd"], "pred_bmd": p["pred"][m], "gt_level": p["gt_level"]}
@@ -232,11 +266,12 @@ def format_report(rep: Dict[str, Any]) -> str:
         rows = []
         for name in levels:
             row = [name, rep["bmd"]["learned"]["per_level"][name]["n"]]
-            for m in ("learned", "classical", "classical_true_cal"):
+            for m in ("learned", "classical_3d", "classical_3d_true_cal"):
                 d = rep["bmd"][m]["per_level"].get(name, {})
                 row += [d.get("mae"), d.get("pearson_r")]
             rows.append(_none(row))
-        p(tabulate(rows, headers=["level", "n", "learned MAE", "r", "classical MAE", "r", "true-cal MAE", "r"], **fmt))
+        p(tabulate(rows, headers=["level", "n", "learned MAE", "r", "classical 3-D MAE", "r", "3-D true-cal MAE", "r"],
+                   **fmt))
     p("\nACR category accuracy (patient level: L1+L2, else first two usable of L1–L4):")
     p(tabulate([_none([m, d["n"], d["accuracy"], d["not_given"]]) for m, d in rep["acr"].items()],
                headers=["method", "patients", "accuracy", "not given"], **dict(fmt, floatfmt=".3f")))

@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 METHODS = ("learned", "learned_true_cal", "classical", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
+#: Methods with a patient-level ACR category: the report's own learned and classical categories, and the others' mean
+#: at the two levels the classical rule chose (``acr_levels_classical``).
+ACR_METHODS = ("learned", "classical", "learned_true_cal", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
 
 
 def reference_bmd(t: Dict) -> float:
@@ -162,13 +165,18 @@ def study_record(result, truth: Sequence[Dict], gt_masks: Dict[str, np.ndarray],
                          "pred": values[v] if v is not None else {m: None for m in METHODS}})
     p = result.patient or {}
     true_cal_levels = p.get("acr_levels_classical") or []
-    tc = [values[k]["classical_true_cal"] for k, x in enumerate(verts) if x.level in true_cal_levels]
+
+    def category_at_levels(method):  # the patient category of a method at the levels the classical rule chose
+        vals = [values[k][method] for k, x in enumerate(verts) if x.level in true_cal_levels]
+        return acr_category(float(np.mean(vals))) if len(vals) == 2 and None not in vals else None
+
     patient = {
         "truth": truth_acr(truth_bmd),
         "learned": p.get("acr_category_learned"),
         "classical": p.get("acr_category_classical"),
-        "classical_true_cal": acr_category(float(np.mean(tc))) if len(tc) == 2 and None not in tc else None,
     }
+    for m in ACR_METHODS[2:]:
+        patient[m] = category_at_levels(m)
     return {"study_id": result.study_id, "n_gt": len(gt_levels), "n_pred": len(verts) - ignored, "n_ignored": ignored,
             "pairs": pairs, "by_label": by_label, "patient": patient}
 
@@ -228,8 +236,8 @@ def summarize_studies(records: List[Dict]) -> Dict[str, Any]:
     lab = [p for r in records for p in r["by_label"] if p["gt_class"] == VERTEBRAL_BODY_CLASS]
     out["bmd_by_label"] = OrderedDict((m, _summary(lab, m)) for m in METHODS)
     out["acr"] = OrderedDict()
-    for m in ("learned", "classical", "classical_true_cal"):
-        ps = [(r["patient"][m], r["patient"]["truth"]["category"]) for r in records
+    for m in ACR_METHODS:
+        ps = [(r["patient"].get(m), r["patient"]["truth"]["category"]) for r in records
               if r["patient"]["truth"]["category"] is not None]
         out["acr"][m] = {"accuracy": metrics.accuracy([a for a, _ in ps], [b for _, b in ps]), "n": len(ps),
                          "not_given": sum(1 for a, _ in ps if a is None),

@@ -308,6 +308,16 @@ def _core(cand: Candidate, mask: np.ndarray, geometry: RoiGeometry, volume, tran
     return measure_core_3d(volume, transform, roi, float(m.CORE_HALF_WIDTH_MM), int(m.MIN_ROI_PIXELS))
 
 
+def primary_value(v: VertebraResult, primary: str) -> Optional[float]:
+    """The reported BMD of ``v`` under ``MEASURE.PRIMARY_BMD``: "learned", "classical" (sagittal ROI) or
+    "classical_3d" (the 3-D core where measured, else the sagittal ROI; such a vertebra carries ``no_3d_core``)."""
+    if primary == "learned":
+        return v.learned_bmd
+    if primary == "classical_3d" and v.classical_bmd_3d is not None:
+        return v.classical_bmd_3d
+    return v.classical_bmd
+
+
 def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, level: Optional[str],
                      level_flags: Sequence[str], calibration: Calibration, m, geometry: RoiGeometry, *, volume=None,
                      transform: np.ndarray) -> VertebraResult:
@@ -352,7 +362,7 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
         if abs(v.bmd_difference) > float(m.MAX_BMD_DIFFERENCE):
             v.qc_flags.append("large_learned_classical_difference")
     if not withhold:
-        v.bmd = v.learned_bmd if m.PRIMARY_BMD == "learned" else v.classical_bmd
+        v.bmd = primary_value(v, m.PRIMARY_BMD)
     if v.category_id == VERTEBRAL_BODY_CLASS:
         v.category = acr_category(v.bmd)
         v.heights_mm = vertebral_heights(mask, geometry.spacing_mm)

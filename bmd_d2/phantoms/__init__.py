@@ -31,8 +31,11 @@ Ground truth (the contract every consumer relies on)
   offset). Reading the DICOM back and averaging the core gives ``trabecular_hu`` up to the noise (σ / sqrt(N) with
   correlated noise) and quantisation (``RescaleSlope / 2``).
 * v5 per level also: ``fat_fraction`` (the level's marrow fat, yellow-marrow volume share), ``qct_bmd_mg_cm3`` (what
-  an ideal phantom QCT reads: ``(trabecular_hu - intercept) / slope`` of the study's ``qct_calibration``, so the
-  marrow-fat confounder of single-energy QCT is in it) and ``fat_bias_mg_cm3`` (``qct_bmd_mg_cm3 - bmd_mg_cm3``).
+  an ideal phantom QCT reads of the trabecular bone: ``(calibrated_hu - intercept) / slope`` of the study's
+  ``qct_calibration``, so the marrow-fat confounder of single-energy QCT is in it, and the partial volume of the
+  cortical shell in the core's rim is not: a QCT ROI keeps away from the cortex; until 2026-12-02 it was computed
+  from ``trabecular_hu``, up to 8 HU higher on 1 mm series) and ``fat_bias_mg_cm3`` (``qct_bmd_mg_cm3 -
+  bmd_mg_cm3``).
 * v5 per study (``params`` in ``phantom.json``): ``kvp``, ``anode_angle_deg``, ``al_mm``, ``cu_mm``, ``water_mm``
   (AAPM TG 220 water-equivalent diameter at L3, the beam hardening), ``effective_energy_kev``, ``hu_per_mg``
   (imaged trabecular HU per mg/cm³ K2HPO4 at the patient's marrow), ``hu_offset`` / ``hu_gain`` (the scanner's

@@ -54,8 +54,10 @@ def _truth(p: Dict, vol: np.ndarray, labels: np.ndarray, cores: np.ndarray, spin
             height_mm=round(info["height_mm"], 2), depth_mm=round(info["depth_mm"], 2),
             width_mm=round(info["width_mm"], 2),
         )
-        if qct is not None:  # what an ideal phantom QCT reads for this core, and its marrow-fat bias
-            qct_bmd = (trab_hu - qct["intercept"]) / qct["slope"]
+        if qct is not None:  # what an ideal phantom QCT reads of this trabecular bone, and its marrow-fat bias
+            # (its own HU, without the partial volume of the cortical shell that the blur spreads into the core's rim:
+            # a QCT ROI keeps away from the cortex, and trabecular_hu - calibrated_hu is up to 8 HU on 1 mm series)
+            qct_bmd = (calibrated - qct["intercept"]) / qct["slope"]
             rec.update(fat_fraction=round(p["marrow_fat_fraction_levels"][LEVELS.index(name)], 4),
                        qct_bmd_mg_cm3=round(qct_bmd, 3), fat_bias_mg_cm3=round(qct_bmd - info["bmd"], 3))
         truth.append(rec)
@@ -148,7 +150,7 @@ def generate_dataset(root, n: int, seed: int = 0, options: Optional[PhantomOptio
         sid = study_id_for(i, prefix)
         st = generate_study(study_seed(seed, i), opts, sid)
         write_study(st, root / "studies" / sid, preview=opts.preview)
-        rows = [dict(study_id=sid, **{k: t[k] for k in CSV_FIELDS[1:]}) for t in st.truth]
+        rows = [dict(study_id=sid, **{k: t.get(k) for k in CSV_FIELDS[1:]}) for t in st.truth]
         write_bmd_csv(root / "bmd.csv", rows, replace_studies=[sid])
         ids.append(sid)
         logger.debug("wrote %s (%d slices, %d levels)", sid, st.hu.shape[0], len(st.truth))

@@ -3,7 +3,7 @@
 Layout of a study folder (:func:`write_study`): ``dicom/`` (one CT Image Storage file per slice), ``labels.nii.gz``
 and ``cores.nii.gz`` (RAS NIfTI whose affine maps the same voxels to the same physical points as the DICOM series),
 ``phantom.json`` (truth, every random parameter, ``generator_version``) and ``preview.png``. A dataset's ``bmd.csv``
-(:func:`write_bmd_csv`) lists ``study_id,level,bmd_mg_cm3,trabecular_hu`` of every labelled level.
+(:func:`write_bmd_csv`) lists ``study_id,level,bmd_mg_cm3,trabecular_hu,calibrated_hu`` of every labelled level.
 """
 import csv
 import hashlib
@@ -21,7 +21,8 @@ from .options import TRANSFER_SYNTAXES, DicomStyle, PhantomStudy
 
 __all__ = ["CSV_FIELDS", "write_bmd_csv", "write_dicom_series", "write_preview", "write_study"]
 
-CSV_FIELDS = ("study_id", "level", "bmd_mg_cm3", "trabecular_hu")
+#: ``calibrated_hu`` (the trabecular bone's HU without the cortex's partial volume; empty for old rows) is the last.
+CSV_FIELDS = ("study_id", "level", "bmd_mg_cm3", "trabecular_hu", "calibrated_hu")
 
 
 # ----------------------------------------------------------------------------------------------------------- DICOM
@@ -252,12 +253,16 @@ def write_study(study: PhantomStudy, study_dir, preview: bool = True) -> Path:
     return d
 
 
+_HU_FIELDS = ("bmd_mg_cm3", "trabecular_hu", "calibrated_hu")
+
+
 def write_bmd_csv(path, rows: Sequence[Dict], replace_studies: Optional[Sequence[str]] = None) -> None:
-    """Write ``bmd.csv`` (``study_id,level,bmd_mg_cm3,trabecular_hu``), keeping rows of other studies already there.
+    """Write ``bmd.csv`` (``study_id,level,bmd_mg_cm3,trabecular_hu,calibrated_hu``), keeping rows of other studies
+    already there (rows of a file without ``calibrated_hu`` keep it empty).
 
     Args:
         path: CSV path.
-        rows: dicts with the four :data:`CSV_FIELDS`.
+        rows: dicts with the :data:`CSV_FIELDS` (``calibrated_hu`` may be missing or None).
         replace_studies: study ids whose old rows are dropped (default: the ids in ``rows``).
     """
     path = Path(path)
@@ -266,12 +271,13 @@ def write_bmd_csv(path, rows: Sequence[Dict], replace_studies: Optional[Sequence
     if path.exists():
         with open(path, newline="") as f:
             old = [r for r in csv.DictReader(f) if r.get("study_id") not in drop]
-    allrows = old + [{k: r[k] for k in CSV_FIELDS} for r in rows]
+    allrows = old + [{k: r.get(k) for k in CSV_FIELDS} for r in rows]
     order = {name: i for i, name in enumerate(LEVELS)}
     allrows.sort(key=lambda r: (r["study_id"], order.get(r["level"], 99)))
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
     wr.writeheader()
     for r in allrows:
-        wr.writerow({k: (f"{float(r[k]):.3f}" if k in ("bmd_mg_cm3", "trabecular_hu") else r[k]) for k in CSV_FIELDS})
+        wr.writerow({k: ("" if r.get(k) in (None, "") else f"{float(r[k]):.3f}" if k in _HU_FIELDS else r[k])
+                     for k in CSV_FIELDS})
     atomic_write_text(str(path), buf.getvalue())
