@@ -169,7 +169,7 @@ def test_benchmark_speed_cli_tiny(tmp_path, capsys):
                          "-q", "INPUT.DICOM.IMAGE_SIZE", "256", "SOLVER.IMS_PER_BATCH", "1"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "Series load" in text and "End to end" in text and "random-init" in text
+    assert "Series load" in text and "End to end" in text and "random-init" in text and "Level anchors" in text
     rep = json.loads(out.read_text())
     assert rep["random_init"] is True and rep["machine"]["usable_cores"] >= 1 and rep["machine"]["torch"]
     assert rep["io"]["identical_hu"] is True and rep["io"]["bmd_d2_load_series_s"] > 0
@@ -177,6 +177,10 @@ def test_benchmark_speed_cli_tiny(tmp_path, capsys):
     assert e["n"] == 1 and e["p50_s"] > 0 and e["p95_s"] >= e["p50_s"] and set(e["split_p50_s"]) == {
         "load", "sagittal", "model", "measure"}
     assert isinstance(e["meets_target_p50"], bool) and (e["target_p50_s"], e["target_p95_s"]) == (1.0, 1.5)
+    # the anchors' time is a part of the study's measure time, one figure per study, against issue 18's 0.3 s
+    assert len(e["per_study_anchors_s"]) == 1 and 0 <= e["anchors_max_s"] <= e["per_study_s"][0]
+    assert e["anchors_p50_s"] == e["per_study_anchors_s"][0] and e["target_anchors_s"] == 0.3
+    assert e["meets_target_anchors"] is (e["anchors_max_s"] <= 0.3) and e["anchors_steps"]
     assert rep["infer"]["images_per_s"] > 0 and rep["train"]["images_per_s"] > 0
     assert set(rep["memory"]) == {"io", "e2e", "infer", "train"}
     assert all(v["peak_rss_mb"] > 0 for v in rep["memory"].values())

@@ -128,6 +128,11 @@ def shipped_predictor_and_image():
     return pred, sag
 
 
+def _learned_key(pred):
+    """The learned value's key: "bmd" (mg/cm3) or, for a head with ROI_BMD_HEAD.TARGET "hu" (the shipped model), "hu"."""
+    return "hu" if pred.cfg.MODEL.ROI_BMD_HEAD.TARGET == "hu" else "bmd"
+
+
 def test_soft_pass_equals_default_predictor(shipped_predictor_and_image):
     """The wrapper's test-time resize is DefaultPredictor's and its soft pass keeps detector_postprocess's geometry:
     same detections, and its probabilities thresholded at 0.5 give exactly Detectron2's masks."""
@@ -143,14 +148,16 @@ def test_soft_pass_equals_default_predictor(shipped_predictor_and_image):
     # DefaultPredictor takes BGR and reverses it for an "RGB" model: hand it the reverse of the model's image
     ref = instances_to_arrays(default(image[:, :, ::-1] if pred.cfg.INPUT.FORMAT == "RGB" else image)["instances"])
     single = instances_to_arrays(pred.tta.predict(image))
-    for k in ("boxes", "scores", "classes", "masks", "bmd"):
+    learned = _learned_key(pred)
+    assert ref[learned] is not None and len(ref[learned]) == len(ref["scores"])
+    for k in ("boxes", "scores", "classes", "masks", learned):
         np.testing.assert_array_equal(single[k], ref[k])
     soft = pred.tta.soft_pass(image)
     assert len(ref["scores"]) >= 6
     np.testing.assert_allclose(soft["boxes"], ref["boxes"], atol=1e-3)
     np.testing.assert_allclose(soft["scores"], ref["scores"], atol=1e-6)
     np.testing.assert_array_equal(soft["classes"], ref["classes"])
-    np.testing.assert_allclose(soft["bmd"], ref["bmd"], atol=1e-3)
+    np.testing.assert_allclose(soft[learned], ref[learned], atol=1e-3)
     assert soft["masks"].dtype == np.float32 and 0.0 <= soft["masks"].min() and soft["masks"].max() <= 1.0
     differ = np.count_nonzero((soft["masks"] >= 0.5) != ref["masks"])
     assert differ == 0, differ
@@ -209,7 +216,9 @@ def test_detect_with_sizes_keeps_the_reference_detections_and_bmd(shipped_predic
         pred.tta.shifts, pred.tta.sizes = shifts, sizes
     np.testing.assert_array_equal(merged["classes"], single["classes"])
     # the learned BMD comes from the passes at the training size only: here the reference pass alone
-    np.testing.assert_allclose(merged["bmd"], single["bmd"], atol=1e-4)
+    learned = _learned_key(pred)
+    assert single[learned] is not None
+    np.testing.assert_allclose(merged[learned], single[learned], atol=1e-4)
     np.testing.assert_allclose(merged["boxes"], single["boxes"], atol=4.0)
     changed = [np.count_nonzero(merged["masks"][i] != single["masks"][i]) for i in range(len(single["scores"]))]
     assert max(changed) > 0  # the other sizes do move the mask outlines
@@ -314,12 +323,14 @@ def test_batched_passes_equal_one_pass_at_a_time(shipped_predictor_and_image):
         np.testing.assert_allclose(inst.pred_boxes.tensor.numpy(), alone.pred_boxes.tensor.numpy(), atol=1e-4)
         np.testing.assert_allclose(inst.scores.numpy(), alone.scores.numpy(), atol=1e-6)
         np.testing.assert_allclose(inst.pred_masks.numpy(), alone.pred_masks.numpy(), atol=1e-5)
-        np.testing.assert_allclose(inst.pred_bmd.numpy(), alone.pred_bmd.numpy(), rtol=1e-5)
+        field = "pred_trabecular_hu" if _learned_key(pred) == "hu" else "pred_bmd"
+        np.testing.assert_allclose(inst.get(field).numpy(), alone.get(field).numpy(), rtol=1e-5)
     one_by_one = [tta.soft_pass(image)] + [unshift_pass(tta.soft_pass(shift_image(image, dy, dx)), dy, dx)
                                            for dy, dx in tta.shifts]
-    one_by_one += [dict(tta.soft_pass(image, s), bmd=None) for s in tta.sizes]
+    one_by_one += [dict(tta.soft_pass(image, s), bmd=None, hu=None) for s in tta.sizes]
     ref, got = merge_tta_passes(one_by_one), tta(image)
     np.testing.assert_array_equal(got["classes"], ref["classes"])
     np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-4)
-    np.testing.assert_allclose(got["bmd"], ref["bmd"], rtol=1e-5)
+    assert got[_learned_key(pred)] is not None
+    np.testing.assert_allclose(got[_learned_key(pred)], ref[_learned_key(pred)], rtol=1e-5)
     assert np.count_nonzero(got["masks"] != ref["masks"]) <= 2  # a probability at exactly 0.5 may round either way

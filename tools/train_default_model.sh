@@ -7,7 +7,7 @@
 #
 # The recipe of the shipped weights (README "Model zoo"):
 #   data    200 studies of phantom generator v1 (seed 1000; the generator as of commit 0ad8cc4, run from a git
-#           worktree) + 200 studies of generator v4 (seed 3000, the current generator); SEED 42
+#           worktree) + 200 studies of generator v4 (seed 3000); SEED 42
 #   stage 1 batch 16, LR 0.02 after a 200-iteration warm-up, 550 iterations (an H200 GPU run: the planned 1100-
 #           iteration schedule with steps 770/990 was cut by the device's time limit, its 550-iteration checkpoint
 #           kept; the LR had not decayed yet, which MAX_ITER 550 reproduces), about 5 min on an H200
@@ -15,6 +15,10 @@
 #           iterations, then 0.00005 to 800, on the CPU (about 25 min on 2 cores). Tried too, none better on held-out
 #           phantoms (docs/real_vs_phantom.md, "Stage-2 variants"): both sets with scale augmentation 0.75-1.33
 #           for 1200 iterations; v4 + 100 coarse (1.5-3 mm) studies; v4 + 150 steeper-sacrum studies.
+#   stage 3 from stage 2, on 200 generator-v5 physics phantoms (seed 5000): the BMD branch alone (SOLVER.ALTERNATING
+#           .MODE bmd_head) regresses the trabecular bone's own HU (ROI_BMD_HEAD.TARGET hu, scaled by 130 +- 75 HU,
+#           erosion on the ground-truth masks), batch 4, LR 0.002 to 600 iterations, then 0.0002 to 800, on the CPU
+#           (about 15 min on 2 cores). The measurement turns its HU into mg/cm3 with the scan's calibration.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,6 +33,10 @@ TRAIN2='("bmd_phantoms_train",)'
 # stage 2's settings, given to training and to the export (which stores them in the weights' config) alike
 STAGE2=(SEED 42 DATASETS.TRAIN "$TRAIN2" SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.0005 SOLVER.MAX_ITER 800
   SOLVER.STEPS "(600,)")
+# stage 3: the BMD branch alone regresses the trabecular HU (calibrated to mg/cm3 by the scan's calibration)
+STAGE3=(SEED 42 DATASETS.TRAIN '("bmd_phantoms_train_v5",)' SOLVER.ALTERNATING.MODE bmd_head
+  MODEL.ROI_BMD_HEAD.TARGET hu MODEL.ROI_BMD_HEAD.MASK_SOURCE gt MODEL.ROI_BMD_HEAD.BMD_MEAN 130.0
+  MODEL.ROI_BMD_HEAD.BMD_STD 75.0 SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.002 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)")
 
 prepare() {  # dataset folder
   "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$1', skip_errors=True, workers=2)"
@@ -38,7 +46,7 @@ prepare() {  # dataset folder
 have=$(ls "$BMD_DATASETS/bmd_phantoms_train/studies" 2>/dev/null | wc -l)
 if [ "$have" -lt 200 ]; then
   "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed 3000 --name bmd_phantoms_train \
-    --no-preview --no-prepare
+    --generator-version 4 --no-preview --no-prepare
 fi
 [ -f "$BMD_DATASETS/bmd_phantoms_train/annotations.json" ] || prepare "$BMD_DATASETS/bmd_phantoms_train"
 # Generator v1 (commit 0ad8cc4, from a temporary worktree): 200 training studies, seed 1000.
@@ -53,6 +61,14 @@ if [ ! -f "$V1/annotations.json" ]; then
   prepare "$V1"
 fi
 
+# Generator v5 (X-ray physics, this checkout): 200 studies, seed 5000, for stage 3.
+have=$(ls "$BMD_DATASETS/bmd_phantoms_train_v5/studies" 2>/dev/null | wc -l)
+if [ "$have" -lt 200 ]; then
+  "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed 5000 --name bmd_phantoms_train_v5 \
+    --generator-version 5 --no-preview --no-prepare
+fi
+[ -f "$BMD_DATASETS/bmd_phantoms_train_v5/annotations.json" ] || prepare "$BMD_DATASETS/bmd_phantoms_train_v5"
+
 # 2. Stage 1 (resumes from $OUT/stage1/last_checkpoint).
 if [ ! -f "$OUT/stage1/model_final.pth" ]; then
   "$PY" tools/train_net.py --config-file "$CFG" --resume SEED 42 MODEL.DEVICE "$DEVICE" OUTPUT_DIR "$OUT/stage1" \
@@ -66,8 +82,16 @@ fi
   MODEL.WEIGHTS "$OUT/stage1/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.WARMUP_ITERS 20 \
   SOLVER.CHECKPOINT_PERIOD 200
 
-# 4. Export the final weights (fp16 + the training config).
-"$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage2/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE2[@]}" \
-  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU)" \
-  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200"
+# 4. Stage 3 on the CPU from stage 2: the BMD branch alone (everything else frozen) learns the trabecular bone's own HU
+#    on the generator-v5 physics phantoms (resumes from $OUT/stage3/last_checkpoint).
+if [ ! -f "$OUT/stage3/model_final.pth" ]; then
+  "$PY" tools/train_net.py --config-file "$CFG" --resume "${STAGE3[@]}" MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage3" \
+    MODEL.WEIGHTS "$OUT/stage2/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.WARMUP_ITERS 20 \
+    SOLVER.CHECKPOINT_PERIOD 200
+fi
+
+# 5. Export the final weights (fp16 + the training config).
+"$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage3/model_final.pth" \
+  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE3[@]}" SOLVER.WARMUP_ITERS 20 \
+  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU)" \
+  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200"
