@@ -45,9 +45,11 @@ def make_example(out_dir: str, regenerate: bool = False) -> str:
     write_study(st, study_dir)
     with open(os.path.join(out_dir, "truth.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["level", "bmd_mg_cm3", "trabecular_hu"])
-        for t in st.truth:
-            w.writerow([t["level"], f"{t['bmd_mg_cm3']:.1f}", f"{t['trabecular_hu']:.1f}"])
+        w.writerow(["level", "bmd_mg_cm3", "qct_bmd_mg_cm3", "trabecular_hu"])
+        for t in st.truth:  # qct_bmd_mg_cm3: what an ideal phantom QCT reads (generator v5; the measurement's target)
+            qct = t.get("qct_bmd_mg_cm3")
+            w.writerow([t["level"], f"{t['bmd_mg_cm3']:.1f}", "" if qct is None else f"{qct:.1f}",
+                        f"{t['trabecular_hu']:.1f}"])
     cal = {"slope": st.params["calib_b"], "intercept": st.params["calib_a"], "kvp": st.params["kvp"],
            "description": "example scanner: HU = intercept + slope * BMD (mg/cm3), as a QCT phantom would give"}
     with open(os.path.join(out_dir, "calibration.json"), "w") as f:
@@ -86,6 +88,10 @@ def main(argv=None) -> int:
     with open(os.path.join(EXAMPLE_DIR, "truth.csv")) as f:
         truth = {r["level"]: r for r in csv.DictReader(f)}
     print("\nmeasured vs truth (mg/cm³; the example is a phantom, so the truth is known):")
+    # the truth a QCT measurement targets: the QCT reading of the trabecular bone (marrow fat included) where the
+    # example records it (an example written before it was recorded: the mineral density)
+    if any(t.get("qct_bmd_mg_cm3") for t in truth.values()):
+        print("(true = what an ideal phantom QCT reads, qct_bmd_mg_cm3; the mineral density itself is in truth.csv)")
     print(f"{'level':6} {'true':>7} {'learned':>8} {'classic':>8} {'err(L)':>7} {'err(C)':>7}")
     found = {v.get("level"): v for v in result["vertebrae"] if v.get("level")}
 
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
         return f"{x - tv:+7.1f}" if isinstance(x, (int, float)) else f"{'-':>7}"
 
     for level, t in truth.items():
-        tv = float(t["bmd_mg_cm3"])
+        tv = float(t.get("qct_bmd_mg_cm3") or t["bmd_mg_cm3"])
         v = found.get(level)
         if v is None:
             print(f"{level:6} {tv:7.1f}  not detected")
