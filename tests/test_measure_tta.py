@@ -307,11 +307,12 @@ def test_predictor_reads_weights_and_calibration_once(tmp_path, monkeypatch):
 def test_batched_passes_equal_one_pass_at_a_time(shipped_predictor_and_image):
     """The reference and the shifted passes run as one batch (one model call): the same detections as running
     each pass alone, and the merged result as merging the one-at-a-time passes."""
-    from bmd_d2.modeling.test_time_augmentation import merge_tta_passes, shift_image, unshift_pass
+    from bmd_d2.modeling.test_time_augmentation import LEARNED_KEYS, merge_tta_passes, shift_image, unshift_pass
 
     pred, sag = shipped_predictor_and_image
     image = pred.model_image(sag)
     tta = pred.tta
+    learned = _learned_key(pred)
     assert len(tta.shifts) == 3
     images = [image] + [shift_image(image, dy, dx) for dy, dx in tta.shifts]
     batched = tta.inference_batch(images)
@@ -323,14 +324,13 @@ def test_batched_passes_equal_one_pass_at_a_time(shipped_predictor_and_image):
         np.testing.assert_allclose(inst.pred_boxes.tensor.numpy(), alone.pred_boxes.tensor.numpy(), atol=1e-4)
         np.testing.assert_allclose(inst.scores.numpy(), alone.scores.numpy(), atol=1e-6)
         np.testing.assert_allclose(inst.pred_masks.numpy(), alone.pred_masks.numpy(), atol=1e-5)
-        field = "pred_trabecular_hu" if _learned_key(pred) == "hu" else "pred_bmd"
-        np.testing.assert_allclose(inst.get(field).numpy(), alone.get(field).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(instances_to_arrays(inst)[learned], instances_to_arrays(alone)[learned], rtol=1e-5)
     one_by_one = [tta.soft_pass(image)] + [unshift_pass(tta.soft_pass(shift_image(image, dy, dx)), dy, dx)
                                            for dy, dx in tta.shifts]
-    one_by_one += [dict(tta.soft_pass(image, s), bmd=None, hu=None) for s in tta.sizes]
+    one_by_one += [dict(tta.soft_pass(image, s), **dict.fromkeys(LEARNED_KEYS)) for s in tta.sizes]
     ref, got = merge_tta_passes(one_by_one), tta(image)
     np.testing.assert_array_equal(got["classes"], ref["classes"])
     np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-4)
-    assert got[_learned_key(pred)] is not None
-    np.testing.assert_allclose(got[_learned_key(pred)], ref[_learned_key(pred)], rtol=1e-5)
+    assert got[learned] is not None
+    np.testing.assert_allclose(got[learned], ref[learned], rtol=1e-5)
     assert np.count_nonzero(got["masks"] != ref["masks"]) <= 2  # a probability at exactly 0.5 may round either way

@@ -18,7 +18,8 @@
 #   stage 3 from stage 2, on 200 generator-v5 physics phantoms (seed 5000): the BMD branch alone (SOLVER.ALTERNATING
 #           .MODE bmd_head) regresses the trabecular bone's own HU (ROI_BMD_HEAD.TARGET hu, scaled by 130 +- 75 HU,
 #           erosion on the ground-truth masks), batch 4, LR 0.002 to 600 iterations, then 0.0002 to 800, on the CPU
-#           (about 15 min on 2 cores). The measurement turns its HU into mg/cm3 with the scan's calibration.
+#           (9 min on 2 cores; the shipped weights started from the exported, fp16 stage-2 weights). The measurement
+#           turns its HU into mg/cm3 with the scan's calibration.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,19 +37,25 @@ STAGE2=(SEED 42 DATASETS.TRAIN "$TRAIN2" SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0
 # stage 3: the BMD branch alone regresses the trabecular HU (calibrated to mg/cm3 by the scan's calibration)
 STAGE3=(SEED 42 DATASETS.TRAIN '("bmd_phantoms_train_v5",)' SOLVER.ALTERNATING.MODE bmd_head
   MODEL.ROI_BMD_HEAD.TARGET hu MODEL.ROI_BMD_HEAD.MASK_SOURCE gt MODEL.ROI_BMD_HEAD.BMD_MEAN 130.0
-  MODEL.ROI_BMD_HEAD.BMD_STD 75.0 SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.002 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)")
+  MODEL.ROI_BMD_HEAD.BMD_STD 75.0 SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.002 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)"
+  SOLVER.WARMUP_ITERS 20)
 
 prepare() {  # dataset folder
   "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$1', skip_errors=True, workers=2)"
 }
 
+phantom_set() {  # name seed generator-version: 200 studies of this checkout's generator, extended where begun
+  local have
+  have=$(ls "$BMD_DATASETS/$1/studies" 2>/dev/null | wc -l)
+  if [ "$have" -lt 200 ]; then
+    "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed "$2" --name "$1" \
+      --generator-version "$3" --no-preview --no-prepare
+  fi
+  [ -f "$BMD_DATASETS/$1/annotations.json" ] || prepare "$BMD_DATASETS/$1"
+}
+
 # 1. Data. Generator v4 (this checkout): 200 training studies, seed 3000.
-have=$(ls "$BMD_DATASETS/bmd_phantoms_train/studies" 2>/dev/null | wc -l)
-if [ "$have" -lt 200 ]; then
-  "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed 3000 --name bmd_phantoms_train \
-    --generator-version 4 --no-preview --no-prepare
-fi
-[ -f "$BMD_DATASETS/bmd_phantoms_train/annotations.json" ] || prepare "$BMD_DATASETS/bmd_phantoms_train"
+phantom_set bmd_phantoms_train 3000 4
 # Generator v1 (commit 0ad8cc4, from a temporary worktree): 200 training studies, seed 1000.
 V1="$BMD_DATASETS/bmd_phantoms_train_v1"
 if [ ! -f "$V1/annotations.json" ]; then
@@ -62,12 +69,7 @@ if [ ! -f "$V1/annotations.json" ]; then
 fi
 
 # Generator v5 (X-ray physics, this checkout): 200 studies, seed 5000, for stage 3.
-have=$(ls "$BMD_DATASETS/bmd_phantoms_train_v5/studies" 2>/dev/null | wc -l)
-if [ "$have" -lt 200 ]; then
-  "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed 5000 --name bmd_phantoms_train_v5 \
-    --generator-version 5 --no-preview --no-prepare
-fi
-[ -f "$BMD_DATASETS/bmd_phantoms_train_v5/annotations.json" ] || prepare "$BMD_DATASETS/bmd_phantoms_train_v5"
+phantom_set bmd_phantoms_train_v5 5000 5
 
 # 2. Stage 1 (resumes from $OUT/stage1/last_checkpoint).
 if [ ! -f "$OUT/stage1/model_final.pth" ]; then
@@ -86,12 +88,11 @@ fi
 #    on the generator-v5 physics phantoms (resumes from $OUT/stage3/last_checkpoint).
 if [ ! -f "$OUT/stage3/model_final.pth" ]; then
   "$PY" tools/train_net.py --config-file "$CFG" --resume "${STAGE3[@]}" MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage3" \
-    MODEL.WEIGHTS "$OUT/stage2/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.WARMUP_ITERS 20 \
-    SOLVER.CHECKPOINT_PERIOD 200
+    MODEL.WEIGHTS "$OUT/stage2/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.CHECKPOINT_PERIOD 200
 fi
 
 # 5. Export the final weights (fp16 + the training config).
 "$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage3/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE3[@]}" SOLVER.WARMUP_ITERS 20 \
+  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE3[@]}" \
   --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU)" \
   "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200"
