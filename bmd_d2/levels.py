@@ -16,7 +16,13 @@ Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1,
    ``multiple_sacrum_detections``), the most cranial one scoring at least ``SACRUM_SCORE_FRACTION`` of the best is
    kept: the sacrum's lower segments (S2, S3) look like its top and draw extra detections, and counting from one of
    them would shift every level by one. Vertebral bodies whose centre lies caudal to the top of the sacrum
-   box are rejected (``caudal_to_sacrum``: coccyx, pelvis or false positives).
+   box are rejected (``caudal_to_sacrum``: coccyx, pelvis or false positives). The **3-D sacrum** (``sacrum3d``:
+   :class:`SacrumLevel`, the top of the sacroiliac joints found by :func:`bmd_d2.measure.anchors.find_sacrum`) is
+   the sacrum counted from when the detector finds none (``sacrum_source`` "3d"), and the detector's cross-check when
+   it does ("detector+3d": its count is the labeling ``sacrum_3d``). It is taken like the top of a sacrum box: the
+   lowest body whose centre lies above it (or less than ``SACRUM3D_FUSED_FRACTION`` of a pitch below it) is L5;
+   bodies further below belong to the fused sacral mass (a sacralised L5: ``possible_transitional_anatomy``) and
+   count below L5. Below ``SACRUM3D_MIN_CONFIDENCE``: not used (``sacrum_3d_low_confidence``).
 2. **Order** the remaining vertebral bodies (class 0) along the spine by their centre row (the sagittal row axis runs
    head → feet). Two centres closer than ``DUPLICATE_FRACTION`` of the vertebral pitch are one vertebra: the
    lower-scoring one is rejected (``duplicate``).
@@ -33,12 +39,13 @@ Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1,
    others are counted from it as from the sacrum (gaps included). Not used below ``RIB_MIN_CONFIDENCE``
    (``rib_anchor_low_confidence``) or with no body at the joints' height (``rib_anchor_untied``). The number of
    rib-bearing levels in view is reported (``rib_pairs_in_view``).
-5. **Cross-check.** Both anchors giving the same count: ``anchor = "sacrum+rib"``. Different counts (11 or 13 rib
-   pairs, a sacralised L5 or a lumbarised S1, or a wrong anchor): the study and every body are flagged
-   ``level_count_conflict``, both labelings are kept (``labelings``) and the levels are counted from
-   ``PRIMARY_ANCHOR`` (the sacrum, as TotalSegmentator and most radiology reports count; the detector's sacrum is
-   also the better-tested anchor). A body counted below L5 (only from the rib: six lumbar-type bodies) gets no name
-   (``below_labelled_range``). One anchor: the levels are counted from it (``anchor`` "sacrum" or "rib").
+5. **Cross-check.** Every count (the sacrum, the 3-D sacrum beside a detected one, the last rib) giving the same
+   levels: ``anchor = "sacrum+rib"`` (or "sacrum" without a rib). Different counts (11 or 13 rib pairs, a sacralised
+   L5 or a lumbarised S1, or a wrong anchor): the study and every body are flagged ``level_count_conflict``, every
+   labeling is kept (``labelings``) and the levels are counted from ``PRIMARY_ANCHOR`` (the sacrum, as
+   TotalSegmentator and most radiology reports count; the detector's sacrum when it found one, being the
+   better-tested). A body counted below L5 gets no name (``below_labelled_range``). One anchor: the levels are counted
+   from it (``anchor`` "sacrum" or "rib").
 6. **No anchor** (``levels_unanchored``): with ``rule="lowest_is_L5"`` (default) the caudal-most body is called L5
    *only if* the image continues at least one pitch below it (the sacrum should then have been in view and was
    missed by the detector); otherwise the field of view ends inside the lumbar spine and no level can be named:
@@ -49,9 +56,11 @@ Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1,
    Boxes touching the image edge are ``truncated_by_image_edge``; a study missing any of L1–L4 is
    ``partial_coverage``.
 
-Sagittal images cannot show ribs: the rib anchor comes from the 3-D volume. Without it thoracolumbar transitional
-anatomy (11 or 13 rib-bearing vertebrae) and lumbarisation of S1 cannot be recognised; the count from the sacrum is
-then the convention.
+Sagittal images cannot show ribs or the sacroiliac joints: those anchors come from the 3-D volume. Without the rib
+anchor thoracolumbar transitional anatomy (11 or 13 rib-bearing vertebrae) cannot be recognised; without the 3-D
+sacrum a lumbarised S1 or a sacralised L5 that the detector counts normally goes unnoticed; the count from the
+sacrum is then the convention. Two anomalies at once (e.g. 11 ribs and a lumbarised S1) shift both counts: flagged,
+but neither labeling is right.
 """
 import math
 from dataclasses import dataclass, field
@@ -93,6 +102,8 @@ SACRUM_SCORE_FRACTION = 0.5
 TRANSITIONAL_MIN_SACRUM_OFFSET = 0.25
 EDGE_MARGIN_PX = 1
 RIB_TIE_FRACTION = 0.4  # the last rib's joints lie within this fraction of a pitch of its body's centre row
+SACRUM3D_FUSED_FRACTION = 0.25  # a body centred this far (pitches) below the 3-D sacrum's top is fused to it
+SACRUM3D_MIN_CONFIDENCE = 0.6  # below it (short joints, or their top out of view) the 3-D sacrum is not used
 RIB_MIN_CONFIDENCE = 0.6  # below it (the only rib-bearing level in view, one side only) the rib anchor is not used
 PRIMARY_ANCHOR = "sacrum"  # the count used when the anchors disagree (level_count_conflict)
 _S1 = LEVELS.index("S1")
@@ -135,6 +146,9 @@ class LevelAssignment:
         labelings: anchor name ("sacrum", "rib") → the level it gives each detection of ``order`` (None where it
             names none), for every anchor counted from.
         rib_pairs_in_view: rib-bearing levels found in 3-D (None when the rib search was not run).
+        sacrum_source: where the sacrum counted from comes from: "detector" (the sagittal detector's sacrum box),
+            "3d" (:func:`bmd_d2.measure.anchors.find_sacrum`, no sacrum detected), "detector+3d" (both: the
+            detector's is counted from, the 3-D one is its cross-check, labeling ``sacrum_3d``), or None.
     """
 
     levels: List[Optional[str]]
@@ -147,6 +161,21 @@ class LevelAssignment:
     anchor: Optional[str] = None
     labelings: Dict[str, List[Optional[str]]] = field(default_factory=dict)
     rib_pairs_in_view: Optional[int] = None
+    sacrum_source: Optional[str] = None
+
+
+@dataclass
+class SacrumLevel:
+    """The 3-D sacrum anchor as the counting rule takes it (:func:`bmd_d2.measure.anchors.find_sacrum`).
+
+    Attributes:
+        row: sagittal row (pixels, float) of the top of the sacroiliac joints (the fused sacral mass), compared with
+            the body centres like the top of a detected sacrum box.
+        confidence: 0…1; below ``SACRUM3D_MIN_CONFIDENCE`` it is reported but not counted from.
+    """
+
+    row: float
+    confidence: float
 
 
 @dataclass
@@ -172,7 +201,8 @@ def add_flag(flags: List[str], flag: str):
 
 def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 1.0,
                   image_shape: Optional[Tuple[int, int]] = None, fov_rows: Optional[Tuple[int, int]] = None,
-                  rule: str = "lowest_is_L5", ribs: Optional[RibLevel] = None) -> LevelAssignment:
+                  rule: str = "lowest_is_L5", ribs: Optional[RibLevel] = None,
+                  sacrum3d: Optional[SacrumLevel] = None) -> LevelAssignment:
     """Name the level of every detection by the rule in the module docstring.
 
     Args:
@@ -183,6 +213,7 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
             image height.
         rule: what to do without an anchor: "lowest_is_L5" or "none".
         ribs: the last-rib anchor (its joints' sagittal row), or None when the rib search was not run / found none.
+        sacrum3d: the sacrum found in 3-D from its sacroiliac joints, or None.
 
     Returns:
         A :class:`LevelAssignment`.
@@ -261,6 +292,10 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
 
     if sacrum is not None:
         out.levels[sacrum] = "S1"
+    if sacrum3d is not None and sacrum3d.confidence < SACRUM3D_MIN_CONFIDENCE:
+        add_flag(out.study_flags, "sacrum_3d_low_confidence")
+        sacrum3d = None
+    if sacrum is not None:
         if not verts:
             out.anchored, out.anchor, out.labelings = True, "sacrum", {"sacrum": ["S1"]}
             _finish(out, detections)
@@ -282,24 +317,30 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
                 (pitch and offset < TRANSITIONAL_MIN_SACRUM_OFFSET * pitch):
             add_flag(out.flags[low], "possible_transitional_anatomy")
             add_flag(out.study_flags, "possible_transitional_anatomy")
+    if sacrum3d is not None and pitch:
+        pos3 = _sacrum3d_position(detections, verts, rel, sacrum3d, pitch, sp, out if sacrum is None else None)
+        if pos3 is not None:
+            anchors["sacrum" if sacrum is None else "sacrum_3d"] = pos3
+            out.sacrum_source = "3d" if sacrum is None else "detector+3d"
     rib_pos = _rib_position(detections, verts, rel, ribs, pitch, sp, out.study_flags)
     if rib_pos is not None:
         anchors["rib"] = rib_pos
 
     if anchors:
         out.anchored = True
+        if out.sacrum_source is None and "sacrum" in anchors:
+            out.sacrum_source = "detector"
         for name, p in anchors.items():
             out.labelings[name] = [_level_at(p - r) for r in rel] + (["S1"] if sacrum is not None else [])
-        if len(anchors) == 1:
-            out.anchor = next(iter(anchors))
-        elif anchors["sacrum"] == anchors["rib"]:
-            out.anchor = "sacrum+rib"
-        else:  # never a silent choice: flagged, both labelings kept, counted from PRIMARY_ANCHOR
-            out.anchor = PRIMARY_ANCHOR
+        kinds = {"sacrum" if k.startswith("sacrum") else k for k in anchors}
+        if len(set(anchors.values())) == 1:
+            out.anchor = "+".join(k for k in ("sacrum", "rib") if k in kinds)
+        else:  # never a silent choice: flagged, every labeling kept, counted from PRIMARY_ANCHOR
+            out.anchor = PRIMARY_ANCHOR if PRIMARY_ANCHOR in anchors else next(iter(anchors))
             add_flag(out.study_flags, "level_count_conflict")
             for i in verts:
                 add_flag(out.flags[i], "level_count_conflict")
-        pos = anchors["sacrum" if out.anchor == "sacrum+rib" else out.anchor]
+        pos = anchors["sacrum" if out.anchor in ("sacrum+rib", "sacrum") else out.anchor]
     else:
         add_flag(out.study_flags, "levels_unanchored")
         first, last = fov_rows if fov_rows is not None else (0, (image_shape[0] - 1) if image_shape else None)
@@ -333,6 +374,32 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
 def _level_at(idx: int) -> Optional[str]:
     """The vertebral-body level of count position ``idx`` (T11 = 0 … L5), None outside T11…L5."""
     return LEVELS[idx] if 0 <= idx <= _L5 else None
+
+
+def _sacrum3d_position(detections: Sequence[Detection], verts: List[int], rel: List[int], sac: SacrumLevel,
+                       pitch: float, sp: float, out: Optional["LevelAssignment"]) -> Optional[int]:
+    """Level index of the caudal-most body counted from the 3-D sacrum: the lowest body whose centre lies above the
+    top of the sacroiliac joints (or less than ``SACRUM3D_FUSED_FRACTION`` of a pitch below it: a steep real sacrum's
+    joints rise to the height of L5's centre) is L5, gaps counted as with a detected sacrum; bodies further below
+    belong to the fused sacral mass (a sacralised L5) and count below L5 (``possible_transitional_anatomy``). None
+    without a body above it. ``out`` None (a cross-check of the detector's sacrum): no flag is raised."""
+    limit = sac.row + SACRUM3D_FUSED_FRACTION * pitch / sp
+    above = [k for k, i in enumerate(verts) if detections[i].centroid[1] < limit]
+    if not above:
+        if out is not None:
+            add_flag(out.study_flags, "sacrum_3d_above_bodies")
+        return None
+    j = above[-1]
+    offset = (sac.row - detections[verts[j]].centroid[1]) * sp
+    miss = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5))
+    if out is not None and miss:
+        add_flag(out.flags[verts[j]], "level_after_gap")
+        add_flag(out.study_flags, "level_gap")
+    if out is not None and j < len(verts) - 1:
+        add_flag(out.study_flags, "possible_transitional_anatomy")
+        for k in range(j + 1, len(verts)):
+            add_flag(out.flags[verts[k]], "possible_transitional_anatomy")
+    return _L5 - miss + rel[j]
 
 
 def _rib_position(detections: Sequence[Detection], verts: List[int], rel: List[int], ribs: Optional[RibLevel],

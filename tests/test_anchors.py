@@ -136,3 +136,56 @@ def test_real_ct_lowest_rib_pair_is_at_t12():
     t12 = vol.index_to_lps(np.argwhere(lab.data == 32)[:, ::-1].astype(float))[:, 2]
     assert t12.min() <= ribs.lowest_z_mm <= t12.max()
     json.dumps(ribs.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- 3-D sacrum (v6)
+def _v6(seed, **kw):
+    st = generate_study(seed, PhantomOptions(preview=False, generator_version=6, **kw))
+    return Volume(st.hu, np.asarray(st.affine, float)), st
+
+
+# the top of the sacroiliac joints lies on the fused mass's top segment: 8-16 mm above its superior endplate's centre
+# (the tilted S1's alae rise posteriorly), 0-6 mm for a sacralised L5 (less tilted)
+@pytest.mark.parametrize("seed,lumbar,lo,hi", [(0, None, 6.0, 18.0), (3, None, 6.0, 18.0), (5, None, 6.0, 18.0),
+                                               (0, 4, -3.0, 8.0), (0, 6, 4.0, 18.0)])
+def test_sacrum_is_the_top_of_the_fused_sacral_mass(seed, lumbar, lo, hi):
+    vol, st = _v6(seed, **({} if lumbar is None else {"lumbar_vertebrae": lumbar}))
+    truth = st.params["level_anchors"]
+    assert truth["sacrum_top_level"] == {None: "S1", 4: "L5", 6: "S2"}[lumbar]
+    sac = find_sacrum(vol, find_midsagittal_plane(vol))
+    assert sac is not None and sac.confidence >= 0.9
+    err = sac.z_mm - truth["sacrum_top_lps"][2]
+    assert lo <= err <= hi, err
+    assert truth["si_joint_z_mm"][0] - 6.0 <= sac.evidence["si_joint_z_mm"][0] <= sac.z_mm
+    assert sac.evidence["si_joint_reach_mm"] >= 90.0 and sac.evidence["si_joint_length_mm"] >= 30.0
+    json.dumps(sac.to_dict())
+
+
+def test_pelvis_not_joined_to_the_spine_gives_no_sacrum():
+    # generator v5 draws the iliac wings as plates that never touch the sacrum: nothing joins the spine to both sides
+    vol, _ = _phantom(0)
+    assert find_sacrum(vol, find_midsagittal_plane(vol)) is None
+
+
+def test_field_of_view_above_the_pelvis_gives_no_sacrum():
+    vol, st = _v6(0)
+    z = vol.affine[2, 3] + vol.affine[2, 2] * np.arange(vol.data.shape[0])
+    keep = z > st.params["levels"]["L4"]["center"][2]
+    crop = Volume(np.ascontiguousarray(vol.data[keep]), vol.affine.copy())
+    crop.affine[2, 3] = z[keep][0]
+    assert find_sacrum(crop, find_midsagittal_plane(crop)) is None
+
+
+def test_real_ct_sacrum_is_at_the_lumbosacral_junction():
+    vol = load_nifti(os.path.join(REAL, "example_ct.nii.gz"))
+    body = load_nifti(os.path.join(REAL, "totalseg_vertebrae_pp_refined.nii.gz"), dtype=np.int16)
+    discs = load_nifti(os.path.join(REAL, "totalseg_vertebrae_body.nii.gz"), dtype=np.int16)
+    sac = find_sacrum(vol, find_midsagittal_plane(vol))
+    assert sac is not None and sac.confidence >= 0.8
+    l5 = vol.index_to_lps(np.argwhere(body.data == 24)[:, ::-1].astype(float))[:, 2]
+    lab, n = ndimage.label(discs.data == 2)
+    low = min(range(1, n + 1), key=lambda i: np.argwhere(lab == i)[:, 0].mean())  # the L5/S1 disc: lowest (k)
+    disc = vol.index_to_lps(np.argwhere(lab == low)[:, ::-1].astype(float))[:, 2]
+    # above the L5/S1 disc's centre, below L5's centre: between S1's top and L5 (the count's sacrum offset)
+    assert disc.mean() < sac.z_mm < l5.mean(), (sac.z_mm, disc.mean(), l5.mean())
+    assert sac.evidence["si_joint_length_mm"] >= 20.0 and sac.evidence["si_joint_reach_mm"] >= 80.0

@@ -15,7 +15,7 @@ from bmd_d2.config import get_bmd_cfg
 from bmd_d2.data.dicom import Volume, load_nifti
 from bmd_d2.data.sagittal import sample_volume_to_sagittal
 from bmd_d2.evaluation.benchmark_speed import _timed_anchor_steps
-from bmd_d2.levels import LEVELS, Detection, RibLevel, assign_levels, level_class
+from bmd_d2.levels import LEVELS, Detection, RibLevel, SacrumLevel, assign_levels, level_class
 from bmd_d2.measure.classical import Calibration
 from bmd_d2.measure.predictor import measure_detections, sagittal_from_cfg
 from bmd_d2.phantoms import PhantomOptions
@@ -180,7 +180,7 @@ def test_phantom_levels_from_both_anchors_or_the_one_in_view(phantom, fov):
     json.dumps(res.to_dict())
 
 
-def test_real_ct_is_labelled_t12_to_l5_from_the_rib():
+def test_real_ct_is_labelled_t12_to_l5_by_both_anchors_agreeing():
     ct = os.path.join(os.path.dirname(__file__), "data", "real", "totalseg_example_ct")
     vol = load_nifti(os.path.join(ct, "example_ct.nii.gz"))
     lab = load_nifti(os.path.join(ct, "totalseg_vertebrae_pp_refined.nii.gz"), dtype=np.int16)
@@ -196,5 +196,127 @@ def test_real_ct_is_labelled_t12_to_l5_from_the_rib():
     dets = dict(boxes=np.array(boxes, float), scores=np.ones(6), classes=np.zeros(6, int), masks=masks, bmd=None)
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration())
     assert [v.level for v in res.vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5"]
-    assert res.levels["levels_anchor"] == "rib" and res.levels["rib_pairs_in_view"] == 1
+    # the detector-free sacrum (its sacroiliac joints in 3-D) and the last rib give the same count
+    lv = res.levels
+    assert lv["levels_anchor"] == "sacrum+rib" and lv["sacrum_source"] == "3d" and lv["rib_pairs_in_view"] == 1
+    assert lv["level_labelings"] == {"sacrum": ["T12", "L1", "L2", "L3", "L4", "L5"],
+                                     "rib": ["T12", "L1", "L2", "L3", "L4", "L5"]}
+    assert lv["sacrum_anchor"]["confidence"] >= 0.8 and lv["convention"] == "sacrum and last rib agree"
+    assert not {"level_count_conflict", "possible_transitional_anatomy"} & set(res.qc_flags)
     assert not {"levels_unanchored", "levels_unknown"} & set(res.qc_flags)
+
+
+# ------------------------------------------------------------------------------------- the 3-D sacrum in the rule
+def sacrum3d_at(dets, k, offset=0.6, confidence=1.0):
+    """The top of the sacroiliac joints ``offset`` pitches below the centre of body ``k``."""
+    return SacrumLevel(row=dets[k].centroid[1] + offset * PITCH, confidence=confidence)
+
+
+def test_3d_sacrum_alone_anchors_the_count_and_agrees_with_the_rib():
+    dets = spine(sacrum=False)
+    a = assign_levels(dets, image_shape=(512, 512), sacrum3d=sacrum3d_at(dets, 6))
+    assert a.anchor == "sacrum" and a.sacrum_source == "3d" and levels_of(a) == BODIES
+    a = assign_levels(dets, image_shape=(512, 512), sacrum3d=sacrum3d_at(dets, 6), ribs=rib_at(dets, 1))
+    assert a.anchor == "sacrum+rib" and a.labelings == {"sacrum": BODIES, "rib": BODIES}
+    assert not {"level_count_conflict", "possible_transitional_anatomy", "levels_unanchored"} & set(a.study_flags)
+    # joints rising to the height of L5's centre (a steep real sacrum): still below L5
+    a = assign_levels(dets, image_shape=(512, 512), sacrum3d=sacrum3d_at(dets, 6, offset=-0.2), ribs=rib_at(dets, 1))
+    assert a.anchor == "sacrum+rib" and levels_of(a) == BODIES
+
+
+def test_3d_sacrum_above_a_fused_body_flags_it_and_conflicts_with_the_rib():
+    # sacralised L5: the joints start at L5's top, L5's centre lies 0.5 pitch below them
+    dets = spine(sacrum=False)
+    a = assign_levels(dets, image_shape=(512, 512), sacrum3d=sacrum3d_at(dets, 6, offset=-0.5), ribs=rib_at(dets, 1))
+    assert {"possible_transitional_anatomy", "level_count_conflict"} <= set(a.study_flags)
+    assert "possible_transitional_anatomy" in a.flags[a.order[-1]]
+    assert a.labelings["rib"] == BODIES  # the anatomically right count is among those reported
+    assert a.labelings["sacrum"] == BODIES[1:] + [None]  # counted from the fused mass: L4 is called L5
+    assert a.anchor == "sacrum" and levels_of(a)[-2] == "L5" and levels_of(a)[-1] is None
+    assert "below_labelled_range" in a.flags[a.order[-1]]
+
+
+def test_3d_sacrum_cross_checks_the_detector_sacrum():
+    dets = spine()
+    agree = assign_levels(dets, image_shape=(512, 512), sacrum3d=sacrum3d_at(dets, 6))
+    assert agree.anchor == "sacrum" and agree.sacrum_source == "detector+3d" and levels_of(agree) == BODIES + ["S1"]
+    assert agree.labelings == {"sacrum": BODIES + ["S1"], "sacrum_3d": BODIES + ["S1"]}
+    assert not {"level_count_conflict", "level_gap"} & set(agree.study_flags)
+    # lumbarised S1: the detector takes the free S1 for the sacrum, the joints start one level lower
+    dets = spine(8, sacrum=False)[:7] + [spine()[-1]]
+    low = SacrumLevel(row=dets[6].centroid[1] + 1.6 * PITCH, confidence=1.0)
+    a = assign_levels(dets, image_shape=(512, 512), sacrum3d=low, ribs=rib_at(dets, 1))
+    assert a.study_flags == ["level_count_conflict"] and a.anchor == "sacrum" and levels_of(a) == BODIES + ["S1"]
+    assert a.labelings["rib"] == a.labelings["sacrum"] == BODIES + ["S1"]
+    assert a.labelings["sacrum_3d"] == [None] + BODIES[:-1] + ["S1"]  # the free S1 counted as a missed L5
+
+
+def test_low_confidence_3d_sacrum_is_reported_not_counted_from():
+    dets = spine(sacrum=False)
+    fov = (0, int(dets[-1].box[3]) + 5)
+    a = assign_levels(dets, image_shape=(512, 512), fov_rows=fov, sacrum3d=sacrum3d_at(dets, 6, confidence=0.45))
+    assert a.anchor is None and "sacrum_3d_low_confidence" in a.study_flags and "levels_unknown" in a.study_flags
+
+
+@pytest.fixture(scope="module")
+def phantom_v6():
+    def make(**kw):
+        st = generate_study(0, PhantomOptions(preview=False, generator_version=6, **kw))
+        aff = np.asarray(st.affine, float)
+        return Volume(st.hu, aff), Volume(st.labels.astype(np.float32), aff), st
+    return make
+
+
+def _measure_v6(vol, lab, st, keep=None):
+    from bmd_d2.evaluation.benchmark_levels import expected_labeling, truth_detections
+
+    if keep is not None:
+        vol, lab = _crop(vol, keep), _crop(lab, keep)
+    cfg = get_bmd_cfg()
+    sag = sagittal_from_cfg(vol, cfg)
+    dets, names = truth_detections(sag, lab, st.params["level_anchors"]["lumbar_vertebrae"])
+    res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration())
+    return res, names, expected_labeling(names, st.params["level_anchors"])
+
+
+# every branch of the rule on v6 phantoms with known anatomy, the sacrum never detected (as on the real CT): the
+# 3-D anchors alone
+@pytest.mark.parametrize("case", ["normal", "ribs11", "ribs13", "lumbar4", "lumbar6"])
+def test_v6_phantom_anchors_agree_or_conflict_with_the_right_labeling_reported(phantom_v6, case):
+    kw = {"normal": {}, "ribs11": {"rib_pairs": 11}, "ribs13": {"rib_pairs": 13}, "lumbar4": {"lumbar_vertebrae": 4},
+          "lumbar6": {"lumbar_vertebrae": 6}}[case]
+    vol, lab, st = phantom_v6(**kw)
+    res, names, want = _measure_v6(vol, lab, st)
+    lv = res.levels
+    assert lv["sacrum_source"] == "3d" and lv["rib_pairs_in_view"] == {"ribs11": 1, "ribs13": 3}.get(case, 2)
+    if case == "normal":
+        assert lv["levels_anchor"] == "sacrum+rib" and [v.level for v in res.vertebrae] == want
+        assert not {"level_count_conflict", "possible_transitional_anatomy"} & set(res.qc_flags)
+        return
+    assert "level_count_conflict" in res.qc_flags and lv["levels_anchor"] == "sacrum"
+    right = "sacrum" if case.startswith("ribs") else "rib"
+    assert lv["level_labelings"][right] == want, (lv["level_labelings"], want)
+    other = "rib" if right == "sacrum" else "sacrum"
+    assert lv["level_labelings"][other] != want and "anchors disagree" in lv["convention"]
+    if case == "lumbar4":
+        assert "possible_transitional_anatomy" in res.qc_flags
+
+
+@pytest.mark.parametrize("fov", ["no_ribs", "no_pelvis", "neither"])
+def test_v6_phantom_one_anchor_or_none(phantom_v6, fov):
+    vol, lab, st = phantom_v6()
+    z = vol.affine[2, 3] + vol.affine[2, 2] * np.arange(vol.data.shape[0])
+    lv = st.params["levels"]
+    below_ribs = z < lv["L1"]["center"][2] + 0.3 * lv["L1"]["height_mm"]  # the scan starts in L1
+    above_pelvis = z > lv["L4"]["center"][2] - 0.3 * lv["L4"]["height_mm"]  # the scan ends in L4
+    keep = {"no_ribs": below_ribs, "no_pelvis": above_pelvis, "neither": below_ribs & above_pelvis}[fov]
+    res, names, want = _measure_v6(vol, lab, st, keep)
+    levels = res.levels
+    if fov == "no_ribs":
+        assert levels["levels_anchor"] == "sacrum" and levels["rib_pairs_in_view"] is None
+        assert [v.level for v in res.vertebrae] == want
+    elif fov == "no_pelvis":
+        assert levels["levels_anchor"] == "rib" and levels["sacrum_anchor"] is None
+        assert [v.level for v in res.vertebrae] == want
+    else:
+        assert levels["levels_anchor"] is None and "levels_unanchored" in res.qc_flags

@@ -2,14 +2,15 @@
 """Pictures of the two level anchors (issue 18) for docs/measurement.md: a phantom and the real example CT.
 
 Each study is measured as ``bmd-measure`` does (:class:`bmd_d2.measure.BMDStudyPredictor`: sagittal image, model,
-levels from the sacrum detection and the last rib found in 3-D); the ribs are traced again along the plane the sagittal
-image was cut on (:func:`bmd_d2.measure.anchors.find_ribs`, deterministic: the measurement's own answer, with the
-traces' paths). Two panels on the anchors' 2 mm LPS grid (:func:`bmd_d2.measure.anchors.spine_grid`):
+levels from the sacrum detection and the sacrum and last rib found in 3-D); the ribs are traced again along the plane
+the sagittal image was cut on (:func:`bmd_d2.measure.anchors.find_ribs`, deterministic: the measurement's own answer,
+with the traces' paths); the 3-D sacrum is result.json's ``levels.sacrum_anchor``. Two panels on the anchors' 2 mm LPS grid (:func:`bmd_d2.measure.anchors.spine_grid`):
 
 * coronal maximum-intensity projection over the ribs' AP window (120 mm in front of to 90 mm behind the vertebral
   body), patient right on the left: the traced ribs in colour (left / right side), the costovertebral joints (circles,
   where the count takes them: extrapolated to 25 mm from the midline), the labelled vertebrae at their 3-D centres
-  and the sacrum detection that anchors the count from below (S1, where found);
+  the sacrum detection (S1, where found) and the 3-D sacrum that anchor the count from below: its sacroiliac joints
+  (red bars: the z range where the bone of the sacral body joins both ilia) and their top (the count's anchor);
 * axial maximum-intensity projection of the slab holding the lowest rib pair (from 45 mm below to 10 mm above its
   joints; anterior up): the same ribs from above.
 
@@ -20,7 +21,7 @@ Usage::
 
     python tools/make_anchor_figures.py [--weights models/bmd_rcnn_MFEFPN_R18_cpu.pth] [--seed 0] [--out docs/images]
 
-Writes ``anchors_phantom.png`` (full-size phantom ``--seed``) and ``anchors_real_ct.png``
+Writes ``anchors_phantom.png`` (full-size generator-v6 phantom ``--seed``) and ``anchors_real_ct.png``
 (tests/data/real/totalseg_example_ct/example_ct.nii.gz; ``--ct`` for another NIfTI). Exit code 2 with one ``error:``
 line for a bad config, weights or CT file.
 """
@@ -40,7 +41,7 @@ from bmd_d2.measure.anchors import RIB_AP_MM, RIB_JOINT_MM  # noqa: E402
 logger = logging.getLogger("make_anchor_figures")
 
 REAL_CT = os.path.join(ROOT, "tests", "data", "real", "totalseg_example_ct", "example_ct.nii.gz")
-CONFIG = os.path.join(ROOT, "configs", "bmd_rcnn_MFEFPN_R18_cpu.yaml")
+CONFIG = os.path.join(ROOT, "configs", "bmd_default.yaml")  # the shipped model's config
 WEIGHTS = os.path.join(ROOT, "models", "bmd_rcnn_MFEFPN_R18_cpu.pth")
 HALF_WIDTH_MM = 175.0  # lateral extent shown either side of the midline
 SIDE_COLOUR = {"left": "#ff8c1a", "right": "#1ac6ff"}
@@ -93,8 +94,8 @@ def draw(result, g, ribs, title: str, path: str) -> int:
 
     lv = result.levels or {}
     flags = ", ".join(result.qc_flags) or "none"
-    caption = (f"levels_anchor: {lv.get('levels_anchor')}  |  rib_pairs_in_view: {lv.get('rib_pairs_in_view')}  |  "
-               f"flags: {flags}")
+    caption = (f"levels_anchor: {lv.get('levels_anchor')}  |  sacrum_source: {lv.get('sacrum_source')}  |  "
+               f"rib_pairs_in_view: {lv.get('rib_pairs_in_view')}  |  flags: {flags}")
     zc = float(np.median(g.zs))
     xm0 = float(g.x_mid(np.interp(zc, g.zs, g.yb), zc))
     z_span = float(g.zs[-1] - g.zs[0])
@@ -138,8 +139,20 @@ def draw(result, g, ribs, title: str, path: str) -> int:
             ax.plot(x, z, "s", ms=5, color="#40ff40", mec="black", mew=0.5)
             ax.text(x - 34.0, z, v.level, color="#40ff40", fontsize=9, ha="right", va="center", fontweight="bold",
                     bbox=box)
+    sac = lv.get("sacrum_anchor")
+    if sac:  # the 3-D sacrum: its sacroiliac joints (joined slices) and their top, the count's lower anchor
+        z0, z1 = sac["evidence"]["si_joint_z_mm"]
+        reach = sac["evidence"]["si_joint_reach_mm"]
+        x, _, z = sac["point_lps"]
+        for sgn in (-1.0, 1.0):
+            ax.plot([x + sgn * 0.55 * reach] * 2, [z0, z1], "-", color="#ff3030", lw=3.0, alpha=0.9)
+        ax.plot([x - 0.55 * reach, x + 0.55 * reach], [z, z], "--", color="#ff3030", lw=1.5)
+        ax.plot(x, z, "v", ms=10, color="#ff3030", mec="white")
+        ax.text(x + 0.55 * reach + 8.0, z - 4.0, f"sacrum (3-D): SI joints\ntop, conf. {sac['confidence']:.2f}",
+                color="#ff6060", fontsize=8, ha="left", va="top", fontweight="bold", bbox=box)
     if not any(v.category_id == 1 for v in result.vertebrae):
-        ax.text(0.02, 0.02, "no sacrum detected", transform=ax.transAxes, color="#ff6060", fontsize=8, bbox=box)
+        ax.text(0.02, 0.02, "no sacrum detected (sagittal)", transform=ax.transAxes, color="#ff6060", fontsize=8,
+                bbox=box)
     # axial MIP of the slab holding the lowest pair
     if pairs:
         z_low = pairs[-1].z_mm
@@ -171,6 +184,7 @@ def draw(result, g, ribs, title: str, path: str) -> int:
     handles = [plt.Line2D([], [], color=c, lw=2.2, label=f"traced rib, {s}") for s, c in SIDE_COLOUR.items()]
     handles.append(plt.Line2D([], [], ls="none", marker="o", mfc="none", mec="yellow", mew=2, ms=8,
                               label="costovertebral joint"))
+    handles.append(plt.Line2D([], [], color="#ff3030", lw=3.0, label="sacroiliac joints (left panel)"))
     bx.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
     fig.suptitle(title, fontsize=11)
     fig.text(0.5, 0.012, caption, ha="center", va="bottom", fontsize=8.5, wrap=True)
@@ -187,7 +201,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", default=CONFIG, help="model config (default: %(default)s)")
     ap.add_argument("--weights", default=WEIGHTS, help="trained weights (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="phantom seed (full-size PhantomOptions)")
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed (full-size PhantomOptions, generator v6)")
     ap.add_argument("--ct", default=REAL_CT, help="real CT, NIfTI (default: the example CT)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "images"), help="folder for the PNGs")
     args = ap.parse_args(argv)
@@ -200,10 +214,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = get_bmd_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"])
-        st = generate_study(args.seed, PhantomOptions(preview=False))
+        st = generate_study(args.seed, PhantomOptions(preview=False, generator_version=6))
         studies = [(Volume(st.hu, np.asarray(st.affine, float)), "anchors_phantom.png",
-                    f"Level anchors on phantom seed {args.seed} (synthetic, {st.hu.shape[2]}² × {st.hu.shape[0]} "
-                    f"slices)"),
+                    f"Level anchors on phantom seed {args.seed} (synthetic, generator v6, {st.hu.shape[2]}² × "
+                    f"{st.hu.shape[0]} slices)"),
                    (load_nifti(args.ct, dtype="auto"), "anchors_real_ct.png",
                     f"Level anchors on the real CT ({os.path.basename(args.ct)})")]
         for volume, name, title in studies:

@@ -32,6 +32,10 @@ TARGETS = OrderedDict([
     ("mae_classical_3d_true_cal", ("≤", 3.0, "MAE, classical 3-D through the study's rod line (phantom file)")),
     ("dice_vertebrae", ("≥", 0.90, "mean Dice of matched vertebral bodies (sagittal mid-plane)")),
     ("level_accuracy", ("≥", 0.99, "level label accuracy of matched vertebrae")),
+    # issue 18 (generator v6 studies: --phantom-option generator_version=6)
+    ("level_accuracy_normal_anatomy", ("≥", 0.995, "level accuracy of matched bodies, normal anatomy (v6 phantoms)")),
+    ("transitional_flagged", ("≥", 1.0, "transitional studies (one anomaly in view) flagged (v6 phantoms)")),
+    ("transitional_right_labeling_reported", ("≥", 1.0, "... with the right labeling among those reported")),
 ])
 CALIBRATION_NOTE = (
     "configured calibration = what bmd-measure uses ({method}: {source}; with MEASURE.CALIBRATION auto and no file, "
@@ -50,6 +54,7 @@ def measure_phantom(predictor, study, folder: str, iou: float, min_area_px: int 
     """
     from bmd_d2.levels import LEVELS
     from bmd_d2.phantoms import write_dicom_series
+    from bmd_d2.evaluation.benchmark_levels import accuracy_record
     from bmd_d2.evaluation.study_accuracy import study_record, truth_masks_on_sagittal
 
     dicom = os.path.join(folder, study.study_id, "dicom")
@@ -69,6 +74,8 @@ def measure_phantom(predictor, study, folder: str, iou: float, min_area_px: int 
                calib_b=p["calib_b"], fracture=bool(p["fracture"]), metal=bool(p["metal"]),
                transfer_syntax=study.style.transfer_syntax, qc_flags=list(res.qc_flags),
                levels_predicted=[v.level for v in res.vertebrae])
+    # issue 18: the level anchors per study (with the v6 truth: transitional anatomy, which labeling is right)
+    rec["level_anchors"] = accuracy_record(res, p.get("level_anchors"), rec["pairs"], list(gt))
     return rec
 
 
@@ -100,12 +107,15 @@ def calibration_blind_floor(truths: List[List[Dict]]) -> Dict[str, Any]:
             "what": "leave-one-study-out linear fit of true BMD on the exact trabecular HU, T11-L5"}
 
 
-def evaluate_targets(summary: Dict[str, Any], precision: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def evaluate_targets(summary: Dict[str, Any], precision: Optional[Dict[str, Any]] = None,
+                     anchors: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Each target with its value, whether it is met (None when the value is undefined) and the margin.
 
     Args:
         summary: :func:`~bmd_d2.evaluation.study_accuracy.summarize_studies`.
         precision: :func:`~bmd_d2.evaluation.study_accuracy.summarize_precision` (None: the re-scan targets n/a).
+        anchors: :func:`~bmd_d2.evaluation.benchmark_levels.summarize_accuracy_records` (None: generator < 6, the
+            level-anchor targets n/a).
     """
     import math
 
@@ -127,6 +137,9 @@ def evaluate_targets(summary: Dict[str, Any], precision: Optional[Dict[str, Any]
         "mae_classical_3d_true_cal": vb["classical_3d_true_cal"]["mae"],
         "dice_vertebrae": summary["dice"]["vertebrae_mean"],
         "level_accuracy": summary["levels"]["accuracy"],
+        "level_accuracy_normal_anatomy": (anchors or {}).get("normal_level_accuracy", math.nan),
+        "transitional_flagged": (anchors or {}).get("transitional_flagged", math.nan),
+        "transitional_right_labeling_reported": (anchors or {}).get("transitional_correct_among_labelings", math.nan),
     }
     out = OrderedDict()
     for k, (op, target, what) in TARGETS.items():
@@ -151,6 +164,7 @@ def run(args) -> Dict[str, Any]:
     import torch
 
     from bmd_d2.phantoms import generate_study, study_seed
+    from bmd_d2.evaluation.benchmark_levels import summarize_accuracy_records
     from bmd_d2.evaluation.study_accuracy import summarize_precision, summarize_studies
     from bmd_d2.measure import BMDStudyPredictor
     from bmd_d2.measure.classical import calibration_from_cfg, calibration_method
@@ -198,7 +212,8 @@ def run(args) -> Dict[str, Any]:
     rep.update(summary)
     rep["precision"] = summarize_precision(patients)
     rep["calibration_blind_floor"] = calibration_blind_floor(truths)
-    rep["targets"] = evaluate_targets(summary, rep["precision"])
+    rep["level_anchors"] = summarize_accuracy_records(records)
+    rep["targets"] = evaluate_targets(summary, rep["precision"], rep["level_anchors"])
     rep["studies_detail"] = [{k: v for k, v in r.items() if k not in ("pairs", "by_label")} for r in records]
     rep["pairs"] = [dict(p, study_id=r["study_id"]) for r in records for p in r["pairs"]]
     rep["elapsed_s"] = time.perf_counter() - t0
@@ -250,6 +265,14 @@ def format_report(rep: Dict[str, Any]) -> str:
       f"counting missed as 0 {_n(dice['mean_including_missed'])}")
     p(f"level accuracy: {_n(lv['accuracy'])} of {lv['n']} matched; studies with every level right "
       f"{_n(lv['studies_all_correct'])}")
+    la = rep.get("level_anchors")
+    if la:
+        p(f"level anchors ({la['studies']} v6 studies, {la['transitional']} transitional): normal anatomy "
+          f"{_n(la['normal_level_accuracy'])} of {la['normal_vertebrae']} bodies, falsely flagged "
+          f"{la['normal_false_flags']}; transitional with one anomaly in view ({la['transitional_single']}): flagged "
+          f"{_n(la['transitional_flagged'])}, right labeling reported {_n(la['transitional_correct_among_labelings'])}; "
+          f"anchors {la['anchors']}, sacrum from {la['sacrum_sources']}; sacrum found {la['sacrum_found']}, last rib "
+          f"{la['rib_found']}")
     p("\nBMD vs truth, vertebral bodies T11–L5 (mg/cm³; pairs by mask overlap):")
     p(tabulate([_row(m, rep["bmd"][m]["vertebrae"]) for m in METHODS],
                headers=["method", "n", "MAE", "RMSE", "bias", "r", "LoA low", "LoA high"], **fmt))

@@ -27,7 +27,7 @@ TARGET_P50_S, TARGET_P95_S = 1.0, 1.5  # issue 21: per study on 2 CPU cores, shi
 TARGET_ANCHORS_S = 0.3  # issue 18: what the 3-D level anchors add per study (max), 2 CPU cores
 # the 3-D level-anchor steps measure_detections calls (functions of bmd_d2.measure.vertebrae), timed per study; a
 # 3-D sacrum step joins this list when the measurement calls one
-ANCHOR_STEPS = ("find_rib_anchor",)
+ANCHOR_STEPS = ("find_level_anchors",)
 SECTIONS = ("io", "e2e", "infer", "train")
 
 

@@ -132,8 +132,8 @@ def study_record(result, truth: Sequence[Dict], gt_masks: Dict[str, np.ndarray],
 
     Returns:
         ``{"study_id", "n_gt", "n_pred", "n_ignored", "pairs": [...], "by_label": [...], "patient": {...}}``; each pair
-        holds ``gt_level``, ``gt_class``, ``gt_bmd``, ``pred_level``, ``pred_class``, ``iou``, ``dice`` and
-        ``pred`` = method → value.
+        holds ``pred_index`` (into ``result.vertebrae``), ``gt_level``, ``gt_class``, ``gt_bmd``, ``pred_level``,
+        ``pred_class``, ``iou``, ``dice`` and ``pred`` = method → value.
     """
     truth_bmd = {t["level"]: reference_bmd(t) for t in truth}
     mineral = {t["level"]: float(t["bmd_mg_cm3"]) for t in truth}
@@ -149,7 +149,7 @@ def study_record(result, truth: Sequence[Dict], gt_masks: Dict[str, np.ndarray],
     pairs = []
     for i, j in matches:
         lv = gt_levels[j]
-        pairs.append({"gt_level": lv, "gt_class": level_class(lv), "gt_bmd": truth_bmd.get(lv),
+        pairs.append({"pred_index": int(i), "gt_level": lv, "gt_class": level_class(lv), "gt_bmd": truth_bmd.get(lv),
                       "gt_mineral": mineral.get(lv), "pred_level": verts[i].level, "pred_class": int(verts[i].category_id),
                       "iou": float(iou[i, j]), "dice": metrics.dice(pm[i], gm[j]), "pred": values[i]})
     matched = {i for i, _ in matches}

@@ -8,7 +8,8 @@ detections or ground-truth masks):
    the sagittal ROI (:func:`~bmd_d2.measure.classical.erode_roi_ellipse`) is measured here because its HU decides
    ``not_bone``.
 2. **Label** (:func:`label_vertebrae`): the level rule (:func:`bmd_d2.levels.assign_levels`) names the kept bodies
-   from the detector's sacrum and the last rib found in 3-D (:func:`find_rib_anchor`), cross-checked, and may reject
+   from the detector's sacrum and the sacrum and last rib found in 3-D (:func:`find_level_anchors`), cross-checked,
+   and may reject
    more (e.g. a second sacrum); :func:`levels_record` is what result.json says about it.
 3. **Measure** (:func:`measure_vertebra`): per labelled vertebra the 3-D core, the classical BMD through the
    calibration, the learned BMD, the reported value and category, the heights.
@@ -23,10 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bmd_d2.levels import (SACRUM_CLASS, VERTEBRAL_BODY_CLASS, Detection, LevelAssignment, RibLevel, add_flag,
-                           assign_levels)
+from bmd_d2.levels import (SACRUM_CLASS, VERTEBRAL_BODY_CLASS, Detection, LevelAssignment, RibLevel, SacrumLevel,
+                           add_flag, assign_levels)
 
-from .anchors import RibAnchor, find_ribs, plane_of_sagittal, rib_level
+from .anchors import RibAnchor, SacrumAnchor, find_ribs, find_sacrum, plane_of_sagittal, rib_level, spine_grid
 
 from .categories import acr_category
 from .classical import (Calibration, Core3D, calibration_from_cfg, calibration_method, core_min_rows_erosion_mm,
@@ -38,7 +39,7 @@ from .result import StudyResult, VertebraResult
 
 __all__ = [
     "WITHHOLDING_FLAGS", "RoiGeometry", "Candidate", "detection_arrays", "fov_rows", "describe_study",
-    "roi_geometry", "screen_detection", "screen_detections", "find_rib_anchor", "label_vertebrae", "levels_record",
+    "roi_geometry", "screen_detection", "screen_detections", "find_level_anchors", "label_vertebrae", "levels_record",
     "measure_vertebra", "grade_heights",
     "study_qc", "measure_detections",
 ]
@@ -249,17 +250,29 @@ def screen_detections(dets: Dict[str, Any], hu3: np.ndarray, m, geometry: RoiGeo
     return kept, rejected
 
 
-def find_rib_anchor(volume, sagittal) -> Optional[RibAnchor]:
-    """The ribs in view (:func:`bmd_d2.measure.anchors.find_ribs`) along the plane ``sagittal`` was cut on; None
-    without a volume, without a recorded plane or with no rib found."""
+def find_level_anchors(volume, sagittal) -> Tuple[Optional[RibAnchor], Optional[SacrumAnchor]]:
+    """The ribs and the sacrum in view (:func:`bmd_d2.measure.anchors.find_ribs`, :func:`~.anchors.find_sacrum`, on
+    one shared coarse grid) along the plane ``sagittal`` was cut on; ``(None, None)`` without a volume or a recorded
+    plane, None for an anchor not found."""
     plane = plane_of_sagittal(sagittal) if volume is not None else None
-    return find_ribs(volume, plane) if plane is not None else None
+    grid = spine_grid(volume, plane) if plane is not None else None
+    if grid is None:
+        return None, None
+    return find_ribs(volume, plane, grid=grid), find_sacrum(volume, plane, grid=grid)
 
 
-def levels_record(la: LevelAssignment, ribs: Optional[RibAnchor]) -> Dict[str, Any]:
+def sacrum_level(sacrum: SacrumAnchor, sagittal) -> SacrumLevel:
+    """The 3-D sacrum as the counting rule takes it: the sagittal row of the top of its sacroiliac joints."""
+    row = float(sagittal.lps_to_pixel(np.asarray(sacrum.point_lps, float))[1])
+    return SacrumLevel(row=row, confidence=sacrum.confidence)
+
+
+def levels_record(la: LevelAssignment, ribs: Optional[RibAnchor],
+                  sacrum: Optional[SacrumAnchor] = None) -> Dict[str, Any]:
     """What result.json says about the level count (``levels``): ``levels_anchor`` ("sacrum+rib", "sacrum", "rib" or
-    None), ``level_labelings`` (anchor → levels of the reported vertebrae, cranial → caudal), ``rib_pairs_in_view``,
-    ``convention`` (one line: what the reported levels are counted from) and ``rib_anchor`` (the rib pairs found)."""
+    None), ``sacrum_source`` ("detector", "3d", "detector+3d" or None), ``level_labelings`` (anchor → levels of the
+    reported vertebrae, cranial → caudal), ``rib_pairs_in_view``, ``convention`` (one line: what the reported levels
+    are counted from), ``rib_anchor`` (the rib pairs found) and ``sacrum_anchor`` (the sacroiliac joints found)."""
     if la.anchor is None:
         convention = "no anchor: " + ("lowest body called L5 (fallback)" if any(la.levels) else "no level named")
     else:
@@ -267,18 +280,23 @@ def levels_record(la: LevelAssignment, ribs: Optional[RibAnchor]) -> Dict[str, A
                       "rib": "counted from the last rib (the lowest rib-bearing vertebra is T12)",
                       "sacrum+rib": "sacrum and last rib agree"}[la.anchor]
         if "level_count_conflict" in la.study_flags:
-            convention += "; the last-rib count (lowest rib-bearing vertebra = T12) disagrees: level_labelings.rib"
+            others = sorted(k for k in la.labelings if k != la.anchor)
+            convention += "; the anchors disagree (" + ", ".join(f"level_labelings.{k}" for k in others) + \
+                "): a transitional vertebra, 11 or 13 rib pairs, or a wrong anchor"
     rib = None
     if ribs is not None:
         rib = {k: v for k, v in ribs.to_dict().items() if k != "evidence"}
-    return {"levels_anchor": la.anchor, "level_labelings": la.labelings, "rib_pairs_in_view": la.rib_pairs_in_view,
-            "convention": convention, "rib_anchor": rib}
+    return {"levels_anchor": la.anchor, "sacrum_source": la.sacrum_source, "level_labelings": la.labelings,
+            "rib_pairs_in_view": la.rib_pairs_in_view, "convention": convention, "rib_anchor": rib,
+            "sacrum_anchor": sacrum.to_dict() if sacrum is not None else None}
 
 
 def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagittal, m,
-                    ribs: Optional[RibLevel] = None) -> Tuple[List[Detection], LevelAssignment, List[Dict[str, Any]]]:
+                    ribs: Optional[RibLevel] = None, sacrum3d: Optional[SacrumLevel] = None
+                    ) -> Tuple[List[Detection], LevelAssignment, List[Dict[str, Any]]]:
     """Name the candidates' levels (:func:`bmd_d2.levels.assign_levels`, ``MEASURE.UNANCHORED_LEVEL_RULE``), with
-    the rib anchor ``ribs`` (:func:`bmd_d2.measure.anchors.rib_level`) when one was found.
+    the rib anchor ``ribs`` (:func:`bmd_d2.measure.anchors.rib_level`) and the 3-D sacrum ``sacrum3d``
+    (:func:`sacrum_level`) when found.
 
     Returns:
         ``(detections, assignment, rejected)``: one level-rule ``Detection`` per candidate (its centroid is the
@@ -292,7 +310,7 @@ def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagit
                                tuple(float(v) for v in dets["boxes"][c.index]),
                                (float(cols.mean()), float(rows.mean()))))
     la = assign_levels(found, pixel_spacing_mm=float(sagittal.spacing), image_shape=(H, W),
-                       fov_rows=fov_rows(sagittal), rule=m.UNANCHORED_LEVEL_RULE, ribs=ribs)
+                       fov_rows=fov_rows(sagittal), rule=m.UNANCHORED_LEVEL_RULE, ribs=ribs, sacrum3d=sacrum3d)
     rejected = [_rejection(dets, candidates[k].index, reason) for k, reason in la.rejected.items()]
     return found, la, rejected
 
@@ -441,11 +459,12 @@ def measure_detections(detections: Dict[str, Any], sagittal, cfg, *, volume=None
     candidates, rejected = screen_detections(dets, hu3, m, geometry, spine_missing=spine_missing, volume=volume,
                                              transform=transform)
     result.rejected.extend(rejected)
-    rib_anchor = None if spine_missing else find_rib_anchor(volume, sagittal)
+    rib_anchor, sacrum_anchor = (None, None) if spine_missing else find_level_anchors(volume, sagittal)
     found, la, rejected = label_vertebrae(dets, candidates, sagittal, m,
-                                          rib_level(rib_anchor, sagittal) if rib_anchor is not None else None)
+                                          rib_level(rib_anchor, sagittal) if rib_anchor is not None else None,
+                                          sacrum_level(sacrum_anchor, sagittal) if sacrum_anchor is not None else None)
     result.rejected.extend(rejected)
-    result.levels = levels_record(la, rib_anchor)
+    result.levels = levels_record(la, rib_anchor, sacrum_anchor)
     for f in la.study_flags:
         add_flag(result.qc_flags, f)
     if internal and la.order:  # the reference tissues are measured at the labelled vertebral bodies

@@ -14,7 +14,10 @@ tissue from a drawn X-ray spectrum (80–140 kVp, filtration, the patient's beam
 composition (marrow fat by age, fat-infiltrated muscle, hematocrit, iodine of a contrast phase), plus a scanner
 calibration error of a few HU; **4** renders exactly what the generator rendered before v5 for the same seed and
 options (one free calibration line ``HU = a + b * density`` for every bone, free soft-tissue HU). v5 draws come after
-every v4 draw, so a v5 study has its v4 twin's anatomy, geometry, labels and BMD.
+every v4 draw, so a v5 study has its v4 twin's anatomy, geometry, labels and BMD. **6** (issue 18) is v5 plus a pelvis
+joined to the sacrum at sacroiliac joints and transitional anatomy (11 / 13 rib pairs, sacralised L5, lumbarised S1;
+truth in ``params["level_anchors"]``), drawn after every v5 draw (:mod:`.anatomy`); the level-anchor benchmarks use
+it.
 
 Ground truth (the contract every consumer relies on)
 ----------------------------------------------------

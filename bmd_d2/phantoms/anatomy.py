@@ -39,6 +39,19 @@ Generator v5 (drawn after every draw above, so a v5 study has the v4 study's ana
   HU and of ``calib_a`` / ``calib_b`` are replaced by the physics values (``calib_a`` / ``calib_b``: the phantom
   QCT rod line). The BMD draws are unchanged: the mineral density, K2HPO4-equivalent mg/cm³.
 
+Generator v6 (drawn after every v5 draw: a v6 study is its v5 twin plus the pelvis and the variants):
+
+* Pelvis: the fused sacral mass (S1, S2, S3, …) gets lateral masses (alae: a cortical shell round marrow, reaching
+  24–30 mm × size beyond the body's side at the top, tapering ×0.85, 0.55, 0.4 caudally); the posterior ilium, a
+  12 mm plate beyond a 1.5–3 mm sacroiliac cleft over the top two segments, joins them to the iliac wings (arcs that
+  open wider than v5's and meet it): in those slices one piece of bone runs from the sacral body to both ilia.
+* Transitional anatomy: rib pairs 11 (no T12 rib; 6 %), 12, 13 (a 70 mm rib on L1; 6 %); lumbar vertebrae 4
+  (sacralised L5: L5 in the fused mass, its disc ×0.35; 5 %), 5, 6 (lumbarised S1: lumbar processes, no lateral
+  mass, an 8 mm × size S1/S2 disc; 5 %). Labels stay anatomical (a lumbarised S1 is labelled S1).
+* Truth: ``params["level_anchors"]``: ``rib_pairs``, ``lumbar_vertebrae``, ``transitional``, ``last_rib_level``,
+  ``sacrum_top_level`` (the level a count from the sacrum calls S1), ``sacrum_top_lps`` (its superior-endplate
+  centre) and ``si_joint_z_mm``.
+
 Draws are made in a fixed order whatever the options (options override values after drawing), so fixing one option
 never changes the others; the DICOM encoding has its own random stream.
 """
@@ -164,7 +177,21 @@ def draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
     p["posterior_core_factor"] = float(rng.uniform(0.9, 1.4))
     if opts.generator_version >= 5:  # appended to the stream: every draw above is the same in v4 and v5
         _draw_v5(rng, p, opts)
+    if opts.generator_version >= 6:  # appended again: a v6 study is its v5 twin plus the pelvis and the variants
+        _draw_v6(rng, p, opts)
     return p
+
+
+def _draw_v6(rng: np.random.Generator, p: Dict, opts: PhantomOptions) -> None:
+    """Generator v6: transitional anatomy (rib pairs, lumbar vertebrae) and the sacroiliac joints' width."""
+    u_rib, u_lumbar = float(rng.random()), float(rng.random())
+    ribs = 11 if u_rib < 0.06 else (13 if u_rib < 0.12 else 12)
+    lumbar = 4 if u_lumbar < 0.05 else (6 if u_lumbar < 0.10 else 5)
+    p["rib_pairs"] = ribs if opts.rib_pairs is None else int(opts.rib_pairs)
+    p["lumbar_vertebrae"] = lumbar if opts.lumbar_vertebrae is None else int(opts.lumbar_vertebrae)
+    p["si_joint_gap_mm"] = float(rng.uniform(1.5, 3.0))
+    p["ala_reach_mm"] = float(rng.uniform(24.0, 30.0))  # lateral mass beyond the body's side (× size)
+    p["pelvis"] = "sacroiliac"
 
 
 def _draw_v5(rng: np.random.Generator, p: Dict, opts: PhantomOptions) -> None:
@@ -253,6 +280,9 @@ def spine_frames(p: Dict) -> Dict:
     d = _BASE_DEPTH * s * p.get("depth_factor", 1.0) * jit[1]
     wdt = _BASE_WIDTH * s * jit[2]
     disc = _BASE_DISC * s * np.asarray(p["disc_factor"])
+    lumbar = p.get("lumbar_vertebrae", 5)
+    if lumbar == 4:  # sacralised L5: a rudimentary L5/S1 disc
+        disc[-1] *= 0.35
     tilt = _BASE_TILT * p["lordosis"] + np.asarray(p["tilt_jitter"])
     tilt[-1] = _BASE_TILT[-1] * (0.6 + 0.4 * p["lordosis"]) + p["tilt_jitter"][-1]
     idx = np.arange(n)
@@ -276,10 +306,35 @@ def spine_frames(p: Dict) -> Dict:
     for k, (hs, ds, ws, dt) in enumerate([(22.0, 28.0, 40.0, 14.0), (18.0, 22.0, 32.0, 26.0)]):
         Rk = rotation(tilt[-1] + dt, lateral[-1], axial[-1])
         hs, ds, ws = hs * s, ds * s, ws * s
-        ck = prev_c - prev_R[:, 2] * prev_h / 2 - Rk[:, 2] * (1.5 + hs / 2)
+        gap = 8.0 * s if (k == 0 and lumbar == 6) else 1.5  # lumbarised S1: a full S1/S2 disc
+        ck = prev_c - prev_R[:, 2] * prev_h / 2 - Rk[:, 2] * (gap + hs / 2)
         sac.append(dict(center=ck, R=Rk, h=hs, d=ds, w=ws))
         prev_c, prev_R, prev_h = ck, Rk, hs
     return dict(center=c, R=R, h=h, d=d, w=wdt, disc=disc, tilt=tilt, lateral=lateral, axial=axial, sacral=sac)
+
+
+SI_TAPER = (1.0, 0.85, 0.55, 0.4)  # v6: lateral reach of the sacral mass per fused segment, cranial → caudal
+
+
+def fused_segments(p: Dict, fr: Dict) -> List[Dict]:
+    """v6: frames (``center``, ``R``, ``h``, ``d``, ``w``) of the fused sacral mass, cranial → caudal: S1, S2, S3; a
+    sacralised L5 joins it on top, a lumbarised S1 leaves it (``lumbar_vertebrae`` 4 / 6)."""
+    lumbar = p.get("lumbar_vertebrae", 5)
+    segs = [dict(center=fr["center"][i], R=fr["R"][i], h=fr["h"][i], d=fr["d"][i], w=fr["w"][i])
+            for i in ([6, 7] if lumbar == 4 else [7])]
+    segs += [dict(s) for s in fr["sacral"]]
+    return segs[1:] if lumbar == 6 else segs
+
+
+def ala_reach(p: Dict, segs: List[Dict], k: int) -> float:
+    """v6: lateral end (mm from the spine's axis) of fused segment ``k``'s lateral mass."""
+    return segs[k]["w"] / 2 + p["ala_reach_mm"] * p["size"] * SI_TAPER[k]
+
+
+def ilium_x(p: Dict, fr: Dict) -> float:
+    """v6: lateral offset (mm from the spine's axis) of the posterior ilium's centre, beyond the sacroiliac cleft."""
+    segs = fused_segments(p, fr)
+    return min(ala_reach(p, segs, k) for k in range(min(2, len(segs)))) + p["si_joint_gap_mm"] + 6.0
 
 
 def level_bmd(p: Dict, i: int) -> float:

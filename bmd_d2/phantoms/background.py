@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import Layout, bone_hu
+from .anatomy import Layout, bone_hu, ilium_x
 from .geometry import Grid, ramp, superellipse_d
 
 _ANCHOR_STEP_MM = 8.0
@@ -62,6 +62,7 @@ class _Anchor:
         self.p, self.cv = p, canvas
         self.bx, self.by = lay.body_c
         zc = [c[2] for c in lay.fr["center"]]
+        self.ilium_x = ilium_x(p, lay.fr) if p.get("pelvis") == "sacroiliac" else None
         self.z_t12, self.z_l2, self.z_l4, self.z_s1 = zc[1], zc[3], zc[5], zc[7]
 
     def paint(self, z: float, spine: Sequence[float], fields: Sequence[np.ndarray]) -> None:
@@ -87,6 +88,7 @@ class _Anchor:
         cv.img[...] = -1000.0 + inside * (p["fat_hu"] + 1000.0)
         t_f = p["subcut_fat_mm"]
         wall = ramp(dbody + t_f, cv.px)
+        self.wall = wall  # under the subcutaneous fat (v6: the iliac wings stay inside it)
         cav = ramp(dbody + t_f + 12.0, cv.px)
         fld, tex, gas = fields
         organ = np.clip((fld - (p["visceral_fat"] * 2 - 1.0) * 0.5) * 3.0 + 0.5, 0, 1)  # 1 = soft organ
@@ -136,11 +138,17 @@ class _Anchor:
             return
         depth_in = float(np.clip((crest - z) / 40.0, 0.0, 1.0))
         bone = bone_hu(p, 1.1 * p["bmd_mg_cm3"] + 300.0, "cortical")
+        r0 = 30.0 + 15 * depth_in
         for side in (-1, 1):
-            cx_ = sx + side * (swid + 45.0)
+            if self.ilium_x is None:
+                cx_, cut = sx + side * (swid + 45.0), 15.0
+            else:  # v6: the arc opens wider and its posterior-medial tip meets the posterior ilium at the SI joint
+                cx_, cut = sx + side * (self.ilium_x + 0.9 * r0), 0.9 * r0
             rr = np.sqrt((cv.X - cx_) ** 2 + ((cv.Y - (sy + 10.0)) / 1.4) ** 2)
-            band = ramp(np.abs(rr - (30.0 + 15 * depth_in)) - (2.5 + 4.0 * depth_in), cv.px)
-            band = band * ((side * (cv.X - cx_)) > -15.0)
+            band = ramp(np.abs(rr - r0) - (2.5 + 4.0 * depth_in), cv.px)
+            band = band * ((side * (cv.X - cx_)) > -cut)
+            if self.ilium_x is not None:
+                band = band * self.wall
             cv.cover(band, bone)
 
     def _table(self, B):

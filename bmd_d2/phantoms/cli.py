@@ -19,7 +19,8 @@ from typing import List, Optional
 from bmd_d2.errors import BMDError, one_line
 
 from .dataset import generate_dataset
-from .options import CONTRAST_PHASES, GENERATOR_VERSION, GENERATOR_VERSIONS, TRANSFER_SYNTAXES, PhantomOptions
+from .options import (CONTRAST_PHASES, GENERATOR_VERSION, GENERATOR_VERSIONS, LUMBAR_VERTEBRAE, RIB_PAIRS,
+                      TRANSFER_SYNTAXES, PhantomOptions)
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{flag}", type=_bool, default=None, metavar="BOOL", help="force true/false (default random)")
     g.add_argument("--no-scoliosis", action="store_true", help="straight coronal alignment, no axial rotation")
     g.add_argument("--generator-version", type=int, choices=GENERATOR_VERSIONS, default=None,
-                   help=f"phantom generator (default {GENERATOR_VERSION}; 4 = before the X-ray physics)")
+                   help=f"phantom generator (default {GENERATOR_VERSION}; 4 = before the X-ray physics; 6 = v5 with "
+                        "sacroiliac joints and transitional anatomy)")
     g.add_argument("--kvp", type=float, default=None, help="tube potential kV, v5 (random 80–140)")
     g.add_argument("--age", type=int, default=None, help="patient age in years, v5 (random 20–90)")
     g.add_argument("--marrow-fat", type=float, default=None, help="marrow fat fraction 0–0.95, v5 (random by age)")
     g.add_argument("--contrast-phase", choices=CONTRAST_PHASES, default=None, help="v5 (random)")
+    g.add_argument("--rib-pairs", type=int, choices=RIB_PAIRS, default=None,
+                   help="rib-bearing vertebrae, v6 (random: 11 or 13 on 6 %% each)")
+    g.add_argument("--lumbar-vertebrae", type=int, choices=LUMBAR_VERTEBRAE, default=None,
+                   help="4 = sacralised L5, 6 = lumbarised S1, v6 (random: 5 %% each)")
     d = ap.add_argument_group("DICOM encoding (default: drawn at random per study)")
     d.add_argument("--storage", choices=("signed", "unsigned"), default=None)
     d.add_argument("--rescale", type=float, nargs=2, metavar=("SLOPE", "INTERCEPT"), default=None)
@@ -86,7 +92,7 @@ def options_from_args(args: argparse.Namespace) -> PhantomOptions:
         transfer_syntax=args.transfer_syntax, shuffle_names=args.shuffle_names,
         reverse_instances=args.reverse_instances, fov_padding=args.fov_padding, optional_tags=args.optional_tags,
         generator_version=args.generator_version, kvp=args.kvp, age=args.age, marrow_fat_fraction=args.marrow_fat,
-        contrast_phase=args.contrast_phase,
+        contrast_phase=args.contrast_phase, rib_pairs=args.rib_pairs, lumbar_vertebrae=args.lumbar_vertebrae,
     )
     over = {k: v for k, v in over.items() if v is not None}
     if args.no_scoliosis:

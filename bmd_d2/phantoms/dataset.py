@@ -72,6 +72,16 @@ def _pad_outside_fov(vol: np.ndarray) -> None:
     vol[:, outside] = -3024.0
 
 
+def _anchor_truth(p: Dict, spine: SpineRenderer) -> Dict:
+    """v6: the truth of the two level anchors: the last rib-bearing level, the top of the fused sacral mass (the
+    level a count from the sacrum calls S1) and the sacroiliac joints."""
+    ribs, lumbar = int(p["rib_pairs"]), int(p["lumbar_vertebrae"])
+    return dict(rib_pairs=ribs, lumbar_vertebrae=lumbar, transitional=bool(ribs != 12 or lumbar != 5),
+                last_rib_level={11: "T11", 12: "T12", 13: "L1"}[ribs],
+                sacrum_top_level={4: "L5", 5: "S1", 6: "S2"}[lumbar],
+                sacrum_top_lps=spine.si_joints.get("top_point_lps"), si_joint_z_mm=spine.si_joints.get("z_mm"))
+
+
 def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id: Optional[str] = None) -> PhantomStudy:
     """Render one phantom study in memory (nothing is written).
 
@@ -118,6 +128,7 @@ def generate_study(seed: int, options: Optional[PhantomOptions] = None, study_id
         dicom=dataclasses.asdict(style),
         levels={k: {kk: vv for kk, vv in v.items()} for k, v in spine.level_info.items()},
         spine_centers_lps={LEVELS[i]: [round(float(x), 3) for x in lay.fr["center"][i]] for i in range(len(LEVELS))},
+        **({"level_anchors": _anchor_truth(p, spine)} if p.get("pelvis") == "sacroiliac" else {}),
     )
     return PhantomStudy(
         study_id=study_id or f"phantom_{seed}", seed=int(seed), hu=vol, affine=lay.affine, labels=labels, cores=cores,

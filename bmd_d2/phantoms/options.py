@@ -36,9 +36,13 @@ TRANSFER_SYNTAXES = {
 # cortex, endplates, discs, muscle, islands, coarse pixels); 3 endplate density, body depth; 4 ring-shaped posterior
 # elements; 5 X-ray physics (every tissue's HU from the scanner's spectrum and the patient's composition,
 # :mod:`bmd_d2.phantoms.tissues`). Written to phantom.json as ``generator_version``; the default of
-# ``PhantomOptions.generator_version``. Versions 4 and 5 can be generated (4 bit-for-bit as before).
+# ``PhantomOptions.generator_version``. Versions 4, 5 and 6 can be generated (4 and 5 bit-for-bit as before); 6 adds
+# the pelvis of the 3-D sacrum anchor (sacral lateral masses meeting the ilia at sacroiliac joints) and transitional
+# anatomy (11 / 13 rib pairs, 4 / 6 lumbar vertebrae), drawn after every v5 draw.
 GENERATOR_VERSION = 5
-GENERATOR_VERSIONS = (4, 5)
+GENERATOR_VERSIONS = (4, 5, 6)
+RIB_PAIRS = (11, 12, 13)
+LUMBAR_VERTEBRAE = (4, 5, 6)
 CONTRAST_PHASES = ("none", "arterial", "portal_venous")
 
 # Seed of the bundled example study (``tools/demo.py``), drawn with :func:`example_options`.
@@ -143,6 +147,10 @@ class PhantomOptions(_PixelOptions):
         generator_version: one of :data:`GENERATOR_VERSIONS` (default :data:`GENERATOR_VERSION`); 4 renders exactly
             what generator v4 rendered for the same seed and options (``kvp``, ``age``, ``marrow_fat_fraction`` and
             ``contrast_phase`` are v5 options).
+        rib_pairs: v6 only: rib-bearing vertebrae down to the last rib, 11 (no T12 rib), 12 or 13 (a lumbar rib on
+            L1); None draws (6 % each of 11 and 13).
+        lumbar_vertebrae: v6 only: 5, 4 (sacralised L5: L5 joins the sacral mass and the ilia, a rudimentary L5/S1
+            disc) or 6 (lumbarised S1: S1 free of the ilia, a full S1/S2 disc); None draws (5 % each of 4 and 6).
     """
 
     shuffle_names: Optional[bool] = None
@@ -152,6 +160,8 @@ class PhantomOptions(_PixelOptions):
     preview: bool = True
     rescan_seed: Optional[int] = None
     generator_version: int = GENERATOR_VERSION
+    rib_pairs: Optional[int] = None
+    lumbar_vertebrae: Optional[int] = None
 
     @classmethod
     def tiny(cls, **overrides) -> "PhantomOptions":
@@ -188,6 +198,13 @@ class PhantomOptions(_PixelOptions):
                    if getattr(self, k) is not None}
         if v5_only and self.generator_version < 5:
             raise ValueError(f"{', '.join(sorted(v5_only))} need generator_version 5, got {self.generator_version}")
+        v6_only = {k: getattr(self, k) for k in ("rib_pairs", "lumbar_vertebrae") if getattr(self, k) is not None}
+        if v6_only and self.generator_version < 6:
+            raise ValueError(f"{', '.join(sorted(v6_only))} need generator_version 6, got {self.generator_version}")
+        if self.rib_pairs not in (None, *RIB_PAIRS):
+            raise ValueError(f"rib_pairs must be one of {RIB_PAIRS}, got {self.rib_pairs!r}")
+        if self.lumbar_vertebrae not in (None, *LUMBAR_VERTEBRAE):
+            raise ValueError(f"lumbar_vertebrae must be one of {LUMBAR_VERTEBRAE}, got {self.lumbar_vertebrae!r}")
         if self.kvp is not None and (not 80.0 <= self.kvp <= 140.0 or (2.0 * self.kvp) % 1.0):
             raise ValueError(f"kvp must be within 80–140 kV in steps of 0.5 kV, got {self.kvp}")
         if self.age is not None and not 0 <= self.age <= 120:

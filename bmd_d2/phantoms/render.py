@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from bmd_d2.levels import LEVEL_TO_LABEL, LEVELS
 
-from .anatomy import Layout, bone_hu, level_bmd
+from .anatomy import Layout, ala_reach, bone_hu, fused_segments, ilium_x, level_bmd
 from .geometry import body_fracs, ellipsoid_frac, paint, ramp, superellipse_d, texture
 
 # Transverse-process length (mm) per level.
@@ -35,6 +35,7 @@ class SpineRenderer:
         self.level_boxes: Dict = {}
         self.level_info: Dict = {}
         self.metal_segments: List[Tuple] = []
+        self.si_joints: Dict = {}
 
     def calib(self, dens, kind: str = "cortical", level: int = 0):
         """HU of bone of mineral density ``dens`` (mg/cm³) on this study's scanner: one line for every bone in v4;
@@ -60,42 +61,55 @@ class SpineRenderer:
             self._posterior(vol, i)
         self._ribs(vol)
         self._sacrum(vol)
+        if self.p.get("pelvis") == "sacroiliac":
+            self._pelvis(vol)
         z_lo, z_hi = self.g.z[0] - self.g.sp[2] / 2, self.g.z[-1] + self.g.sp[2] / 2
         for i, name in enumerate(LEVELS):
             self._body(vol, labels, cores, i, name, z_lo, z_hi)
         self._metal(vol)
 
     def _discs(self, vol):
-        """Intervertebral discs: a superellipse cylinder between adjacent endplates, darker towards the nucleus."""
-        g, p, fr = self.g, self.p, self.fr
+        """Intervertebral discs: a superellipse cylinder between adjacent endplates, darker towards the nucleus (v6
+        lumbarised S1: one more, between S1 and S2)."""
+        p, fr = self.p, self.fr
         for i in range(len(LEVELS) - 1):
-            c0, c1 = fr["center"][i], fr["center"][i + 1]
-            R0, R1 = fr["R"][i], fr["R"][i + 1]
-            ud = R0[:, 2] + R1[:, 2]
-            ud /= np.linalg.norm(ud)
-            Rd = R1.copy()
-            Rd[:, 2] = ud
-            Rd[:, 1] = np.cross(ud, Rd[:, 0])
-            Rd[:, 1] /= np.linalg.norm(Rd[:, 1])
-            Rd[:, 0] = np.cross(Rd[:, 1], ud)
             extra = 0.0
             if p["fracture"] and LEVELS[i + 1] == p["fracture_level"]:
                 extra = p["fracture_collapse"] * fr["h"][i + 1]
-            top = c0 - R0[:, 2] * fr["h"][i] / 2
-            bot = c1 + R1[:, 2] * (fr["h"][i + 1] / 2 - extra)
-            cd = 0.5 * (top + bot)
-            hd = float(np.dot(top - bot, ud)) + 3.0
-            a = 0.5 * min(fr["w"][i], fr["w"][i + 1]) + 1.0
-            b = 0.5 * min(fr["d"][i], fr["d"][i + 1]) + 1.0
-            sl = g.box(cd, Rd, [-a, -b, -hd / 2], [a, b, hd / 2])
-            if sl is None:
-                continue
-            u, v, w = g.local(sl, cd, Rd)
-            dxy = superellipse_d(u, v, a, b, 2.4, notch=0.12)
-            f = ramp(dxy, 0.5 * (g.width(Rd[:, 0]) + g.width(Rd[:, 1]))) * ramp(np.abs(w) - hd / 2, g.width(ud))
-            nucleus = np.clip(1.0 + dxy / (0.45 * min(a, b)), 0.0, 1.0)
-            paint(vol, sl, f, p["disc_hu"] + 25.0 - 40.0 * nucleus)
-            self._grow(sl)
+            self._disc(vol, (fr["center"][i], fr["R"][i], fr["h"][i], fr["d"][i], fr["w"][i]),
+                       (fr["center"][i + 1], fr["R"][i + 1], fr["h"][i + 1], fr["d"][i + 1], fr["w"][i + 1]), extra)
+        if p.get("lumbar_vertebrae", 5) == 6:
+            s2 = fr["sacral"][0]
+            self._disc(vol, (fr["center"][-1], fr["R"][-1], fr["h"][-1], fr["d"][-1], fr["w"][-1]),
+                       (s2["center"], s2["R"], s2["h"], s2["d"], s2["w"]), 0.0)
+
+    def _disc(self, vol, upper, lower, extra):
+        """One disc between the frames ``upper`` and ``lower`` = (centre, R, height, depth, width)."""
+        g, p = self.g, self.p
+        c0, R0, h0, d0, w0 = upper
+        c1, R1, h1, d1, w1 = lower
+        ud = R0[:, 2] + R1[:, 2]
+        ud /= np.linalg.norm(ud)
+        Rd = R1.copy()
+        Rd[:, 2] = ud
+        Rd[:, 1] = np.cross(ud, Rd[:, 0])
+        Rd[:, 1] /= np.linalg.norm(Rd[:, 1])
+        Rd[:, 0] = np.cross(Rd[:, 1], ud)
+        top = c0 - R0[:, 2] * h0 / 2
+        bot = c1 + R1[:, 2] * (h1 / 2 - extra)
+        cd = 0.5 * (top + bot)
+        hd = float(np.dot(top - bot, ud)) + 3.0
+        a = 0.5 * min(w0, w1) + 1.0
+        b = 0.5 * min(d0, d1) + 1.0
+        sl = g.box(cd, Rd, [-a, -b, -hd / 2], [a, b, hd / 2])
+        if sl is None:
+            return
+        u, v, w = g.local(sl, cd, Rd)
+        dxy = superellipse_d(u, v, a, b, 2.4, notch=0.12)
+        f = ramp(dxy, 0.5 * (g.width(Rd[:, 0]) + g.width(Rd[:, 1]))) * ramp(np.abs(w) - hd / 2, g.width(ud))
+        nucleus = np.clip(1.0 + dxy / (0.45 * min(a, b)), 0.0, 1.0)
+        paint(vol, sl, f, p["disc_hu"] + 25.0 - 40.0 * nucleus)
+        self._grow(sl)
 
     def _canal(self, vol):
         """Spinal canal (a continuous tube of CSF) with its epidural fat rim."""
@@ -213,15 +227,17 @@ class SpineRenderer:
         yc = d / 2 + 9.0 * s  # canal centre (posterior of body centre)
         hu = self.calib(1.3 * level_bmd(p, i) + 150.0, "trabecular", i)
         name = LEVELS[i]
-        tp_len = _TP_LENGTH[name]
-        tp_thick = 9.0 if name == "S1" else 5.0
+        v6 = p.get("pelvis") == "sacroiliac"
+        sacral_s1 = name == "S1" and p.get("lumbar_vertebrae", 5) != 6  # a lumbarised S1 has lumbar processes
+        tp_len = _TP_LENGTH[name] if (sacral_s1 or name != "S1") else _TP_LENGTH["L5"]
+        tp_thick = 9.0 if sacral_s1 else 5.0
         parts = [((side * (ac + 2.5), d / 2 + 4.0, 0.12 * h), (4.0 * s, 7.0, 0.3 * h)) for side in (1, -1)]  # pedicles
         parts += [((side * (0.55 * ac), yc + 9.0, -0.05 * h), (0.6 * ac + 3, 3.5, 0.38 * h)) for side in (1, -1)]
         parts.append(((0.0, yc + 9.0 + 16.0 * s, -0.2 * h), (3.5, 17.0 * s, 0.33 * h)))  # spinous process
         parts += [((side * (ac + 3.0 + tp_len), d / 2 + 8.0, 0.1 * h), (tp_len, tp_thick, tp_thick))
                   for side in (1, -1)]  # transverse processes
         parts += [((side * (ac + 4.0), yc + 3.0, zf * h), (5.0, 6.0, 6.0)) for zf in (0.45, -0.45) for side in (1, -1)]
-        if name == "S1":  # sacral alae
+        if name == "S1" and not v6:  # sacral alae (v6: the lateral masses of :meth:`_pelvis`)
             parts += [((side * (d * 0.9), d * 0.15, 0.0), (d * 0.55, 0.5 * d, 0.45 * h)) for side in (-1, 1)]
         width = (g.width(R[:, 0]) + g.width(R[:, 1]) + g.width(R[:, 2])) / 3
         shell = p.get("posterior_cortex_mm")
@@ -245,10 +261,11 @@ class SpineRenderer:
                 paint(vol, sl, ellipsoid_frac(u, v, w, inner, width), core)
 
     def _ribs(self, vol):
-        """11th/12th ribs: short curved tubes from the transverse processes, running lateral, anterior and down."""
+        """The last ribs (11th/12th; v6: the 11th alone, or a short 13th on L1): short curved tubes from the transverse processes, running lateral, anterior and down."""
         g, p, fr = self.g, self.p, self.fr
         hu_c = self.calib(1.2 * p["bmd_mg_cm3"] + 250.0)
-        for i, length in ((0, 140.0), (1, 110.0)):
+        ribs = {11: ((0, 140.0),), 12: ((0, 140.0), (1, 110.0)), 13: ((0, 140.0), (1, 110.0), (2, 70.0))}
+        for i, length in ribs[p.get("rib_pairs", 12)]:
             c, R, d = fr["center"][i], fr["R"][i], fr["d"][i]
             for side in (-1, 1):
                 pts = []
@@ -266,6 +283,64 @@ class SpineRenderer:
                     paint(vol, sl, ramp(dd, 1.0), hu_c - 120.0)
                     paint(vol, sl, ramp(dd + 1.2, 1.0), self.calib(0.9 * p["bmd_mg_cm3"] + 40.0, "marrow"))
                     self._grow(sl)
+
+    def _pelvis(self, vol):
+        """v6: the sacral lateral masses (alae) of the fused segments and the posterior ilia meeting them at the
+        sacroiliac joints (a ``si_joint_gap_mm`` cleft), joined to the iliac wings of the background."""
+        g, p = self.g, self.p
+        segs = fused_segments(p, self.fr)
+        cortex = self.calib(p["cortex_density"])
+        marrow = self.calib(1.1 * p["bmd_mg_cm3"] + 10.0, "marrow")
+        ilium = self.calib(1.1 * p["bmd_mg_cm3"] + 300.0)
+        joint_z, joint_x = [], []
+        for k, s in enumerate(segs[:4]):
+            c, R, h, d, w = s["center"], s["R"], s["h"], s["d"], s["w"]
+            ua = ala_reach(p, segs, k)  # lateral end of the mass (local u)
+            a, cu = (ua - (w / 2 - 4.0)) / 2, (ua + w / 2 - 4.0) / 2
+            b, cv = 0.45 * d * (1.0 - 0.2 * k), 0.1 * d
+            hz = h / 2 + 1.5
+            for side in (-1, 1):
+                sl = g.box(c, R, [side * cu - a - 1, cv - b - 1, -hz - 1], [side * cu + a + 1, cv + b + 1, hz + 1])
+                if sl is None:
+                    continue
+                uu, vv, ww = g.local(sl, c, R)
+                dxy = superellipse_d(uu - side * cu, vv - cv, a, b, 3.0)
+                wid = g.width(R[:, 0])
+                body = vol[sl] > -200.0  # inside the patient only (the lower segments sweep towards the back)
+                outer = ramp(dxy, wid) * ramp(np.abs(ww) - hz, wid) * body
+                inner = ramp(dxy + p["cortex_mm"], wid) * ramp(np.abs(ww) - hz + p["cortex_mm"], wid) * body
+                paint(vol, sl, outer, cortex)
+                paint(vol, sl, inner, marrow)
+                self._grow(sl)
+            if k < 2:  # the auricular surface: the upper two segments of the mass
+                top = c + R[:, 2] * h / 2
+                bot = c - R[:, 2] * h / 2
+                joint_z += [top[2], bot[2]]
+                joint_x.append((c, ua))
+        if not joint_x:
+            return
+        z_hi, z_lo = max(joint_z), min(joint_z)
+        c0 = joint_x[0][0]
+        ua = min(x for _, x in joint_x)
+        xo = ilium_x(p, self.fr)
+        y0 = min(s["center"][1] for s in segs[:2]) - 0.3 * segs[0]["d"]
+        # to the posterior-medial tip of the background's v6 iliac wing (the spine's y + 10 + 0.61 × its 45 mm arc)
+        y1 = max(s["center"][1] for s in segs[:2]) + 10.0 + 0.61 * 45.0 + 4.0
+        eye = np.eye(3)
+        for side in (-1, 1):  # posterior ilium: a plate lateral of the joint, from the sacrum's front to behind it
+            xc = c0[0] + side * xo
+            ctr = np.array([xc, 0.5 * (y0 + y1), 0.5 * (z_lo + z_hi)])
+            half = np.array([6.0, 0.5 * (y1 - y0), 0.5 * (z_hi - z_lo)])
+            sl = g.box(ctr, eye, list(-half - 1.0), list(half + 1.0))
+            if sl is None:
+                continue
+            uu, vv, ww = g.local(sl, ctr, eye)
+            f = ramp(superellipse_d(uu, vv, half[0], half[1], 4.0), g.width(eye[:, 0])) \
+                * ramp(np.abs(ww) - half[2], g.width(eye[:, 2])) * (vol[sl] > -200.0)
+            paint(vol, sl, f, ilium)
+            self._grow(sl)
+        self.si_joints = dict(z_mm=[float(z_lo), float(z_hi)], half_width_mm=float(ua),
+                              top_point_lps=[float(v) for v in (segs[0]["center"] + segs[0]["R"][:, 2] * segs[0]["h"] / 2)])
 
     def _metal_segments(self):
         """Pedicle screws (two per level) and rods as capsules: list of (start, end, radius mm, HU)."""
