@@ -282,3 +282,51 @@ def test_calibration_blind_floor_measures_the_calibration_spread():
     spread = benchmark_accuracy.calibration_blind_floor(studies((-10, 30), (0.8, 1.25)))
     assert 5 < spread["mae"] < 40 and spread["pearson_r"] < 0.99
     assert np.isnan(benchmark_accuracy.calibration_blind_floor(studies((0, 0), (1, 1))[:2])["mae"])
+
+
+def test_level_anchor_benchmark_runs_and_scores_the_labelings(tmp_path, capsys):
+    """tools/benchmark_levels.py on 2 held-out v6 studies (both normal anatomy): every level right, both anchors."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("benchmark_levels_tool",
+                                                  os.path.join(ROOT, "tools", "benchmark_levels.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "levels.json"
+    assert tool.main(["--n", "2", "--seed", "18000", "--output", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    s = rep["summary"]
+    assert s["measured"] == 2 and s["transitional"] == 0 and s["normal_level_accuracy"] == 1.0
+    assert s["sacrum_found"] == 2 and s["normal_false_flags"] == 0
+    for r in rep["studies"]:
+        assert r["anchor"] == "sacrum+rib" and r["sacrum_source"] == "3d" and r["correct"]
+        assert r["reported"] == r["expected"] and 5.0 < r["sacrum_z_error_mm"] < 20.0
+    assert not (tmp_path / "levels.json.partial").exists()
+    assert "normal anatomy: level accuracy 100.00 %" in capsys.readouterr().out
+
+
+def test_level_anchor_summary_counts_only_anomalies_an_image_can_show():
+    from bmd_d2.evaluation.benchmark_levels import anomaly, summarize
+
+    def rec(ribs, lumbar, names, flagged, among, correct=True):
+        truth = dict(rib_pairs=ribs, lumbar_vertebrae=lumbar, transitional=ribs != 12 or lumbar != 5,
+                     last_rib_level={11: "T11", 12: "T12", 13: "L1"}[ribs])
+        exp = [n for n in names]
+        return dict(truth=truth, names=names, anomaly=anomaly(truth, names), reported=exp if correct else exp[::-1],
+                    expected=exp, correct=correct, flagged=flagged, correct_among_labelings=among, anchor="sacrum",
+                    sacrum_z_error_mm=10.0, rib_pairs_found=1, seconds=0.1)
+
+    full = ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    recs = [rec(12, 5, full, False, True), rec(13, 5, full, True, True, correct=False),
+            rec(13, 5, ["L3", "L4", "L5"], False, True),  # the L1 rib out of view: not counted
+            rec(11, 6, full, True, False, correct=False),  # two anomalies: flagged, no labeling can be right
+            rec(12, 4, full, True, True, correct=False)]
+    assert recs[2]["anomaly"] == {"kind": "ribs13", "double": False, "in_view": False}
+    assert recs[3]["anomaly"]["double"] and recs[3]["anomaly"]["kind"] == "ribs11+lumbar6"
+    s = summarize(recs)
+    assert (s["transitional"], s["transitional_single"], s["transitional_double"]) == (4, 2, 1)
+    assert s["transitional_flagged"] == 1.0 and s["transitional_correct_among_labelings"] == 1.0
+    assert s["meets_transitional_flagged"] and s["normal_level_accuracy"] == 1.0
+    recs[1]["flagged"] = False
+    assert summarize(recs)["transitional_flagged"] == 0.5 and not summarize(recs)["meets_transitional_flagged"]

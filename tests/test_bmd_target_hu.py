@@ -122,3 +122,24 @@ def test_measurement_converts_learned_hu_with_the_study_calibration():
     dets = V.detection_arrays({"boxes": [[0, 0, 4, 4]], "scores": [0.9], "classes": [0],
                                "masks": np.ones((1, 8, 8), bool), "bmd": None, "hu": np.array([135.0])}, (8, 8))
     assert dets["hu"][0] == 135.0 and dets["bmd"] is None
+
+
+@pytest.mark.parametrize("flags", [[], ["metal"], ["implausible_hu"]])
+def test_learned_hu_is_withheld_with_the_classical_value(flags):
+    """Metal or an implausible HU in the core withholds every BMD, the learned one too; the head's HU stays."""
+    from bmd_d2.config import get_bmd_cfg
+    from bmd_d2.levels import Detection
+    from bmd_d2.measure import vertebrae as V
+
+    m = get_bmd_cfg().MEASURE
+    cal = Calibration(slope=1.25, intercept=10.0, source="test")
+    dets = V.detection_arrays({"boxes": [[0, 0, 4, 4]], "scores": [0.9], "classes": [0],
+                               "masks": np.ones((1, 8, 8), bool), "bmd": None, "hu": np.array([135.0])}, (8, 8))
+    cand = V.Candidate(index=0, flags=list(flags), roi=np.ones((8, 8), bool), hu=122.5, sd=10.0, n=64)
+    v = V.measure_vertebra(dets, cand, Detection(0, 0.9, (0, 0, 4, 4), (2.0, 2.0)), "L1", [], cal, m,
+                           V.roi_geometry(m, 1.0, None), volume=None, transform=np.eye(4))
+    assert v.learned_hu == 135.0
+    if flags:
+        assert v.learned_bmd is None and v.classical_bmd is None and v.bmd is None and flags[0] in v.qc_flags
+    else:
+        assert v.learned_bmd == pytest.approx(100.0) and v.classical_bmd == pytest.approx(90.0)

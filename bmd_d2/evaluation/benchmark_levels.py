@@ -46,7 +46,7 @@ def anomaly(truth: Dict, names: List[str]) -> Dict[str, Any]:
     """The study's transitional anatomy: ``kind`` ("ribs11", "ribs13", "lumbar4", "lumbar6", both joined by "+", or
     None), ``double`` (two anomalies: each anchor is then off by one and no labeling can be right) and ``in_view``
     (whether an image can show it: the last rib-bearing level and the one below it in view for a rib anomaly; the
-    pelvis, always scanned by the generator, for a lumbar one)."""
+    pelvis for a lumbar one)."""
     parts, visible = [], []
     if truth["rib_pairs"] != 12:
         parts.append(f"ribs{truth['rib_pairs']}")
@@ -54,7 +54,7 @@ def anomaly(truth: Dict, names: List[str]) -> Dict[str, Any]:
         visible.append(LEVELS[last] in names and LEVELS[last + 1] in names)
     if truth["lumbar_vertebrae"] != 5:
         parts.append(f"lumbar{truth['lumbar_vertebrae']}")
-        visible.append(True)
+        visible.append(bool(truth.get("pelvis_in_view", True)))
     return dict(kind="+".join(parts) or None, double=len(parts) == 2, in_view=bool(visible and all(visible)))
 
 

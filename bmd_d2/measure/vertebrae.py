@@ -367,6 +367,8 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
         v.learned_bmd = _float(calibration.hu_to_bmd(v.learned_hu))
     else:
         v.learned_bmd = _float(dets["bmd"][r]) if dets["bmd"] is not None else None
+    if withhold:  # metal or implausible HU in the core: the model's value is as wrong as the ROI's (learned_hu kept)
+        v.learned_bmd = None
     if not withhold:
         v.classical_bmd = _float(calibration.hu_to_bmd(v.trabecular_hu))
         v.classical_bmd_3d = _float(calibration.hu_to_bmd(v.trabecular_hu_3d))

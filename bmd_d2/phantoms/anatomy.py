@@ -48,7 +48,9 @@ Generator v6 (drawn after every v5 draw: a v6 study is its v5 twin plus the pelv
 * Transitional anatomy: rib pairs 11 (no T12 rib; 6 %), 12, 13 (a 70 mm rib on L1; 6 %); lumbar vertebrae 4
   (sacralised L5: L5 in the fused mass, its disc ×0.35; 5 %), 5, 6 (lumbarised S1: lumbar processes, no lateral
   mass, an 8 mm × size S1/S2 disc; 5 %). Labels stay anatomical (a lumbarised S1 is labelled S1).
-* Truth: ``params["level_anchors"]``: ``rib_pairs``, ``lumbar_vertebrae``, ``transitional``, ``last_rib_level``,
+* Field of view: 8 % of v6 scans end inside L4 or L5 (``scan_ends_in``), above the sacroiliac joints: only the rib
+  anchor is in view.
+* Truth: ``params["level_anchors"]``: ``pelvis_in_view``, ``rib_pairs``, ``lumbar_vertebrae``, ``transitional``, ``last_rib_level``,
   ``sacrum_top_level`` (the level a count from the sacrum calls S1), ``sacrum_top_lps`` (its superior-endplate
   centre) and ``si_joint_z_mm``.
 
@@ -192,6 +194,10 @@ def _draw_v6(rng: np.random.Generator, p: Dict, opts: PhantomOptions) -> None:
     p["si_joint_gap_mm"] = float(rng.uniform(1.5, 3.0))
     p["ala_reach_mm"] = float(rng.uniform(24.0, 30.0))  # lateral mass beyond the body's side (× size)
     p["pelvis"] = "sacroiliac"
+    # a thoracolumbar scan that ends in the lumbar spine (8 %): the pelvis out of view, only the rib anchor left
+    u_fov, cut = float(rng.random()), float(rng.uniform(-0.3, 0.3))
+    p["scan_ends_in"] = None if u_fov >= 0.08 else ("L4" if cut < 0.0 else "L5")
+    p["scan_end_fraction"] = cut
 
 
 def _draw_v5(rng: np.random.Generator, p: Dict, opts: PhantomOptions) -> None:
@@ -404,6 +410,9 @@ def lay_out(p: Dict, opts: PhantomOptions) -> Layout:
     # scan range in z
     lo_pts: List[float] = [fr["sacral"][0]["center"][2] - fr["sacral"][0]["h"] / 2]
     bottom = min(lo_pts[0], fr["center"][-1][2] - fr["h"][-1] / 2) - p["scan_bottom_margin"]
+    if p.get("scan_ends_in"):  # v6: the scan stops inside L4 or L5 (above the sacroiliac joints)
+        i = LEVELS.index(p["scan_ends_in"])
+        bottom = fr["center"][i][2] + p["scan_end_fraction"] * fr["h"][i]
     top_full = fr["center"][0][2] + fr["h"][0] / 2
     top = top_full + p["scan_top_cut"] * fr["h"][0]
     nk = int(math.floor((top - bottom) / dz)) + 1

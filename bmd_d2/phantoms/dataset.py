@@ -77,6 +77,7 @@ def _anchor_truth(p: Dict, spine: SpineRenderer) -> Dict:
     level a count from the sacrum calls S1) and the sacroiliac joints."""
     ribs, lumbar = int(p["rib_pairs"]), int(p["lumbar_vertebrae"])
     return dict(rib_pairs=ribs, lumbar_vertebrae=lumbar, transitional=bool(ribs != 12 or lumbar != 5),
+                pelvis_in_view=not p.get("scan_ends_in"),
                 last_rib_level={11: "T11", 12: "T12", 13: "L1"}[ribs],
                 sacrum_top_level={4: "L5", 5: "S1", 6: "S2"}[lumbar],
                 sacrum_top_lps=spine.si_joints.get("top_point_lps"), si_joint_z_mm=spine.si_joints.get("z_mm"))

@@ -292,15 +292,19 @@ class SpineRenderer:
         cortex = self.calib(p["cortex_density"])
         marrow = self.calib(1.1 * p["bmd_mg_cm3"] + 10.0, "marrow")
         ilium = self.calib(1.1 * p["bmd_mg_cm3"] + 300.0)
-        joint_z, joint_x = [], []
+        gap = p["si_joint_gap_mm"]
+        xo = ilium_x(p, self.fr)  # the posterior ilium's centre, where the background's wings end medially
+        joints = []
         for k, s in enumerate(segs[:4]):
             c, R, h, d, w = s["center"], s["R"], s["h"], s["d"], s["w"]
-            ua = ala_reach(p, segs, k)  # lateral end of the mass (local u)
+            # lateral end of the mass (local u): the top two segments reach the joint, the lower ones taper
+            ua = xo - 6.0 - gap if k < 2 else ala_reach(p, segs, k)
             a, cu = (ua - (w / 2 - 4.0)) / 2, (ua + w / 2 - 4.0) / 2
             b, cv = 0.45 * d * (1.0 - 0.2 * k), 0.1 * d
             hz = h / 2 + 1.5
             for side in (-1, 1):
-                sl = g.box(c, R, [side * cu - a - 1, cv - b - 1, -hz - 1], [side * cu + a + 1, cv + b + 1, hz + 1])
+                lo, hi = [side * cu - a - 1, cv - b - 1, -hz - 1], [side * cu + a + 1, cv + b + 1, hz + 1]
+                sl = g.box(c, R, lo, hi)
                 if sl is None:
                     continue
                 uu, vv, ww = g.local(sl, c, R)
@@ -312,25 +316,19 @@ class SpineRenderer:
                 paint(vol, sl, outer, cortex)
                 paint(vol, sl, inner, marrow)
                 self._grow(sl)
-            if k < 2:  # the auricular surface: the upper two segments of the mass
-                top = c + R[:, 2] * h / 2
-                bot = c - R[:, 2] * h / 2
-                joint_z += [top[2], bot[2]]
-                joint_x.append((c, ua))
-        if not joint_x:
+                if k < 2:  # the auricular surface: the mass's lateral end, where the ilium meets it
+                    end = np.array([[side * ua, cv + f * b, t * hz] for f in (-1.0, 1.0) for t in (-1.0, 1.0)])
+                    joints.append((side, c + end @ R.T))
+        if not joints:
             return
-        z_hi, z_lo = max(joint_z), min(joint_z)
-        c0 = joint_x[0][0]
-        ua = min(x for _, x in joint_x)
-        xo = ilium_x(p, self.fr)
-        y0 = min(s["center"][1] for s in segs[:2]) - 0.3 * segs[0]["d"]
-        # to the posterior-medial tip of the background's v6 iliac wing (the spine's y + 10 + 0.61 × its 45 mm arc)
-        y1 = max(s["center"][1] for s in segs[:2]) + 10.0 + 0.61 * 45.0 + 4.0
         eye = np.eye(3)
-        for side in (-1, 1):  # posterior ilium: a plate lateral of the joint, from the sacrum's front to behind it
-            xc = c0[0] + side * xo
-            ctr = np.array([xc, 0.5 * (y0 + y1), 0.5 * (z_lo + z_hi)])
-            half = np.array([6.0, 0.5 * (y1 - y0), 0.5 * (z_hi - z_lo)])
+        for side, pts in joints:  # posterior ilium: a plate beyond the cleft, from the joint's front to behind the sacrum
+            x = float(pts[:, 0].mean()) + side * (gap + 6.0)
+            # back to the posterior-medial tip of the background's v6 iliac wing (spine y + 10 + 0.61 × its 45 mm arc)
+            y0, y1 = float(pts[:, 1].min()) - 4.0, float(pts[:, 1].max()) + 10.0 + 0.61 * 45.0
+            z0, z1 = float(pts[:, 2].min()), float(pts[:, 2].max())
+            ctr = np.array([x, 0.5 * (y0 + y1), 0.5 * (z0 + z1)])
+            half = np.array([6.0, 0.5 * (y1 - y0), 0.5 * (z1 - z0)])
             sl = g.box(ctr, eye, list(-half - 1.0), list(half + 1.0))
             if sl is None:
                 continue
@@ -339,7 +337,8 @@ class SpineRenderer:
                 * ramp(np.abs(ww) - half[2], g.width(eye[:, 2])) * (vol[sl] > -200.0)
             paint(vol, sl, f, ilium)
             self._grow(sl)
-        self.si_joints = dict(z_mm=[float(z_lo), float(z_hi)], half_width_mm=float(ua),
+        zs = np.concatenate([pts[:, 2] for _, pts in joints])
+        self.si_joints = dict(z_mm=[float(zs.min()), float(zs.max())], half_width_mm=float(xo - 6.0 - gap),
                               top_point_lps=[float(v) for v in (segs[0]["center"] + segs[0]["R"][:, 2] * segs[0]["h"] / 2)])
 
     def _metal_segments(self):
