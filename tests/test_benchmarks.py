@@ -309,23 +309,26 @@ def test_level_anchor_benchmark_runs_and_scores_the_labelings(tmp_path, capsys):
 def test_level_anchor_summary_counts_only_anomalies_an_image_can_show():
     from bmd_d2.evaluation.benchmark_levels import anomaly, summarize
 
-    def rec(ribs, lumbar, names, flagged, among, correct=True):
+    def rec(ribs, lumbar, names, flagged, among, correct=True, pelvis=True):
         truth = dict(rib_pairs=ribs, lumbar_vertebrae=lumbar, transitional=ribs != 12 or lumbar != 5,
+                     pelvis_in_view=pelvis,
                      last_rib_level={11: "T11", 12: "T12", 13: "L1"}[ribs])
         exp = [n for n in names]
         return dict(truth=truth, names=names, anomaly=anomaly(truth, names), reported=exp if correct else exp[::-1],
                     expected=exp, correct=correct, flagged=flagged, correct_among_labelings=among, anchor="sacrum",
-                    sacrum_z_error_mm=10.0, rib_pairs_found=1, seconds=0.1)
+                    sacrum_z_error_mm=10.0, sacrum_confidence=1.0, rib_pairs_found=1, seconds=0.1)
 
     full = ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
     recs = [rec(12, 5, full, False, True), rec(13, 5, full, True, True, correct=False),
             rec(13, 5, ["L3", "L4", "L5"], False, True),  # the L1 rib out of view: not counted
+            rec(12, 6, ["T11", "T12", "L1", "L2", "L3"], False, True, pelvis=False),  # only the rib anchor in view
             rec(11, 6, full, True, False, correct=False),  # two anomalies: flagged, no labeling can be right
             rec(12, 4, full, True, True, correct=False)]
     assert recs[2]["anomaly"] == {"kind": "ribs13", "double": False, "in_view": False}
-    assert recs[3]["anomaly"]["double"] and recs[3]["anomaly"]["kind"] == "ribs11+lumbar6"
+    assert recs[4]["anomaly"]["double"] and recs[4]["anomaly"]["kind"] == "ribs11+lumbar6"
     s = summarize(recs)
-    assert (s["transitional"], s["transitional_single"], s["transitional_double"]) == (4, 2, 1)
+    assert recs[3]["anomaly"]["in_view"] is False  # no sacrum to disagree with the rib
+    assert (s["transitional"], s["transitional_single"], s["transitional_double"]) == (5, 2, 1)
     assert s["transitional_flagged"] == 1.0 and s["transitional_correct_among_labelings"] == 1.0
     assert s["meets_transitional_flagged"] and s["normal_level_accuracy"] == 1.0
     recs[1]["flagged"] = False

@@ -49,7 +49,8 @@ def test_v6_is_its_v5_twin_plus_the_pelvis():
     diff = np.abs(v6.hu - v5.hu)
     assert diff[:, :, mid].max() < 1e-3 < diff.max()
     air, _ = ndimage.label(v5.hu < -500.0)
-    edge = np.unique(np.concatenate([air[:, 0].ravel(), air[:, -1].ravel(), air[:, :, 0].ravel(), air[:, :, -1].ravel()]))
+    edge = np.unique(np.concatenate([air[:, 0].ravel(), air[:, -1].ravel(), air[:, :, 0].ravel(),
+                                     air[:, :, -1].ravel()]))
     outside = np.isin(air, edge[edge > 0])  # the air around the patient (bowel gas may lie under an iliac wing)
     assert outside.sum() > 1e5 and not (outside & (v6.hu > 0.0)).any()
 

@@ -17,8 +17,9 @@ Sections (each can be skipped with ``--skip io,e2e,infer,train``):
   thickness, encoding; written as DICOM, not timed) measured through ``BMDStudyPredictor(cfg)(dicom_folder)``: load →
   sagittal image → model → levels, learned and classical BMD per level. The first study is measured once untimed
   (warm-up). p50/p95/mean per study and the split load / sagittal / model / measurement; within the measurement, the
-  3-D level anchors (``find_level_anchors``: the last ribs traced and the sacroiliac joints found in the volume) per study, median and max (JSON
-  ``e2e.anchors_p50_s``, ``anchors_max_s``, ``per_study_anchors_s``; issue 18 target: max ≤ 0.3 s on 2 CPU cores).
+  3-D level anchors (``find_level_anchors``: the last ribs traced and the sacroiliac joints found in the volume) per
+  study, median and max (JSON ``e2e.anchors_p50_s``, ``anchors_max_s``, ``per_study_anchors_s``; issue 18 target:
+  max ≤ 0.3 s on 2 CPU cores).
 * ``infer``: model forward (``torch.no_grad``, eval mode) on the e2e studies' sagittal images, ``--infer-batch``
   images per call, after the test-time resize, images/s.
 * ``train``: ``--train-iters`` iterations (after ``--train-warmup`` untimed ones) of Detectron2's

@@ -4,7 +4,8 @@
 Each study is measured as ``bmd-measure`` does (:class:`bmd_d2.measure.BMDStudyPredictor`: sagittal image, model,
 levels from the sacrum detection and the sacrum and last rib found in 3-D); the ribs are traced again along the plane
 the sagittal image was cut on (:func:`bmd_d2.measure.anchors.find_ribs`, deterministic: the measurement's own answer,
-with the traces' paths); the 3-D sacrum is result.json's ``levels.sacrum_anchor``. Two panels on the anchors' 2 mm LPS grid (:func:`bmd_d2.measure.anchors.spine_grid`):
+with the traces' paths); the 3-D sacrum is result.json's ``levels.sacrum_anchor``. Two panels on the anchors' 2 mm
+LPS grid (:func:`bmd_d2.measure.anchors.spine_grid`):
 
 * coronal maximum-intensity projection over the ribs' AP window (120 mm in front of to 90 mm behind the vertebral
   body), patient right on the left: the traced ribs in colour (left / right side), the costovertebral joints (circles,
@@ -14,8 +15,8 @@ with the traces' paths); the 3-D sacrum is result.json's ``levels.sacrum_anchor`
 * axial maximum-intensity projection of the slab holding the lowest rib pair (from 45 mm below to 10 mm above its
   joints; anterior up): the same ribs from above.
 
-The caption line gives ``levels.levels_anchor``, ``levels.rib_pairs_in_view`` and the study's QC flags of
-result.json. PNGs are palette-quantised (≤ 150 kB).
+The caption line gives ``levels.levels_anchor``, ``levels.sacrum_source``, ``levels.rib_pairs_in_view`` and the
+study's QC flags of result.json. PNGs are palette-quantised (≤ 150 kB).
 
 Usage::
 

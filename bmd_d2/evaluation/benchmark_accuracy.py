@@ -270,7 +270,8 @@ def format_report(rep: Dict[str, Any]) -> str:
         p(f"level anchors ({la['studies']} v6 studies, {la['transitional']} transitional): normal anatomy "
           f"{_n(la['normal_level_accuracy'])} of {la['normal_vertebrae']} bodies, falsely flagged "
           f"{la['normal_false_flags']}; transitional with one anomaly in view ({la['transitional_single']}): flagged "
-          f"{_n(la['transitional_flagged'])}, right labeling reported {_n(la['transitional_correct_among_labelings'])}; "
+          f"{_n(la['transitional_flagged'])}, right labeling reported "
+          f"{_n(la['transitional_correct_among_labelings'])}; "
           f"anchors {la['anchors']}, sacrum from {la['sacrum_sources']}; sacrum found {la['sacrum_found']}, last rib "
           f"{la['rib_found']}")
     p("\nBMD vs truth, vertebral bodies T11–L5 (mg/cm³; pairs by mask overlap):")

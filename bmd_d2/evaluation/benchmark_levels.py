@@ -45,17 +45,17 @@ def truth_detections(sag, labels, lumbar_vertebrae: int = 5, min_area_px: int = 
 def anomaly(truth: Dict, names: List[str]) -> Dict[str, Any]:
     """The study's transitional anatomy: ``kind`` ("ribs11", "ribs13", "lumbar4", "lumbar6", both joined by "+", or
     None), ``double`` (two anomalies: each anchor is then off by one and no labeling can be right) and ``in_view``
-    (whether an image can show it: the last rib-bearing level and the one below it in view for a rib anomaly; the
-    pelvis for a lumbar one)."""
-    parts, visible = [], []
+    (whether the image can show it: both anchors in view, i.e. the pelvis and the last rib-bearing level with the one
+    below it — T12 and L1 for normal ribs — since only their disagreement reveals it)."""
+    parts = []
     if truth["rib_pairs"] != 12:
         parts.append(f"ribs{truth['rib_pairs']}")
-        last = LEVELS.index(truth["last_rib_level"])
-        visible.append(LEVELS[last] in names and LEVELS[last + 1] in names)
     if truth["lumbar_vertebrae"] != 5:
         parts.append(f"lumbar{truth['lumbar_vertebrae']}")
-        visible.append(bool(truth.get("pelvis_in_view", True)))
-    return dict(kind="+".join(parts) or None, double=len(parts) == 2, in_view=bool(visible and all(visible)))
+    last = LEVELS.index(truth["last_rib_level"])
+    ribs_seen = LEVELS[last] in names and LEVELS[last + 1] in names
+    return dict(kind="+".join(parts) or None, double=len(parts) == 2,
+                in_view=bool(parts) and ribs_seen and bool(truth.get("pelvis_in_view", True)))
 
 
 def expected_labeling(names: List[str], truth: Dict) -> List[Optional[str]]:
@@ -118,6 +118,8 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
     trans = [r for r in done if r["truth"]["transitional"]]
     nv = sum(len(r["expected"]) for r in normal)
     ok = sum(sum(a == b for a, b in zip(r["reported"], r["expected"])) for r in normal)
+    named = sum(sum(a is not None for a in r["reported"]) for r in normal)
+    wrong = sum(sum(a is not None and a != b for a, b in zip(r["reported"], r["expected"])) for r in normal)
     by_kind: Dict[str, Dict[str, int]] = {}
     for r in trans:
         k = by_kind.setdefault(r["anomaly"]["kind"], dict(n=0, in_view=0, flagged=0, correct_among=0))
@@ -133,6 +135,8 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
         studies=len(records), measured=len(done), transitional=len(trans),
         transitional_fraction=len(trans) / len(done) if done else float("nan"),
         normal_vertebrae=nv, normal_level_accuracy=ok / nv if nv else float("nan"),
+        normal_named=named, normal_wrong=wrong,
+        normal_named_accuracy=(named - wrong) / named if named else float("nan"),
         normal_studies_all_correct=float(np.mean([r["correct"] for r in normal])) if normal else float("nan"),
         normal_false_flags=sum(int(r["flagged"]) for r in normal),
         normal_anchor_both=sum(int(r["anchor"] == "sacrum+rib") for r in normal),
@@ -142,7 +146,10 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
         if single else float("nan"),
         transitional_double_flagged=sum(int(r["flagged"]) for r in double), transitional_double=len(double),
         transitional_by_kind=by_kind,
+        pelvis_in_view=sum(int(r["truth"].get("pelvis_in_view", True)) for r in done),
         sacrum_found=sum(int(r["sacrum_z_error_mm"] is not None) for r in done),
+        sacrum_found_without_pelvis=sum(int(r["sacrum_confidence"] is not None and not r["truth"].get(
+            "pelvis_in_view", True)) for r in done),
         sacrum_top_abs_error_mm=dict(median=float(np.median(errs)), max=float(np.max(errs))) if errs else None,
         rib_found=sum(int(r["rib_pairs_found"] > 0) for r in done),
         seconds_p50=float(np.median([r["seconds"] for r in done])) if done else float("nan"),
@@ -171,14 +178,17 @@ def accuracy_record(result, truth: Optional[Dict], pairs: List[Dict], names: Lis
     if not truth:
         return rec
 
+    def ok(label, gt):
+        return label in ("S1", None) if gt == "S1" else label == gt
+
     def right(labels):
-        return bool(pairs) and all(
-            (labels[p["pred_index"]] in ("S1", None)) if p["gt_level"] == "S1" else labels[p["pred_index"]] == p["gt_level"]
-            for p in pairs if p["pred_index"] < len(labels))
+        return bool(pairs) and all(ok(labels[p["pred_index"]], p["gt_level"]) for p in pairs
+                                   if p["pred_index"] < len(labels))
 
     labelings = lv.get("level_labelings") or {}
     top = truth.get("sacrum_top_lps")
-    rec.update(truth=truth, anomaly=anomaly(truth, names), labelings_right={k: right(v) for k, v in labelings.items()},
+    rec.update(truth=truth, names=list(names), anomaly=anomaly(truth, names),
+               labelings_right={k: right(v) for k, v in labelings.items()},
                sacrum_z_error_mm=(float(sac["z_mm"] - top[2]) if sac and top else None))
     rec["correct_among_labelings"] = any(rec["labelings_right"].values())
     return rec
@@ -194,7 +204,9 @@ def summarize_accuracy_records(records: List[Dict]) -> Optional[Dict[str, Any]]:
     normal = [r for r in recs if not r["level_anchors"]["truth"]["transitional"]]
     trans = [r for r in recs if r["level_anchors"]["truth"]["transitional"]]
     pairs = [p for r in normal for p in r["pairs"] if p["gt_level"] != "S1"]
-    single = [r for r in trans if r["level_anchors"]["anomaly"]["in_view"] and not r["level_anchors"]["anomaly"]["double"]]
+    named = [p for p in pairs if p["pred_level"] is not None]
+    single = [r for r in trans
+              if r["level_anchors"]["anomaly"]["in_view"] and not r["level_anchors"]["anomaly"]["double"]]
     kinds: Dict[str, Dict[str, int]] = {}
     for r in trans:
         a = r["level_anchors"]
@@ -210,6 +222,7 @@ def summarize_accuracy_records(records: List[Dict]) -> Optional[Dict[str, Any]]:
         normal_vertebrae=len(pairs),
         normal_level_accuracy=(sum(p["pred_level"] == p["gt_level"] for p in pairs) / len(pairs)) if pairs
         else float("nan"),
+        normal_named=len(named), normal_wrong=sum(int(p["pred_level"] != p["gt_level"]) for p in named),
         normal_false_flags=sum(int(r["level_anchors"]["flagged"]) for r in normal),
         anchors={k: sum(int(r["level_anchors"]["anchor"] == k) for r in recs) for k in ("sacrum+rib", "sacrum", "rib")},
         sacrum_sources={k: sum(int(r["level_anchors"]["sacrum_source"] == k) for r in recs)
@@ -236,15 +249,19 @@ def format_report(s: Dict[str, Any]) -> str:
         f"Level anchors: {s['measured']} studies, {s['transitional']} transitional "
         f"({100 * s['transitional_fraction']:.0f} %)",
         f"  normal anatomy: level accuracy {100 * s['normal_level_accuracy']:.2f} % of {s['normal_vertebrae']} "
-        f"vertebrae (target ≥ {100 * TARGET_NORMAL_ACCURACY:g} % {'met' if s['meets_normal_accuracy'] else 'MISSED'}), "
-        f"both anchors agreeing on {s['normal_anchor_both']}, falsely flagged {s['normal_false_flags']}",
+        f"vertebrae (target ≥ {100 * TARGET_NORMAL_ACCURACY:g} % "
+        f"{'met' if s['meets_normal_accuracy'] else 'MISSED'}); "
+        f"{s['normal_named']} named, {s['normal_wrong']} of them wrong (named accuracy "
+        f"{100 * s['normal_named_accuracy']:.2f} %), the rest unnamed (no usable anchor); both anchors agreeing on "
+        f"{s['normal_anchor_both']} studies, falsely flagged {s['normal_false_flags']}",
         f"  transitional, one anomaly in view ({s['transitional_single']}): flagged "
         f"{100 * s['transitional_flagged']:.0f} %, correct labeling among those reported "
         f"{100 * s['transitional_correct_among_labelings']:.0f} % (target 100 % / 100 % "
         f"{'met' if s['meets_transitional_flagged'] else 'MISSED'}); two anomalies: {s['transitional_double_flagged']}"
         f"/{s['transitional_double']} flagged; anomaly out of view: "
         f"{s['transitional'] - s['transitional_in_view']}; by kind {s['transitional_by_kind']}",
-        f"  sacrum found {s['sacrum_found']}/{s['measured']}, |top error| {s['sacrum_top_abs_error_mm']}; "
+        f"  sacrum found {s['sacrum_found']}/{s['pelvis_in_view']} with the pelvis in view (and "
+        f"{s['sacrum_found_without_pelvis']} without), |top error| {s['sacrum_top_abs_error_mm']}; "
         f"last rib found {s['rib_found']}/{s['measured']}; anchors + rule p50 {s['seconds_p50']:.2f} s",
     ]
     return "\n".join(lines)

@@ -333,7 +333,8 @@ def find_sacrum(volume: Volume, plane: SagittalPlane, grid: Optional[SpineGrid] 
     seg = prof[lo:hi + 1][joined[lo:hi + 1]]
     reach = float(np.median(np.minimum(seg[:, 0], seg[:, 1])))
     top_cut = hi >= len(g.zs) - 2  # the joints run out of the field of view at the top: their top is not seen
-    conf = min(1.0, length / SI_FULL_RUN_MM) * (0.6 + 0.4 * min(1.0, reach / SI_FULL_REACH_MM)) * (0.5 if top_cut else 1.0)
+    conf = min(1.0, length / SI_FULL_RUN_MM) * (0.6 + 0.4 * min(1.0, reach / SI_FULL_REACH_MM))
+    conf *= 0.5 if top_cut else 1.0
     zc = float(g.zs[hi] + st / 2)
     yc = float(g.yb[hi])
     point = np.array([float(g.x_mid(yc, zc)), yc, zc])

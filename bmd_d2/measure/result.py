@@ -17,19 +17,23 @@ RESULT_VERSION = 1
 
 QC_FLAGS: Dict[str, str] = {
     # level labelling (bmd_d2.levels)
-    "levels_unanchored": "neither the sacrum nor the last rib anchors the count: levels by the fallback rule "
-                         "(lowest body = L5)",
+    "levels_unanchored": "neither the sacrum (detected or found in 3-D) nor the last rib anchors the count: levels "
+                         "by the fallback rule (lowest body = L5)",
     "levels_unknown": "no anchor and the field of view ends in the lumbar spine: no level named",
-    "level_count_conflict": "counting from the sacrum and from the last rib (= T12) disagree (11/13 ribs, a "
-                            "transitional vertebra, or a wrong anchor): levels from the sacrum, both labelings in "
-                            "levels.level_labelings",
+    "level_count_conflict": "counting from the sacrum (detected or its sacroiliac joints in 3-D) and from the last "
+                            "rib (= T12) disagree (11/13 ribs, a transitional vertebra, or a wrong anchor): levels "
+                            "from the sacrum, every labeling in levels.level_labelings",
+    "sacrum_3d_low_confidence": "sacroiliac joints found in 3-D but short or cut by the field of view: not counted "
+                                "from",
+    "sacrum_3d_above_bodies": "sacroiliac joints found in 3-D above every detected body: not counted from",
     "rib_anchor_untied": "ribs found in 3-D, but no detected body at the last rib's height: not counted from",
     "rib_anchor_low_confidence": "only one rib of one rib-bearing level found: the rib anchor is not counted from",
     "below_labelled_range": "counted below L5 from the last rib: no level name is given",
     "level_gap": "the spacing of the detected bodies shows an undetected vertebra; the count skips it",
     "level_after_gap": "this body's level was counted across a gap (an undetected vertebra below it)",
     "above_labelled_range": "counted above T11: no level name is given",
-    "possible_transitional_anatomy": "lowest lumbar body is short or fused-looking: possible transitional vertebra",
+    "possible_transitional_anatomy": "lowest lumbar body is short or fused-looking, or lies below the top of the "
+                                     "sacroiliac joints (sacralised): possible transitional vertebra",
     "multiple_sacrum_detections": "several sacrum detections; the most cranial plausible one anchors the count",
     "partial_coverage": "not all of L1-L4 are in view, or a body touches the image edge",
     "truncated_by_image_edge": "the body touches the edge of the sagittal image: it may be cut off",
@@ -65,11 +69,10 @@ QC_FLAGS: Dict[str, str] = {
     "slice_gaps": "missing slices or uneven slice spacing: the volume was resampled onto a uniform grid",
     "gantry_tilt": "gantry-tilted acquisition: sheared slice geometry (kept exactly; check the sagittal image)",
     "non_axial": "non-axial or oblique slices: geometry kept exactly, but the model was trained on axial scans",
-    "duplicate_slices": "several images at the same slice position: duplicates were dropped",
+    "metal": "metal (>= MEASURE.METAL_HU) in or beside the vertebra: every BMD withheld (classical and learned)",
     "spine_not_found": "no spine-like bone column found (e.g. no spine in view): no vertebra is measured",
     "contrast_enhanced": "contrast phase: vessels in front of the spine enhance (>= MEASURE.CONTRAST_HU); iodine "
                          "raises trabecular HU, so classical BMD reads high",
-    "metal": "metal (>= MEASURE.METAL_HU) in or beside the vertebra: BMD withheld",
     "very_dense": "trabecular HU above MEASURE.DENSE_HU (sclerosis, compaction, cement): excluded from the ACR value",
     "vertebral_height_loss": "Genant grade >= 1 height reduction (see genant_grade, height_loss_pct): possible "
                              "fracture, excluded from the ACR value",
@@ -172,7 +175,8 @@ class StudyResult:
             ``skipped`` (output → reason it does not apply, e.g. DICOM outputs of a NIfTI input) and ``complete``
             (every requested output was attempted; false only while they are being written).
         levels: the level count (:func:`bmd_d2.measure.vertebrae.levels_record`): ``levels_anchor``,
-            ``level_labelings``, ``rib_pairs_in_view``, ``convention``, ``rib_anchor``.
+            ``sacrum_source``, ``level_labelings``, ``rib_pairs_in_view``, ``convention``, ``rib_anchor``,
+            ``sacrum_anchor``.
         sagittal: the ``SagittalImage`` measured (not serialised).
         volume: the ``Volume`` (not serialised).
     """

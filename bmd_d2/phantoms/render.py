@@ -322,7 +322,7 @@ class SpineRenderer:
         if not joints:
             return
         eye = np.eye(3)
-        for side, pts in joints:  # posterior ilium: a plate beyond the cleft, from the joint's front to behind the sacrum
+        for side, pts in joints:  # posterior ilium: a plate beyond the cleft, from the joint's front to behind it
             x = float(pts[:, 0].mean()) + side * (gap + 6.0)
             # back to the posterior-medial tip of the background's v6 iliac wing (spine y + 10 + 0.61 × its 45 mm arc)
             y0, y1 = float(pts[:, 1].min()) - 4.0, float(pts[:, 1].max()) + 10.0 + 0.61 * 45.0
@@ -338,8 +338,9 @@ class SpineRenderer:
             paint(vol, sl, f, ilium)
             self._grow(sl)
         zs = np.concatenate([pts[:, 2] for _, pts in joints])
+        top = segs[0]["center"] + segs[0]["R"][:, 2] * segs[0]["h"] / 2  # the fused mass's top endplate centre
         self.si_joints = dict(z_mm=[float(zs.min()), float(zs.max())], half_width_mm=float(xo - 6.0 - gap),
-                              top_point_lps=[float(v) for v in (segs[0]["center"] + segs[0]["R"][:, 2] * segs[0]["h"] / 2)])
+                              top_point_lps=[float(v) for v in top])
 
     def _metal_segments(self):
         """Pedicle screws (two per level) and rods as capsules: list of (start, end, radius mm, HU)."""
