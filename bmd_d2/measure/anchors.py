@@ -34,8 +34,8 @@ tall, it leaves an axial slice within a few cm as it falls) or the hip (not join
    when the joints run out of the top of the field of view.
 
 Status (issue 18, session 12; ``tools/benchmark_levels.py``, 100 held-out generator-v6 phantoms, seed 18000, 24
-transitional): found on 100 of 100, top 10.5 mm (median) / 19.5 mm (max) above the fused mass's top endplate centre,
-never at another level; the real example CT: joints z 208–234 mm (28 mm, reach 93 mm), confidence 0.91, the top
+transitional, 7 with the pelvis out of view): found on 93 of the 93 with the pelvis in view and on none of the 7, top
+10.3 mm (median) / 16.3 mm (max) above the fused mass's top endplate centre, never at another level; the real example CT: joints z 208–234 mm (28 mm, reach 93 mm), confidence 0.91, the top
 between the L5/S1 disc and L5's centre. Fields of view above the pelvis and v5 phantoms (plates not joined) give None.
 
 Ribs (:func:`find_ribs`)
