@@ -69,10 +69,11 @@ QC_FLAGS: Dict[str, str] = {
     "slice_gaps": "missing slices or uneven slice spacing: the volume was resampled onto a uniform grid",
     "gantry_tilt": "gantry-tilted acquisition: sheared slice geometry (kept exactly; check the sagittal image)",
     "non_axial": "non-axial or oblique slices: geometry kept exactly, but the model was trained on axial scans",
-    "metal": "metal (>= MEASURE.METAL_HU) in or beside the vertebra: every BMD withheld (classical and learned)",
+    "duplicate_slices": "several images at the same slice position: duplicates were dropped",
     "spine_not_found": "no spine-like bone column found (e.g. no spine in view): no vertebra is measured",
     "contrast_enhanced": "contrast phase: vessels in front of the spine enhance (>= MEASURE.CONTRAST_HU); iodine "
                          "raises trabecular HU, so classical BMD reads high",
+    "metal": "metal (>= MEASURE.METAL_HU) in or beside the vertebra: every BMD withheld (classical and learned)",
     "very_dense": "trabecular HU above MEASURE.DENSE_HU (sclerosis, compaction, cement): excluded from the ACR value",
     "vertebral_height_loss": "Genant grade >= 1 height reduction (see genant_grade, height_loss_pct): possible "
                              "fracture, excluded from the ACR value",
