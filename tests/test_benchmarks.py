@@ -294,6 +294,9 @@ def test_level_anchor_benchmark_runs_and_scores_the_labelings(tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "levels.json"
+    assert tool.main(["--n", "0", "--output", str(out)]) == 2  # a user mistake: one error line, exit 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["error: --n must be >= 1 and --start >= 0, got --n 0 --start 0"] and not out.exists()
     assert tool.main(["--n", "2", "--seed", "18000", "--output", str(out)]) == 0
     rep = json.loads(out.read_text())
     s = rep["summary"]

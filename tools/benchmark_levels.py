@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0, help="first study index")
     ap.add_argument("--output", default="output/benchmark/levels.json", help="JSON report (per study included)")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.start < 0:
+        print(f"error: --n must be >= 1 and --start >= 0, got --n {args.n} --start {args.start}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING)
     from bmd_d2.config import get_bmd_cfg
     from bmd_d2.evaluation.benchmark_levels import format_report, study_record, summarize
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
     summary = summarize(records)
     with open(args.output, "w") as f:
         json.dump(dict(benchmark="levels", seed=args.seed, summary=summary, studies=records), f, indent=1, default=str)
-    os.remove(args.output + ".partial")
+    if os.path.exists(args.output + ".partial"):
+        os.remove(args.output + ".partial")
     print(format_report(summary))
     return 0
 
