@@ -41,8 +41,9 @@ Generator v5 (drawn after every draw above, so a v5 study has the v4 study's ana
 
 Generator v6 (drawn after every v5 draw: a v6 study is its v5 twin plus the pelvis and the variants):
 
-* Pelvis: the fused sacral mass (S1, S2, S3, …) gets lateral masses (alae: a cortical shell round marrow, reaching
-  24–30 mm × size beyond the body's side at the top, tapering ×0.85, 0.55, 0.4 caudally); the posterior ilium, a
+* Pelvis: the fused sacral mass (S1, S2, S3, …) gets lateral masses (alae: a cortical shell round marrow; the top
+  two reach the sacroiliac joint, 24–30 mm × size (×0.85 for the second) beyond the body's side, whichever is less;
+  the lower ones taper ×0.55, 0.4); the posterior ilium, a
   12 mm plate beyond a 1.5–3 mm sacroiliac cleft over the top two segments, joins them to the iliac wings (arcs that
   open wider than v5's and meet it): in those slices one piece of bone runs from the sacral body to both ilia.
 * Transitional anatomy: rib pairs 11 (no T12 rib; 6 %), 12, 13 (a 70 mm rib on L1; 6 %); lumbar vertebrae 4
@@ -50,8 +51,8 @@ Generator v6 (drawn after every v5 draw: a v6 study is its v5 twin plus the pelv
   mass, an 8 mm × size S1/S2 disc; 5 %). Labels stay anatomical (a lumbarised S1 is labelled S1).
 * Field of view: 8 % of v6 scans end inside L4 or L5 (``scan_ends_in``), above the sacroiliac joints: only the rib
   anchor is in view.
-* Truth: ``params["level_anchors"]``: ``pelvis_in_view``, ``rib_pairs``, ``lumbar_vertebrae``, ``transitional``, ``last_rib_level``,
-  ``sacrum_top_level`` (the level a count from the sacrum calls S1), ``sacrum_top_lps`` (its superior-endplate
+* Truth: ``params["level_anchors"]``: ``pelvis_in_view``, ``rib_pairs``, ``lumbar_vertebrae``, ``transitional``,
+  ``last_rib_level``, ``sacrum_top_level`` (the level a count from the sacrum calls S1), ``sacrum_top_lps`` (its superior-endplate
   centre) and ``si_joint_z_mm``.
 
 Draws are made in a fixed order whatever the options (options override values after drawing), so fixing one option
@@ -322,12 +323,17 @@ def spine_frames(p: Dict) -> Dict:
 SI_TAPER = (1.0, 0.85, 0.55, 0.4)  # v6: lateral reach of the sacral mass per fused segment, cranial → caudal
 
 
+def level_frame(fr: Dict, i: int) -> Dict:
+    """The frame of level ``i`` of :func:`spine_frames` as the sacral segments carry theirs: ``center``, ``R``, ``h``,
+    ``d``, ``w``."""
+    return dict(center=fr["center"][i], R=fr["R"][i], h=fr["h"][i], d=fr["d"][i], w=fr["w"][i])
+
+
 def fused_segments(p: Dict, fr: Dict) -> List[Dict]:
-    """v6: frames (``center``, ``R``, ``h``, ``d``, ``w``) of the fused sacral mass, cranial → caudal: S1, S2, S3; a
-    sacralised L5 joins it on top, a lumbarised S1 leaves it (``lumbar_vertebrae`` 4 / 6)."""
+    """v6: frames (:func:`level_frame`) of the fused sacral mass, cranial → caudal: S1, S2, S3; a sacralised L5 joins
+    it on top, a lumbarised S1 leaves it (``lumbar_vertebrae`` 4 / 6)."""
     lumbar = p.get("lumbar_vertebrae", 5)
-    segs = [dict(center=fr["center"][i], R=fr["R"][i], h=fr["h"][i], d=fr["d"][i], w=fr["w"][i])
-            for i in ([6, 7] if lumbar == 4 else [7])]
+    segs = [level_frame(fr, i) for i in ([6, 7] if lumbar == 4 else [7])]
     segs += [dict(s) for s in fr["sacral"]]
     return segs[1:] if lumbar == 6 else segs
 

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from bmd_d2.levels import LEVEL_TO_LABEL, LEVELS
 
-from .anatomy import Layout, ala_reach, bone_hu, fused_segments, ilium_x, level_bmd
+from .anatomy import Layout, ala_reach, bone_hu, fused_segments, ilium_x, level_bmd, level_frame
 from .geometry import body_fracs, ellipsoid_frac, paint, ramp, superellipse_d, texture
 
 # Transverse-process length (mm) per level.
@@ -76,18 +76,16 @@ class SpineRenderer:
             extra = 0.0
             if p["fracture"] and LEVELS[i + 1] == p["fracture_level"]:
                 extra = p["fracture_collapse"] * fr["h"][i + 1]
-            self._disc(vol, (fr["center"][i], fr["R"][i], fr["h"][i], fr["d"][i], fr["w"][i]),
-                       (fr["center"][i + 1], fr["R"][i + 1], fr["h"][i + 1], fr["d"][i + 1], fr["w"][i + 1]), extra)
+            self._disc(vol, level_frame(fr, i), level_frame(fr, i + 1), extra)
         if p.get("lumbar_vertebrae", 5) == 6:
-            s2 = fr["sacral"][0]
-            self._disc(vol, (fr["center"][-1], fr["R"][-1], fr["h"][-1], fr["d"][-1], fr["w"][-1]),
-                       (s2["center"], s2["R"], s2["h"], s2["d"], s2["w"]), 0.0)
+            self._disc(vol, level_frame(fr, len(LEVELS) - 1), fr["sacral"][0], 0.0)
 
-    def _disc(self, vol, upper, lower, extra):
-        """One disc between the frames ``upper`` and ``lower`` = (centre, R, height, depth, width)."""
+    def _disc(self, vol, upper: Dict, lower: Dict, extra: float):
+        """One disc between the frames ``upper`` and ``lower`` (:func:`~bmd_d2.phantoms.anatomy.level_frame`), the
+        lower endplate ``extra`` mm down (a compressed body)."""
         g, p = self.g, self.p
-        c0, R0, h0, d0, w0 = upper
-        c1, R1, h1, d1, w1 = lower
+        c0, R0, h0, d0, w0 = (upper[k] for k in ("center", "R", "h", "d", "w"))
+        c1, R1, h1, d1, w1 = (lower[k] for k in ("center", "R", "h", "d", "w"))
         ud = R0[:, 2] + R1[:, 2]
         ud /= np.linalg.norm(ud)
         Rd = R1.copy()
@@ -261,7 +259,8 @@ class SpineRenderer:
                 paint(vol, sl, ellipsoid_frac(u, v, w, inner, width), core)
 
     def _ribs(self, vol):
-        """The last ribs (11th/12th; v6: the 11th alone, or a short 13th on L1): short curved tubes from the transverse processes, running lateral, anterior and down."""
+        """The last ribs (11th/12th; v6: the 11th alone, or a short 13th on L1): short curved tubes from the transverse
+        processes, running lateral, anterior and down."""
         g, p, fr = self.g, self.p, self.fr
         hu_c = self.calib(1.2 * p["bmd_mg_cm3"] + 250.0)
         ribs = {11: ((0, 140.0),), 12: ((0, 140.0), (1, 110.0)), 13: ((0, 140.0), (1, 110.0), (2, 70.0))}
