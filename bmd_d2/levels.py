@@ -305,7 +305,7 @@ def assign_levels(detections: Sequence[Detection], *, pixel_spacing_mm: float = 
     anchors: Dict[str, int] = {}
     if sacrum is not None:
         offset = (detections[sacrum].box[1] - detections[low].centroid[1]) * sp
-        miss_sac = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5)) if pitch else 0
+        miss_sac = _missed_above_sacrum(offset, pitch) if pitch else 0
         if miss_sac:
             add_flag(out.flags[low], "level_after_gap")
             add_flag(out.study_flags, "level_gap")
@@ -376,6 +376,12 @@ def _level_at(idx: int) -> Optional[str]:
     return LEVELS[idx] if 0 <= idx <= _L5 else None
 
 
+def _missed_above_sacrum(offset_mm: float, pitch: float) -> int:
+    """Undetected vertebrae between the lowest counted body and the top of the sacrum ``offset_mm`` below its centre
+    (expected: ``SACRUM_OFFSET`` pitches)."""
+    return max(0, math.floor((offset_mm - SACRUM_OFFSET * pitch) / pitch + 0.5))
+
+
 def _sacrum3d_position(detections: Sequence[Detection], verts: List[int], rel: List[int], sac: SacrumLevel,
                        pitch: float, sp: float, out: Optional["LevelAssignment"]) -> Optional[int]:
     """Level index of the caudal-most body counted from the 3-D sacrum: the lowest body whose centre lies above the
@@ -390,8 +396,7 @@ def _sacrum3d_position(detections: Sequence[Detection], verts: List[int], rel: L
             add_flag(out.study_flags, "sacrum_3d_above_bodies")
         return None
     j = above[-1]
-    offset = (sac.row - detections[verts[j]].centroid[1]) * sp
-    miss = max(0, math.floor((offset - SACRUM_OFFSET * pitch) / pitch + 0.5))
+    miss = _missed_above_sacrum((sac.row - detections[verts[j]].centroid[1]) * sp, pitch)
     if out is not None and miss:
         add_flag(out.flags[verts[j]], "level_after_gap")
         add_flag(out.study_flags, "level_gap")

@@ -97,10 +97,10 @@ from scipy import ndimage
 
 from bmd_d2.data.dicom import Volume
 from bmd_d2.data.sagittal import SagittalPlane, coarse_lps
-from bmd_d2.levels import RibLevel
+from bmd_d2.levels import RibLevel, SacrumLevel
 
 __all__ = ["SacrumAnchor", "RibPair", "RibAnchor", "SpineGrid", "spine_grid", "find_sacrum", "find_ribs",
-           "plane_of_sagittal", "rib_level"]
+           "plane_of_sagittal", "rib_level", "sacrum_level"]
 
 COARSE_MM = 2.0
 BONE_HU = 150.0
@@ -573,3 +573,10 @@ def rib_level(ribs: RibAnchor, sagittal) -> RibLevel:
     level's sagittal row (pixels), the number of rib-bearing levels and the confidence."""
     row = float(sagittal.lps_to_pixel(np.asarray(ribs.pairs[-1].point_lps, float))[1])
     return RibLevel(row=row, n_pairs=ribs.n_pairs, confidence=ribs.confidence)
+
+
+def sacrum_level(sacrum: SacrumAnchor, sagittal) -> SacrumLevel:
+    """The 3-D sacrum as the counting rule takes it: the sagittal row (pixels) of the top of its sacroiliac joints,
+    and its confidence."""
+    row = float(sagittal.lps_to_pixel(np.asarray(sacrum.point_lps, float))[1])
+    return SacrumLevel(row=row, confidence=sacrum.confidence)

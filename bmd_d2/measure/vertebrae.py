@@ -9,8 +9,7 @@ detections or ground-truth masks):
    ``not_bone``.
 2. **Label** (:func:`label_vertebrae`): the level rule (:func:`bmd_d2.levels.assign_levels`) names the kept bodies
    from the detector's sacrum and the sacrum and last rib found in 3-D (:func:`find_level_anchors`), cross-checked,
-   and may reject
-   more (e.g. a second sacrum); :func:`levels_record` is what result.json says about it.
+   and may reject more (e.g. a second sacrum); :func:`levels_record` is what result.json says about it.
 3. **Measure** (:func:`measure_vertebra`): per labelled vertebra the 3-D core, the classical BMD through the
    calibration, the learned BMD, the reported value and category, the heights.
 4. **Grade** (:func:`grade_heights`, :func:`study_qc`, :func:`~bmd_d2.measure.patient.patient_values`): height loss
@@ -27,7 +26,8 @@ import numpy as np
 from bmd_d2.levels import (SACRUM_CLASS, VERTEBRAL_BODY_CLASS, Detection, LevelAssignment, RibLevel, SacrumLevel,
                            add_flag, assign_levels)
 
-from .anchors import RibAnchor, SacrumAnchor, find_ribs, find_sacrum, plane_of_sagittal, rib_level, spine_grid
+from .anchors import (RibAnchor, SacrumAnchor, find_ribs, find_sacrum, plane_of_sagittal, rib_level, sacrum_level,
+                      spine_grid)
 
 from .categories import acr_category
 from .classical import (Calibration, Core3D, calibration_from_cfg, calibration_method, core_min_rows_erosion_mm,
@@ -261,12 +261,6 @@ def find_level_anchors(volume, sagittal) -> Tuple[Optional[RibAnchor], Optional[
     return find_ribs(volume, plane, grid=grid), find_sacrum(volume, plane, grid=grid)
 
 
-def sacrum_level(sacrum: SacrumAnchor, sagittal) -> SacrumLevel:
-    """The 3-D sacrum as the counting rule takes it: the sagittal row of the top of its sacroiliac joints."""
-    row = float(sagittal.lps_to_pixel(np.asarray(sacrum.point_lps, float))[1])
-    return SacrumLevel(row=row, confidence=sacrum.confidence)
-
-
 def levels_record(la: LevelAssignment, ribs: Optional[RibAnchor],
                   sacrum: Optional[SacrumAnchor] = None) -> Dict[str, Any]:
     """What result.json says about the level count (``levels``): ``levels_anchor`` ("sacrum+rib", "sacrum", "rib" or
@@ -296,7 +290,7 @@ def label_vertebrae(dets: Dict[str, Any], candidates: Sequence[Candidate], sagit
                     ) -> Tuple[List[Detection], LevelAssignment, List[Dict[str, Any]]]:
     """Name the candidates' levels (:func:`bmd_d2.levels.assign_levels`, ``MEASURE.UNANCHORED_LEVEL_RULE``), with
     the rib anchor ``ribs`` (:func:`bmd_d2.measure.anchors.rib_level`) and the 3-D sacrum ``sacrum3d``
-    (:func:`sacrum_level`) when found.
+    (:func:`bmd_d2.measure.anchors.sacrum_level`) when found.
 
     Returns:
         ``(detections, assignment, rejected)``: one level-rule ``Detection`` per candidate (its centroid is the
@@ -369,7 +363,7 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
         v.learned_bmd = _float(dets["bmd"][r]) if dets["bmd"] is not None else None
     if withhold:  # metal or implausible HU in the core: the model's value is as wrong as the ROI's (learned_hu kept)
         v.learned_bmd = None
-    if not withhold:
+    else:
         v.classical_bmd = _float(calibration.hu_to_bmd(v.trabecular_hu))
         v.classical_bmd_3d = _float(calibration.hu_to_bmd(v.trabecular_hu_3d))
         v.classical_bmd_sd = _float(calibration.bmd_sd(v.trabecular_hu))
