@@ -276,7 +276,7 @@ def _measure_v6(vol, lab, st, keep=None):
     sag = sagittal_from_cfg(vol, cfg)
     dets, names = truth_detections(sag, lab, st.params["level_anchors"]["lumbar_vertebrae"])
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration())
-    return res, names, expected_labeling(names, st.params["level_anchors"])
+    return res, names, expected_labeling(names)
 
 
 # every branch of the rule on v6 phantoms with known anatomy, the sacrum never detected (as on the real CT): the

@@ -22,24 +22,19 @@ TRANSITIONAL_FLAGS = ("level_count_conflict", "possible_transitional_anatomy")
 def truth_detections(sag, labels, lumbar_vertebrae: int = 5, min_area_px: int = 200):
     """Ground-truth body masks of the sagittal image as detections (cranial → caudal) and their anatomical names; the
     sacrum (S1) is left out unless lumbarised (then a vertebral body)."""
-    from bmd_d2.data.sagittal import sample_volume_to_sagittal
+    from bmd_d2.evaluation.study_accuracy import truth_masks_on_sagittal
 
-    L = sample_volume_to_sagittal(sag, labels)[1]
-    boxes, masks, names = [], [], []
-    for value in range(1, len(LEVELS) + 1):
-        name = LEVELS[value - 1]
-        m = L == value
-        if m.sum() < min_area_px or (level_class(name) == SACRUM_CLASS and lumbar_vertebrae != 6):
-            continue
+    wanted = [n for n in LEVELS if level_class(n) != SACRUM_CLASS or lumbar_vertebrae == 6]
+    masks = truth_masks_on_sagittal(sag, labels, None, wanted, min_area_px=min_area_px)
+    if not masks:
+        return None, []
+    boxes = []
+    for m in masks.values():
         r, c = np.nonzero(m)
         boxes.append([c.min(), r.min(), c.max() + 1, r.max() + 1])
-        masks.append(m)
-        names.append(name)
-    if not boxes:
-        return None, []
     dets = dict(boxes=np.array(boxes, float), scores=np.ones(len(boxes)), classes=np.zeros(len(boxes), int),
-                bmd=None, masks=np.stack(masks))
-    return dets, names
+                bmd=None, masks=np.stack(list(masks.values())))
+    return dets, list(masks)
 
 
 def anomaly(truth: Dict, names: List[str]) -> Dict[str, Any]:
@@ -58,7 +53,7 @@ def anomaly(truth: Dict, names: List[str]) -> Dict[str, Any]:
                 in_view=bool(parts) and ribs_seen and bool(truth.get("pelvis_in_view", True)))
 
 
-def expected_labeling(names: List[str], truth: Dict) -> List[Optional[str]]:
+def expected_labeling(names: List[str]) -> List[Optional[str]]:
     """The anatomically correct labels of ``names`` in the counting rule's range T11…L5 (a lumbarised S1: None)."""
     return [n if n in LEVELS[:-1] else None for n in names]
 
@@ -82,25 +77,29 @@ def study_record(seed: int, cfg, opts) -> Dict[str, Any]:
     t = time.perf_counter()
     res = measure_detections(dets, sag, cfg, volume=vol, calibration=Calibration())
     rec["seconds"] = time.perf_counter() - t
-    lv = res.levels
-    want = expected_labeling(names, truth)
+    want = expected_labeling(names)
     got = [v.level for v in res.vertebrae]
-    labelings = {k: list(v[:len(names)]) for k, v in (lv.get("level_labelings") or {}).items()}
-    sac, rib = lv.get("sacrum_anchor"), lv.get("rib_anchor")
-    top = truth.get("sacrum_top_lps")
-    rec.update(
-        reported=got, expected=want, correct=bool(got == want), anchor=lv.get("levels_anchor"),
-        sacrum_source=lv.get("sacrum_source"), labelings=labelings,
-        correct_among_labelings=bool(any(v == want for v in labelings.values())),
-        flags=[f for f in res.qc_flags if f in TRANSITIONAL_FLAGS or f.startswith(("level", "sacrum", "rib"))],
-        flagged=bool(set(TRANSITIONAL_FLAGS) & set(res.qc_flags)),
-        sacrum_z_error_mm=(float(sac["z_mm"] - top[2]) if sac and top else None),
-        sacrum_confidence=(sac["confidence"] if sac else None),
-        rib_pairs_found=(rib["n_pairs"] if rib else 0),
-        last_rib_z_mm=(rib["lowest_z_mm"] if rib else None),
-        last_rib_level_z_mm=_level_z(st, truth["last_rib_level"]),
-    )
+    labelings = {k: list(v[:len(names)]) for k, v in (res.levels.get("level_labelings") or {}).items()}
+    rec.update(anchor_fields(res, truth))
+    rec.update(reported=got, expected=want, correct=bool(got == want), labelings=labelings,
+               correct_among_labelings=bool(any(v == want for v in labelings.values())),
+               last_rib_level_z_mm=_level_z(st, truth["last_rib_level"]))
     return rec
+
+
+def anchor_fields(result, truth: Optional[Dict]) -> Dict[str, Any]:
+    """What result.json says of one study's level anchors (anchor, sacrum source, the level flags, the sacrum found in
+    3-D and the last rib), with the sacrum's height error against the v6 truth where given."""
+    lv = result.levels or {}
+    sac, rib = lv.get("sacrum_anchor"), lv.get("rib_anchor")
+    top = (truth or {}).get("sacrum_top_lps")
+    return dict(anchor=lv.get("levels_anchor"), sacrum_source=lv.get("sacrum_source"),
+                flags=[f for f in result.qc_flags if f in TRANSITIONAL_FLAGS
+                       or f.startswith(("level", "sacrum", "rib"))],
+                flagged=bool(set(TRANSITIONAL_FLAGS) & set(result.qc_flags)),
+                sacrum_z_mm=(sac["z_mm"] if sac else None), sacrum_confidence=(sac["confidence"] if sac else None),
+                sacrum_z_error_mm=(float(sac["z_mm"] - top[2]) if sac and top else None),
+                rib_pairs_found=(rib["n_pairs"] if rib else 0), last_rib_z_mm=(rib["lowest_z_mm"] if rib else None))
 
 
 def _level_z(st, name: str) -> Optional[List[float]]:
@@ -120,16 +119,6 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
     ok = sum(sum(a == b for a, b in zip(r["reported"], r["expected"])) for r in normal)
     named = sum(sum(a is not None for a in r["reported"]) for r in normal)
     wrong = sum(sum(a is not None and a != b for a, b in zip(r["reported"], r["expected"])) for r in normal)
-    by_kind: Dict[str, Dict[str, int]] = {}
-    for r in trans:
-        k = by_kind.setdefault(r["anomaly"]["kind"], dict(n=0, in_view=0, flagged=0, correct_among=0))
-        k["n"] += 1
-        k["in_view"] += int(r["anomaly"]["in_view"])
-        k["flagged"] += int(r["flagged"] and r["anomaly"]["in_view"])
-        k["correct_among"] += int(r["correct_among_labelings"] and r["anomaly"]["in_view"])
-    # the targets' denominator: one anomaly, in view (two anomalies shift both anchors: flagged, not resolvable)
-    single = [r for r in trans if r["anomaly"]["in_view"] and not r["anomaly"]["double"]]
-    double = [r for r in trans if r["anomaly"]["in_view"] and r["anomaly"]["double"]]
     errs = [abs(r["sacrum_z_error_mm"]) for r in done if r["sacrum_z_error_mm"] is not None]
     out = dict(
         studies=len(records), measured=len(done), transitional=len(trans),
@@ -140,22 +129,53 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
         normal_studies_all_correct=float(np.mean([r["correct"] for r in normal])) if normal else float("nan"),
         normal_false_flags=sum(int(r["flagged"]) for r in normal),
         normal_anchor_both=sum(int(r["anchor"] == "sacrum+rib") for r in normal),
-        transitional_in_view=len(single) + len(double), transitional_single=len(single),
-        transitional_flagged=(sum(int(r["flagged"]) for r in single) / len(single)) if single else float("nan"),
-        transitional_correct_among_labelings=(sum(int(r["correct_among_labelings"]) for r in single) / len(single))
-        if single else float("nan"),
-        transitional_double_flagged=sum(int(r["flagged"]) for r in double), transitional_double=len(double),
-        transitional_by_kind=by_kind,
+        **_transitional_figures(trans),
         pelvis_in_view=sum(int(r["truth"].get("pelvis_in_view", True)) for r in done),
         sacrum_found=sum(int(r["sacrum_z_error_mm"] is not None) for r in done),
         sacrum_found_without_pelvis=sum(int(r["sacrum_confidence"] is not None and not r["truth"].get(
             "pelvis_in_view", True)) for r in done),
-        sacrum_top_abs_error_mm=dict(median=float(np.median(errs)), max=float(np.max(errs))) if errs else None,
+        sacrum_top_abs_error_mm=_error_stats(errs),
         rib_found=sum(int(r["rib_pairs_found"] > 0) for r in done),
         seconds_p50=float(np.median([r["seconds"] for r in done])) if done else float("nan"),
     )
+    return _with_verdicts(out)
+
+
+def _transitional_figures(trans: List[Dict]) -> Dict[str, Any]:
+    """The transitional studies' figures; each item holds ``anomaly`` (:func:`anomaly`), ``flagged`` and
+    ``correct_among_labelings``. The targets' denominator: one anomaly, in view (two anomalies shift both anchors:
+    flagged, not resolvable)."""
+    by_kind: Dict[str, Dict[str, int]] = {}
+    for r in trans:
+        a = r["anomaly"]
+        k = by_kind.setdefault(a["kind"], dict(n=0, in_view=0, flagged=0, correct_among=0))
+        k["n"] += 1
+        k["in_view"] += int(a["in_view"])
+        k["flagged"] += int(r["flagged"] and a["in_view"])
+        k["correct_among"] += int(r["correct_among_labelings"] and a["in_view"])
+    single = [r for r in trans if r["anomaly"]["in_view"] and not r["anomaly"]["double"]]
+    double = [r for r in trans if r["anomaly"]["in_view"] and r["anomaly"]["double"]]
+
+    def share(key):
+        return sum(int(r[key]) for r in single) / len(single) if single else float("nan")
+
+    return dict(transitional_in_view=len(single) + len(double), transitional_single=len(single),
+                transitional_flagged=share("flagged"),
+                transitional_correct_among_labelings=share("correct_among_labelings"),
+                transitional_double_flagged=sum(int(r["flagged"]) for r in double), transitional_double=len(double),
+                transitional_by_kind=by_kind)
+
+
+def _error_stats(errs: List[float]) -> Optional[Dict[str, float]]:
+    return dict(median=float(np.median(errs)), max=float(np.max(errs))) if errs else None
+
+
+def _with_verdicts(out: Dict[str, Any]) -> Dict[str, Any]:
+    """``out`` with ``meets_normal_accuracy`` and ``meets_transitional_flagged`` (flagged and the right labeling
+    reported on every transitional study with one anomaly in view)."""
     out["meets_normal_accuracy"] = bool(out["normal_level_accuracy"] >= TARGET_NORMAL_ACCURACY)
-    out["meets_transitional_flagged"] = bool(single and out["transitional_flagged"] >= TARGET_TRANSITIONAL_FLAGGED
+    out["meets_transitional_flagged"] = bool(out["transitional_single"]
+                                             and out["transitional_flagged"] >= TARGET_TRANSITIONAL_FLAGGED
                                              and out["transitional_correct_among_labelings"] >= 1.0)
     return out
 
@@ -165,16 +185,7 @@ def accuracy_record(result, truth: Optional[Dict], pairs: List[Dict], names: Lis
     says (anchor, sacrum source, flags, the sacrum's and the last rib's position) and, with the v6 truth
     (``params["level_anchors"]``), which labelings are right on the matched vertebrae (a truth S1 may be called S1 or
     nothing)."""
-    lv = result.levels or {}
-    sac, rib = lv.get("sacrum_anchor"), lv.get("rib_anchor")
-    rec: Dict[str, Any] = dict(anchor=lv.get("levels_anchor"), sacrum_source=lv.get("sacrum_source"),
-                               rib_pairs_found=(rib["n_pairs"] if rib else 0),
-                               last_rib_z_mm=(rib["lowest_z_mm"] if rib else None),
-                               sacrum_z_mm=(sac["z_mm"] if sac else None),
-                               sacrum_confidence=(sac["confidence"] if sac else None),
-                               flags=[f for f in result.qc_flags if f in TRANSITIONAL_FLAGS
-                                      or f.startswith(("level", "sacrum", "rib"))],
-                               flagged=bool(set(TRANSITIONAL_FLAGS) & set(result.qc_flags)))
+    rec = anchor_fields(result, truth)
     if not truth:
         return rec
 
@@ -185,11 +196,9 @@ def accuracy_record(result, truth: Optional[Dict], pairs: List[Dict], names: Lis
         return bool(pairs) and all(ok(labels[p["pred_index"]], p["gt_level"]) for p in pairs
                                    if p["pred_index"] < len(labels))
 
-    labelings = lv.get("level_labelings") or {}
-    top = truth.get("sacrum_top_lps")
+    labelings = (result.levels or {}).get("level_labelings") or {}
     rec.update(truth=truth, names=list(names), anomaly=anomaly(truth, names),
-               labelings_right={k: right(v) for k, v in labelings.items()},
-               sacrum_z_error_mm=(float(sac["z_mm"] - top[2]) if sac and top else None))
+               labelings_right={k: right(v) for k, v in labelings.items()})
     rec["correct_among_labelings"] = any(rec["labelings_right"].values())
     return rec
 
@@ -205,16 +214,6 @@ def summarize_accuracy_records(records: List[Dict]) -> Optional[Dict[str, Any]]:
     trans = [r for r in recs if r["level_anchors"]["truth"]["transitional"]]
     pairs = [p for r in normal for p in r["pairs"] if p["gt_level"] != "S1"]
     named = [p for p in pairs if p["pred_level"] is not None]
-    single = [r for r in trans
-              if r["level_anchors"]["anomaly"]["in_view"] and not r["level_anchors"]["anomaly"]["double"]]
-    kinds: Dict[str, Dict[str, int]] = {}
-    for r in trans:
-        a = r["level_anchors"]
-        k = kinds.setdefault(a["anomaly"]["kind"], dict(n=0, in_view=0, flagged=0, correct_among=0))
-        k["n"] += 1
-        k["in_view"] += int(a["anomaly"]["in_view"])
-        k["flagged"] += int(a["flagged"] and a["anomaly"]["in_view"])
-        k["correct_among"] += int(a["correct_among_labelings"] and a["anomaly"]["in_view"])
     errs = [abs(r["level_anchors"]["sacrum_z_error_mm"]) for r in recs
             if r["level_anchors"].get("sacrum_z_error_mm") is not None]
     out = dict(
@@ -227,20 +226,11 @@ def summarize_accuracy_records(records: List[Dict]) -> Optional[Dict[str, Any]]:
         anchors={k: sum(int(r["level_anchors"]["anchor"] == k) for r in recs) for k in ("sacrum+rib", "sacrum", "rib")},
         sacrum_sources={k: sum(int(r["level_anchors"]["sacrum_source"] == k) for r in recs)
                         for k in ("detector", "3d", "detector+3d")},
-        transitional_single=len(single),
-        transitional_flagged=(sum(int(r["level_anchors"]["flagged"]) for r in single) / len(single)) if single
-        else float("nan"),
-        transitional_correct_among_labelings=(sum(int(r["level_anchors"]["correct_among_labelings"]) for r in single)
-                                              / len(single)) if single else float("nan"),
-        transitional_by_kind=kinds,
-        sacrum_found=len(errs), sacrum_top_abs_error_mm=dict(median=float(np.median(errs)), max=float(np.max(errs)))
-        if errs else None,
+        **_transitional_figures([r["level_anchors"] for r in trans]),
+        sacrum_found=len(errs), sacrum_top_abs_error_mm=_error_stats(errs),
         rib_found=sum(int(r["level_anchors"]["rib_pairs_found"] > 0) for r in recs),
     )
-    out["meets_normal_accuracy"] = bool(out["normal_level_accuracy"] >= TARGET_NORMAL_ACCURACY)
-    out["meets_transitional_flagged"] = bool(single and out["transitional_flagged"] >= TARGET_TRANSITIONAL_FLAGGED
-                                             and out["transitional_correct_among_labelings"] >= 1.0)
-    return out
+    return _with_verdicts(out)
 
 
 def format_report(s: Dict[str, Any]) -> str:
