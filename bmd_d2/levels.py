@@ -36,7 +36,9 @@ Detectron2 thing classes: 0 = ``vertebral_body`` (T11…L5), 1 = ``sacrum`` (S1,
 4. **Count from the last rib** (``ribs``: :class:`RibLevel`, found in 3-D by
    :func:`bmd_d2.measure.anchors.find_ribs`): the body whose centre row lies within ``RIB_TIE_FRACTION`` of a pitch
    of the lowest rib-bearing level's costovertebral joints is T12 (the usual convention: 12 rib pairs), and the
-   others are counted from it as from the sacrum (gaps included). Not used below ``RIB_MIN_CONFIDENCE``
+   others are counted from it as from the sacrum (gaps included). Joints one pitch (± ``RIB_TIE_FRACTION``) above
+   the cranial-most body belong to a body cut by the top of the field of view (or undetected): the cranial-most body
+   is counted as the level below it (``rib_body_above_detections``). Not used below ``RIB_MIN_CONFIDENCE``
    (``rib_anchor_low_confidence``) or with no body at the joints' height (``rib_anchor_untied``). The number of
    rib-bearing levels in view is reported (``rib_pairs_in_view``).
 5. **Cross-check.** Every count (the sacrum, the 3-D sacrum beside a detected one, the last rib) giving the same
@@ -418,10 +420,16 @@ def _rib_position(detections: Sequence[Detection], verts: List[int], rel: List[i
         return None
     d = [abs(detections[i].centroid[1] - ribs.row) * sp for i in verts]
     k = int(np.argmin(d))
-    if d[k] > RIB_TIE_FRACTION * pitch:  # its body undetected or out of view: no count from it
-        add_flag(study_flags, "rib_anchor_untied")
-        return None
-    return _T12 + rel[k]
+    if d[k] <= RIB_TIE_FRACTION * pitch:
+        return _T12 + rel[k]
+    # one pitch above the cranial-most body: its body is cut by the top of the field of view (or undetected), so
+    # the cranial-most body is the one below the last rib-bearing level
+    above = (detections[verts[0]].centroid[1] - ribs.row) * sp
+    if abs(above - pitch) <= RIB_TIE_FRACTION * pitch:
+        add_flag(study_flags, "rib_body_above_detections")
+        return _T12 + 1 + rel[0]
+    add_flag(study_flags, "rib_anchor_untied")  # between bodies or far from them: no count from it
+    return None
 
 
 def _finish(out: LevelAssignment, detections: Sequence[Detection]):

@@ -100,6 +100,27 @@ def test_sacrum_alone_and_no_anchor():
     assert "levels_unanchored" in a.study_flags and levels_of(a) == ["L1", "L2", "L3", "L4", "L5"]
 
 
+@pytest.mark.parametrize("last_rib, labels, conflict", [
+    # the last rib-bearing body (T12) cut by the top of the field of view: the top body in view is L1
+    ("T12", ["L1", "L2", "L3", "L4", "L5"], False),
+    # 11 rib pairs, T11 cut off: its ribs above T12 say T12 is L1, the sacrum disagrees
+    ("T11", ["L1", "L2", "L3", "L4", "L5", None], True),
+])
+def test_rib_body_cut_by_the_top_of_the_field_of_view(last_rib, labels, conflict):
+    dets = spine()
+    # T11 (and with 12 ribs T12) out of view above: the last rib's joints one pitch above the top body in view
+    cut = 2 if last_rib == "T12" else 1
+    shown = dets[cut:]
+    a = assign_levels(shown, image_shape=(512, 512), ribs=rib_at(shown, 0, dy=4.0 - PITCH))
+    assert "rib_body_above_detections" in a.study_flags and "rib_anchor_untied" not in a.study_flags
+    assert a.labelings["rib"] == labels + ["S1"]
+    assert a.labelings["sacrum"] == BODIES[cut:] + ["S1"]
+    assert ("level_count_conflict" in a.study_flags) == conflict
+    assert levels_of(a) == BODIES[cut:] + ["S1"]  # the sacrum's count either way
+    if not conflict:
+        assert a.anchor == "sacrum+rib"
+
+
 def test_unusable_rib_anchor_is_reported_not_counted_from():
     dets = spine()
     # one rib of a single level (confidence 0.48): not counted from, even against the sacrum
@@ -108,6 +129,9 @@ def test_unusable_rib_anchor_is_reported_not_counted_from():
     assert "level_count_conflict" not in a.study_flags and a.rib_pairs_in_view == 1
     # joints half-way between two bodies: no body to tie them to
     a = assign_levels(dets, image_shape=(512, 512), ribs=rib_at(dets, 1, dy=PITCH / 2))
+    assert a.anchor == "sacrum" and "rib_anchor_untied" in a.study_flags
+    # joints 1.5 pitches above the cranial-most body: neither its body nor the one above it: untied
+    a = assign_levels(dets, image_shape=(512, 512), ribs=rib_at(dets, 0, dy=-1.5 * PITCH))
     assert a.anchor == "sacrum" and "rib_anchor_untied" in a.study_flags
     # no vertebral body at all: nothing to count, the rib count still reported
     a = assign_levels([], image_shape=(512, 512), ribs=RibLevel(row=100.0, n_pairs=2, confidence=1.0))

@@ -48,7 +48,10 @@ Ribs (:func:`find_ribs`)
 2. **Lateral slabs.** Per side, the mask is resampled into 2 mm slabs of constant ``u`` (40…170 mm). Seeds are the
    2-D blobs of the first slabs (u 40–44 mm) no taller or deeper than ``RIB_SEED_MAX_MM`` (24 mm), with their centre
    ``RIB_SEED_AP_MM`` (+15…+70 mm) posterior of the body centre (the rib passes the transverse process there; the
-   sacral alae and the iliac wings lie in front of it) and not touching the top or bottom of the field of view.
+   sacral alae and the iliac wings lie in front of it) and not touching the top or bottom of the field of view. A
+   taller blob, or one touching the top or bottom, is split into the blobs of each of those slabs alone that pass
+   (a short 13th rib is still joined to L1's transverse process at u 40 mm and free of it by 44 mm; a rib near the top
+   of the field of view may be joined there to other bone; :func:`_rib_seeds`).
 3. **Tracing.** Each seed is followed outward slab by slab inside a ``RIB_TRACK_MM`` (8 mm) disc around the position
    predicted from the last steps; a slab counts when it holds at least ``RIB_SECTION_MM2`` (48 mm²) of mask there
    (after three slabs: ``RIB_SECTION_FRACTION`` of the track's median section, at least ``RIB_SECTION_MIN_MM2``,
@@ -56,7 +59,13 @@ Ribs (:func:`find_ribs`)
    stops after two empty slabs. A rib runs at least ``RIB_MIN_RUN_MM`` (36 mm) and falls as it runs out: at least
    ``RIB_DESCENT_MM`` (8 mm) over its run, by no more than ``RIB_FALL_MAX`` mm per mm, with a medial slope within
    ``RIB_SLOPE`` (-0.9…-0.2 mm per mm): lumbar transverse processes end within ~15 mm; the sacral alae, the iliac
-   wings and organ edges run flat, rise or drop steeply.
+   wings and organ edges run flat, rise or drop steeply. Over its first ``RIB_AP_FIT_MM`` (30 mm) it runs more out
+   than forward (\|AP change\| ≤ ``RIB_AP_SLOPE_MAX`` (1) mm per mm: a kidney's back edge runs forward), and a seed
+   split off a transverse process must fall at least ``RIB_SPLIT_FALL_MM`` (2 mm) over its first ``RIB_EARLY_MM``
+   (10 mm) and hold a median section of ``RIB_SPLIT_SECTION_MM2`` (90 mm²): a process's flat tip running onto an
+   organ edge or the pelvis does neither (51 generator-v6 phantoms, seed 18000: the 4 true ribs from split seeds
+   fall 5–9 mm with sections 116–162 mm², the 7 false traces from split seeds 52–68 mm², two of them falling under
+   1 mm; ribs of unsplit seeds, 177 true, fall 2.1 mm or more, the real CT's left 12th rib 1.4 mm).
 4. **Joint height.** The rib's z over its medial ``RIB_FIT_MM`` (20 mm) is fitted linearly in ``u`` and extrapolated
    to ``u = RIB_JOINT_MM`` (25 mm, the costovertebral joint at the body's side): the 11th and 12th ribs fall ~0.5 mm
    per mm laterally, so the z at u = 40 mm lies ~8 mm below the joint. Traces of one side whose medial z lie within
@@ -89,6 +98,7 @@ generator-v6 seeds 0–11, 2 cores shared with a benchmark): median 0.05 s, max 
 (~0.05–0.07 s).
 """
 import bisect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -134,6 +144,11 @@ RIB_JOINT_MM = 25.0
 RIB_DESCENT_MM = 8.0
 RIB_SLOPE = (-0.9, -0.2)
 RIB_FALL_MAX = 1.05
+RIB_AP_FIT_MM = 30.0
+RIB_AP_SLOPE_MAX = 1.0
+RIB_EARLY_MM = 10.0
+RIB_SPLIT_FALL_MM = 2.0
+RIB_SPLIT_SECTION_MM2 = 90.0
 RIB_LEVEL_GAP_MM = 48.0
 RIB_SAME_MM = 12.0
 PAIR_DZ_MM = 15.0
@@ -373,6 +388,54 @@ def _rib_mask(g: SpineGrid) -> Tuple[np.ndarray, int]:
     return out, y0
 
 
+def _rib_seeds(S3: np.ndarray, dyb: np.ndarray, st: float) -> List[Tuple[float, float, float, bool]]:
+    """Rib seeds in the first three lateral slabs ``S3`` (3, Z, Yw) (module docstring, step 2): (z, y) pixel centre
+    and AP offset (mm) of each blob of their union no taller or deeper than ``RIB_SEED_MAX_MM`` whose centre lies
+    ``RIB_SEED_AP_MM`` behind the body, and whether it was split: a taller union blob (a 13th rib still joined to L1's
+    transverse process, which ends at u 40–45 mm) is split into the blobs of each slab alone inside it that pass (one
+    per rib: a second within ``RIB_TRACK_MM`` of one already taken is the same); so is a blob touching the top or
+    bottom of the field of view (a rib near the top joined there to other bone), whose split blobs must not."""
+    Z = S3.shape[1]
+    ones = np.ones((3, 3), bool)
+
+    def blobs(img):
+        lab, _ = ndimage.label(img, structure=ones)
+        for k_, box in enumerate(ndimage.find_objects(lab), 1):
+            if box is not None:
+                yield lab, k_, box
+
+    def accept(lab, k_, box, oz=0, oy=0):
+        # the bounding box first (most blobs fail on it), then the mean AP position; (oz, oy): the offset of ``lab``
+        (za, zb), (ya, yb_) = (box[0].start + oz, box[0].stop + oz), (box[1].start + oy, box[1].stop + oy)
+        edge = za < 1 or zb - 1 > Z - 2  # touching the top or bottom of the field of view
+        if edge or (zb - za) * st > RIB_SEED_MAX_MM or (yb_ - ya) * st > RIB_SEED_MAX_MM:
+            return None, True
+        bz, by = np.nonzero(lab[box] == k_)
+        bz, by = bz + za, by + ya
+        ap = float(dyb[bz, by].mean())
+        if not RIB_SEED_AP_MM[0] <= ap <= RIB_SEED_AP_MM[1]:
+            return None, False
+        return (float(bz.mean()), float(by.mean()), ap), False
+
+    seeds: List[Tuple[float, float, float, bool]] = []
+    for lab, k_, box in blobs(S3.any(0)):
+        seed, tall = accept(lab, k_, box)
+        if seed is not None:
+            seeds.append(seed + (False,))
+        elif tall:
+            inside = lab[box] == k_
+            split: List[Tuple[float, float, float]] = []
+            for k in range(len(S3)):
+                for lab_k, j, b in blobs(S3[k][box] & inside):
+                    sk, _ = accept(lab_k, j, b, box[0].start, box[1].start)
+                    if sk is None:
+                        continue
+                    if all(math.hypot(sk[0] - q[0], sk[1] - q[1]) * st > RIB_TRACK_MM for q in split):
+                        split.append(sk)
+            seeds += [q + (True,) for q in split]
+    return seeds
+
+
 def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> Tuple[List[Dict], List[Dict]]:
     """Ribs of one side traced outward through the lateral slabs of the rib mask (method in the module docstring).
     Returns (ribs, rejected traces of at least 10 mm with the reason: too short, course, slope)."""
@@ -396,25 +459,11 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> Tuple[List
     Sc = Mp.ravel().take(ci.astype(np.intp))  # Sc[k, z, y]: mask code at u = ks[k] * st
     S, Sw = Sc >= 2, Sc >= 1
     dyb = ys[None, :] - g.yb[:, None]
-    seed_img = S[:3].any(0)
-    lab, _ = ndimage.label(seed_img, structure=np.ones((3, 3), bool))
     r_px = RIB_TRACK_MM / st
     r2 = r_px ** 2
     out = []
     short = []
-    for k_, box in enumerate(ndimage.find_objects(lab), 1):
-        if box is None:
-            continue
-        # the blob's bounding box first (most blobs fail on it), then its mean AP position
-        (za, zb), (ya, yb_) = (box[0].start, box[0].stop), (box[1].start, box[1].stop)
-        if (zb - za) * st > RIB_SEED_MAX_MM or (yb_ - ya) * st > RIB_SEED_MAX_MM or za < 1 or zb - 1 > Z - 2:
-            continue
-        bz, by = np.nonzero(lab[box] == k_)
-        bz, by = bz + za, by + ya
-        ap = float(dyb[bz, by].mean())
-        if not RIB_SEED_AP_MM[0] <= ap <= RIB_SEED_AP_MM[1]:
-            continue
-        cz, cy = float(bz.mean()), float(by.mean())
+    for cz, cy, ap, split in _rib_seeds(S[:3], dyb, st):
         vz = vy = 0.0
         track = []
         sections: List[int] = []  # the track's sections (pixels), sorted: its running median
@@ -462,6 +511,8 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> Tuple[List
             continue
         u = ks[t[:, 0].astype(int)] * st
         zt = g.lo[2] + st * t[:, 1]
+        yt = g.lo[1] + st * (t[:, 2] + y0)
+        path = np.stack([g.x_mid(yt, zt) + side * u, yt, zt], 1)  # the trace's centre per slab, LPS mm
         near = u <= u[0] + RIB_FIT_MM
         slope = float(np.polyfit(u[near], zt[near], 1)[0]) if near.sum() >= 3 else 0.0
         fall = float(zt[-1] - zt[0]) / run
@@ -472,16 +523,24 @@ def _trace_ribs(g: SpineGrid, M: np.ndarray, y0: int, side: float) -> Tuple[List
                               slope=slope, fall=float(fall)))
             continue
         z_joint = float(zt[near].mean() + slope * (RIB_JOINT_MM - u[near].mean()))
-        apt = (g.lo[1] + st * (t[:, 2] + y0)) - np.interp(zt, g.zs, g.yb)
-        if zt[-1] - zt[0] > -RIB_DESCENT_MM:  # the lower ribs fall as they run out; processes, pelvis do not
+        apt = yt - np.interp(zt, g.zs, g.yb)
+        far = u <= u[0] + RIB_AP_FIT_MM
+        ap_slope = float(apt[far][-1] - apt[0]) / max(float(u[far][-1] - u[0]), st)
+        early = float(np.interp(u[0] + RIB_EARLY_MM, u, zt) - zt[0])
+        section = float(np.median(t[:, 3]) * st * st)
+        if zt[-1] - zt[0] > -RIB_DESCENT_MM or abs(ap_slope) > RIB_AP_SLOPE_MAX or \
+                (split and (early > -RIB_SPLIT_FALL_MM or section < RIB_SPLIT_SECTION_MM2)):
+            # the lower ribs fall as they run out, and run more out than forward; processes and the pelvis do not
+            # fall, organ edges (a kidney's back) run forward; a seed split off a transverse process must fall from
+            # its first slab and hold a rib's full section (the process's tip, running onto an organ edge, does not)
             short.append(dict(medial_z_mm=float(zt[0]), run_mm=float(run), medial_ap_mm=ap, reason="course",
-                              lateral_ap_mm=float(apt[-1]), lateral_dz_mm=float(zt[-1] - zt[0])))
+                              lateral_ap_mm=float(apt[-1]), lateral_dz_mm=float(zt[-1] - zt[0]),
+                              ap_slope=ap_slope, early_dz_mm=early, split_seed=bool(split), section_mm2=section))
             continue
-        yt = g.lo[1] + st * (t[:, 2] + y0)
-        path = np.stack([g.x_mid(yt, zt) + side * u, yt, zt], 1)  # the trace's centre per slab, LPS mm
         out.append(dict(z_mm=z_joint, medial_z_mm=float(zt[0]), medial_mm=float(u[0]), run_mm=float(run),
-                        slope=slope, medial_ap_mm=ap, section_mm2=float(np.median(t[:, 3]) * st * st),
+                        slope=slope, medial_ap_mm=ap, section_mm2=section,
                         lateral_ap_mm=float(apt[-1]), lateral_dz_mm=float(zt[-1] - zt[0]),
+                        ap_slope=ap_slope, early_dz_mm=early, split_seed=bool(split),
                         path_lps=np.round(path, 1).tolist()))
     # one rib per height: seeds split by noise trace the same rib
     out.sort(key=lambda r: -r["run_mm"])

@@ -27,6 +27,8 @@ QC_FLAGS: Dict[str, str] = {
                                 "from",
     "sacrum_3d_above_bodies": "sacroiliac joints found in 3-D above every detected body: not counted from",
     "rib_anchor_untied": "ribs found in 3-D, but no detected body at the last rib's height: not counted from",
+    "rib_body_above_detections": "the last rib's joints lie one level above the top detected body (cut by the field "
+                                 "of view or undetected): counted from the level below it",
     "rib_anchor_low_confidence": "only one rib of one rib-bearing level found: the rib anchor is not counted from",
     "below_labelled_range": "counted below L5 from the last rib: no level name is given",
     "level_gap": "the spacing of the detected bodies shows an undetected vertebra; the count skips it",
