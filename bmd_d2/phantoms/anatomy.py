@@ -182,6 +182,8 @@ def draw_params(rng: np.random.Generator, opts: PhantomOptions) -> Dict:
         _draw_v5(rng, p, opts)
     if opts.generator_version >= 6:  # appended again: a v6 study is its v5 twin plus the pelvis and the variants
         _draw_v6(rng, p, opts)
+    if opts.generator_version >= 7:  # the patient's own trabecular texture (kept by a re-scan, like all of p)
+        p["texture_seed"] = int(rng.integers(0, 2 ** 63 - 1))
     return p
 
 

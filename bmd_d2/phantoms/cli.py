@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-scoliosis", action="store_true", help="straight coronal alignment, no axial rotation")
     g.add_argument("--generator-version", type=int, choices=GENERATOR_VERSIONS, default=None,
                    help=f"phantom generator (default {GENERATOR_VERSION}; 4 = before the X-ray physics; 6 = v5 with "
-                        "sacroiliac joints and transitional anatomy)")
+                        "sacroiliac joints and transitional anatomy; 7 = v6 with the patient's bone texture kept by "
+                        "a re-scan)")
     g.add_argument("--kvp", type=float, default=None, help="tube potential kV, v5 (random 80–140)")
     g.add_argument("--age", type=int, default=None, help="patient age in years, v5 (random 20–90)")
     g.add_argument("--marrow-fat", type=float, default=None, help="marrow fat fraction 0–0.95, v5 (random by age)")

@@ -38,9 +38,10 @@ TRANSFER_SYNTAXES = {
 # :mod:`bmd_d2.phantoms.tissues`). Written to phantom.json as ``generator_version``; the default of
 # ``PhantomOptions.generator_version``. Versions 4, 5 and 6 can be generated (4 and 5 bit-for-bit as before); 6 adds
 # the pelvis of the 3-D sacrum anchor (sacral lateral masses meeting the ilia at sacroiliac joints) and transitional
-# anatomy (11 / 13 rib pairs, 4 / 6 lumbar vertebrae), drawn after every v5 draw.
+# anatomy (11 / 13 rib pairs, 4 / 6 lumbar vertebrae), drawn after every v5 draw; 7 (issue 19) is v6 with the
+# patient's trabecular texture fixed in each vertebra's own frame (a re-scan re-images the same bone).
 GENERATOR_VERSION = 5
-GENERATOR_VERSIONS = (4, 5, 6)
+GENERATOR_VERSIONS = (4, 5, 6, 7)
 RIB_PAIRS = (11, 12, 13)
 LUMBAR_VERTEBRAE = (4, 5, 6)
 CONTRAST_PHASES = ("none", "arterial", "portal_venous")
@@ -142,14 +143,15 @@ class PhantomOptions(_PixelOptions):
         rescan_seed: None for the study itself; an integer gives a *re-scan* of the same patient on the same scanner
             (for precision studies): every anatomy, BMD, scanner and protocol parameter is kept, while the noise, the
             patient position (body and reconstruction-centre offsets, table z) and the start of the scan range are
-            redrawn from ``(seed, rescan_seed)``. Each core's mean density still equals the drawn BMD exactly; the
-            voxel-level trabecular texture is re-sampled on the shifted grid (a slightly pessimistic re-scan).
+            redrawn from ``(seed, rescan_seed)``. Each core's mean density still equals the drawn BMD exactly. Up to
+            v6 the voxel-level trabecular texture is re-drawn on the shifted grid (another bone: a pessimistic
+            re-scan); from v7 it is the patient's, fixed in each vertebra's frame.
         generator_version: one of :data:`GENERATOR_VERSIONS` (default :data:`GENERATOR_VERSION`); 4 renders exactly
             what generator v4 rendered for the same seed and options (``kvp``, ``age``, ``marrow_fat_fraction`` and
             ``contrast_phase`` are v5 options).
-        rib_pairs: v6 only: rib-bearing vertebrae down to the last rib, 11 (no T12 rib), 12 or 13 (a lumbar rib on
+        rib_pairs: v6 and later: rib-bearing vertebrae down to the last rib, 11 (no T12 rib), 12 or 13 (a lumbar rib on
             L1); None draws (6 % each of 11 and 13).
-        lumbar_vertebrae: v6 only: 5, 4 (sacralised L5: L5 joins the sacral mass and the ilia, a rudimentary L5/S1
+        lumbar_vertebrae: v6 and later: 5, 4 (sacralised L5: L5 joins the sacral mass and the ilia, a rudimentary L5/S1
             disc) or 6 (lumbarised S1: S1 free of the ilia, a full S1/S2 disc); None draws (5 % each of 4 and 6).
     """
 

@@ -13,7 +13,7 @@ from scipy import ndimage
 from bmd_d2.levels import LEVEL_TO_LABEL, LEVELS
 
 from .anatomy import Layout, ala_reach, bone_hu, fused_segments, ilium_x, level_bmd, level_frame
-from .geometry import body_fracs, ellipsoid_frac, paint, ramp, superellipse_d, texture
+from .geometry import body_fracs, ellipsoid_frac, local_texture, paint, ramp, superellipse_d, texture
 
 # Transverse-process length (mm) per level.
 _TP_LENGTH = {"T11": 8.0, "T12": 9.0, "L1": 13.0, "L2": 16.0, "L3": 18.0, "L4": 16.0, "L5": 15.0, "S1": 26.0}
@@ -158,7 +158,11 @@ class SpineRenderer:
         u, v, ww = uvw
         h, d, w = fr["h"][i], fr["d"][i], fr["w"][i]
         tau = p["texture_rel"] + 0.12 * (1.0 - bmd / 250.0)
-        tex = texture(rng, fb.shape, self.g)
+        if "texture_seed" in p:  # v7: the patient's bone, fixed in the vertebra's frame (a re-scan re-images it)
+            rng = np.random.default_rng([p["texture_seed"], i])
+            tex = local_texture(rng, uvw, (w / 2 + 1.0, d / 2 + 1.0, h / 2 + 1.0))
+        else:
+            tex = texture(rng, fb.shape, self.g)
         dens = bmd * (1.0 + tau * tex)
         vein = np.exp(-((u / 4.0) ** 2 + ((v - 0.3 * d) / 5.0) ** 2 + (ww / 3.0) ** 2))
         dens *= 1.0 - 0.45 * vein
