@@ -65,8 +65,9 @@ back to the volume (``sagittal_mask_to_volume``) and label volumes can be sample
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -287,10 +288,29 @@ def _coarse_lps(volume: Volume, coarse_mm: float):
     return C, lo, coarse_mm
 
 
+_LAST_GRID: Dict[str, object] = {}  # the last plane search's grid: weakref to its volume, data id, affine, step, grid
+
+
+def _remember_grid(volume: Volume, coarse_mm: float, grid) -> None:
+    C, lo, step = grid
+    C.flags.writeable = False  # shared by the plane search and later analyses: nobody may change it in place
+    _LAST_GRID.clear()
+    _LAST_GRID.update(ref=weakref.ref(volume), data=id(volume.data), affine=np.asarray(volume.affine).tobytes(),
+                      coarse_mm=float(coarse_mm), grid=(C, lo, step))
+
+
 def coarse_lps(volume: Volume, coarse_mm: float):
     """The plane search's LPS-aligned working grid of ``volume`` at ``coarse_mm`` (block mean, then trilinear):
-    ``(C (Z, Y, X) float32, origin (3,) LPS of C[0, 0, 0], step mm)``, for other 3-D analyses on the same grid."""
-    return _coarse_lps(volume, coarse_mm)
+    ``(C (Z, Y, X) float32, read-only, origin (3,) LPS of C[0, 0, 0], step mm)``, for other 3-D analyses on the same
+    grid. When :func:`find_midsagittal_plane` last searched this very volume (same object, data and affine) at this
+    step, its grid is returned instead of a second resampling (0.05–0.13 s on a 512² series)."""
+    last = _LAST_GRID
+    if last and last["ref"]() is volume and last["data"] == id(volume.data) and last["coarse_mm"] == float(coarse_mm) \
+            and last["affine"] == np.asarray(volume.affine).tobytes():
+        return last["grid"]
+    grid = _coarse_lps(volume, coarse_mm)
+    _remember_grid(volume, coarse_mm, grid)
+    return grid
 
 
 def _symmetry(img: np.ndarray, centre_yx: Tuple[float, float], half_px: int, angles_deg: np.ndarray,
@@ -544,7 +564,7 @@ def find_midsagittal_plane(volume: Volume, *, bone_hu: float = 180.0, coarse_mm:
         SagittalPlane. ``info["method"]`` is ``"symmetry"`` or ``"fallback"`` (no spine found: plane through the
         volume centre, normal along patient x, with a warning).
     """
-    C, lo, step = _coarse_lps(volume, coarse_mm)
+    C, lo, step = coarse_lps(volume, coarse_mm)
     Z, Y, X = C.shape
     warnings = []
     has_bone = bool(((C >= bone_hu) & (C <= 2000.0)).any())

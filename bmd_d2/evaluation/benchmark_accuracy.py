@@ -267,7 +267,7 @@ def format_report(rep: Dict[str, Any]) -> str:
       f"{_n(lv['studies_all_correct'])}")
     la = rep.get("level_anchors")
     if la:
-        p(f"level anchors ({la['studies']} v6 studies, {la['transitional']} transitional): normal anatomy "
+        p(f"level anchors ({la['studies']} studies with level truth, {la['transitional']} transitional): normal anatomy "
           f"{_n(la['normal_level_accuracy'])} of {la['normal_vertebrae']} bodies, falsely flagged "
           f"{la['normal_false_flags']}; transitional with one anomaly in view ({la['transitional_single']}): flagged "
           f"{_n(la['transitional_flagged'])}, right labeling reported "

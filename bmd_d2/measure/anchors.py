@@ -87,6 +87,12 @@ four with T12 out of view (was 9 right, 11 wrong: pelvis and processes traced as
 ``level_count_conflict`` when a sacrum (detected or 3-D) is found, not caught without one. On the real example CT one pair at T12
 (joints z 419.9 / 414.5 mm inside T12's 385–427 mm); the 11th rib's joint is above the field of view.
 
+Session 13 (held-out generator-v6 phantoms): ``tools/benchmark_levels.py`` seed 18000, last rib found on 87 of 100
+studies (was 86), normal anatomy 471/471 levels named right (was 465 with 6 unnamed), no false conflict; with the
+model (``tools/benchmark_accuracy.py``, seed 9000) 94 of 100 (was 92), every transitional study flagged (was 18 of
+20: a 13th rib joined to L1's process, T11 ribs at the top of the field of view); two normal studies falsely
+flagged by a one-sided trace below the T12 pair.
+
 Speed (issue 18; full-size phantom seeds 0–19, 2 cores shared with a training job): find_ribs with
 its coarse grid median 0.10 s, max 0.15 s CPU (was 0.18 / 0.31 s; 0.06 s on the 3 mm real CT); the grid is about
 half of it (median 0.05 s), the rib mask and the tracing 0.035 s (max 0.06 s). The answers are those of the earlier
@@ -94,8 +100,9 @@ code, bit for bit (seeds 0–19 in float32 and int16, the real CT): the grey ope
 min/max), the lateral slabs are gathered once slab-major with one flat index, the seeds are screened on their
 bounding box first and the running median of the sections is kept sorted. find_sacrum on the shared grid (session 12,
 generator-v6 seeds 0–11, 2 cores shared with a benchmark): median 0.05 s, max 0.07 s; grid + ribs + sacrum median
-0.16 s, max 0.22 s. Reusing the plane search's grid (the same ``coarse_lps``) would remove the second resampling
-(~0.05–0.07 s).
+0.16 s, max 0.22 s. Session 13: :func:`spine_grid` reuses the plane search's grid (``coarse_lps`` returns the grid
+:func:`~bmd_d2.data.sagittal.find_midsagittal_plane` built for the same volume): ``tools/benchmark.py`` 10 studies,
+anchors p50 0.081 s, max 0.166 s (p50 0.175, max 0.395 s in the same session before it).
 """
 import bisect
 import math
