@@ -288,15 +288,7 @@ def _coarse_lps(volume: Volume, coarse_mm: float):
     return C, lo, coarse_mm
 
 
-_LAST_GRID: Dict[str, object] = {}  # the last plane search's grid: weakref to its volume, data id, affine, step, grid
-
-
-def _remember_grid(volume: Volume, coarse_mm: float, grid) -> None:
-    C, lo, step = grid
-    C.flags.writeable = False  # shared by the plane search and later analyses: nobody may change it in place
-    _LAST_GRID.clear()
-    _LAST_GRID.update(ref=weakref.ref(volume), data=id(volume.data), affine=np.asarray(volume.affine).tobytes(),
-                      coarse_mm=float(coarse_mm), grid=(C, lo, step))
+_LAST_GRID: Dict[str, object] = {}  # the last grid built: weakrefs to its volume and data, affine, step, grid
 
 
 def coarse_lps(volume: Volume, coarse_mm: float):
@@ -305,11 +297,15 @@ def coarse_lps(volume: Volume, coarse_mm: float):
     grid. When :func:`find_midsagittal_plane` last searched this very volume (same object, data and affine) at this
     step, its grid is returned instead of a second resampling (0.05–0.13 s on a 512² series)."""
     last = _LAST_GRID
-    if last and last["ref"]() is volume and last["data"] == id(volume.data) and last["coarse_mm"] == float(coarse_mm) \
-            and last["affine"] == np.asarray(volume.affine).tobytes():
+    affine = np.asarray(volume.affine).tobytes()
+    if last and last["volume"]() is volume and last["data"]() is volume.data and last["coarse_mm"] == float(coarse_mm) \
+            and last["affine"] == affine:
         return last["grid"]
     grid = _coarse_lps(volume, coarse_mm)
-    _remember_grid(volume, coarse_mm, grid)
+    grid[0].flags.writeable = False  # shared by the plane search and later analyses: nobody may change it in place
+    last.clear()
+    last.update(volume=weakref.ref(volume), data=weakref.ref(volume.data), affine=affine,
+                coarse_mm=float(coarse_mm), grid=grid)
     return grid
 
 

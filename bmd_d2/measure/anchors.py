@@ -412,7 +412,8 @@ def _rib_seeds(S3: np.ndarray, dyb: np.ndarray, st: float) -> List[Tuple[float, 
                 yield lab, k_, box
 
     def accept(lab, k_, box, oz=0, oy=0):
-        # the bounding box first (most blobs fail on it), then the mean AP position; (oz, oy): the offset of ``lab``
+        # (seed or None, whether to split it): the bounding box first (most blobs fail on it), then the mean AP
+        # position; (oz, oy): the offset of ``lab``
         (za, zb), (ya, yb_) = (box[0].start + oz, box[0].stop + oz), (box[1].start + oy, box[1].stop + oy)
         edge = za < 1 or zb - 1 > Z - 2  # touching the top or bottom of the field of view
         if edge or (zb - za) * st > RIB_SEED_MAX_MM or (yb_ - ya) * st > RIB_SEED_MAX_MM:
@@ -426,10 +427,10 @@ def _rib_seeds(S3: np.ndarray, dyb: np.ndarray, st: float) -> List[Tuple[float, 
 
     seeds: List[Tuple[float, float, float, bool]] = []
     for lab, k_, box in blobs(S3.any(0)):
-        seed, tall = accept(lab, k_, box)
+        seed, splittable = accept(lab, k_, box)
         if seed is not None:
             seeds.append(seed + (False,))
-        elif tall:
+        elif splittable:
             inside = lab[box] == k_
             split: List[Tuple[float, float, float]] = []
             for k in range(len(S3)):

@@ -140,28 +140,27 @@ def body_fracs(g: Grid, sl, center, R, h, depth, width, cortex, collapse=0.0, en
     return f_body, f_core, f_endplates, (u, v, w)
 
 
+def _unit_noise(rng, shape, sigma_px) -> np.ndarray:
+    """Gaussian-filtered white noise, float32 ``shape``, shifted and scaled to zero mean and unit σ."""
+    white = rng.standard_normal(shape, dtype=np.float32)
+    f = ndimage.gaussian_filter(white, sigma_px, mode="reflect", truncate=2.5)
+    f -= f.mean()
+    sd = f.std()
+    return f / sd if sd > 0 else f
+
+
 def local_texture(rng, uvw, half_mm, sigma_mm=(1.1, 0.6, 0.6), step_mm=0.4):
     """Zero-mean unit-σ trabecular texture fixed in a vertebra's own frame (generator v7): the same filtered white
     noise as :func:`texture` (``sigma_mm`` along the local w, v, u axes: vertical struts), drawn on a ``step_mm``
     lattice over the local box ``±half_mm`` (u, v, w) and sampled (trilinear) at the voxels' local coordinates
     ``uvw``, so that a re-scan (another grid position) samples the same bone."""
-    u, v, w = uvw
     n = [int(math.ceil(2 * hm / step_mm)) + 2 for hm in half_mm[::-1]]  # lattice (w, v, u)
-    white = rng.standard_normal(n, dtype=np.float32)
-    f = ndimage.gaussian_filter(white, [sg / step_mm for sg in sigma_mm], mode="reflect", truncate=2.5)
-    f -= f.mean()
-    sd = f.std()
-    f = f / sd if sd > 0 else f
+    f = _unit_noise(rng, n, [sg / step_mm for sg in sigma_mm])
     coords = [(np.asarray(c, np.float32) + np.float32(hm)) / np.float32(step_mm)
-              for c, hm in zip((w, v, u), half_mm[::-1])]
+              for c, hm in zip(uvw[::-1], half_mm[::-1])]
     return ndimage.map_coordinates(f, coords, order=1, mode="nearest").astype(np.float32)
 
 
 def texture(rng, shape, g: Grid, sigma_mm=(1.1, 0.6, 0.6)):
     """Zero-mean unit-σ trabecular texture, float32 ``shape``: filtered white noise, anisotropic (vertical struts)."""
-    white = rng.standard_normal(shape, dtype=np.float32)
-    sig = (sigma_mm[0] / g.sp[2], sigma_mm[1] / g.sp[1], sigma_mm[2] / g.sp[0])
-    f = ndimage.gaussian_filter(white, sig, mode="reflect", truncate=2.5)
-    f -= f.mean()
-    sd = f.std()
-    return f / sd if sd > 0 else f
+    return _unit_noise(rng, shape, (sigma_mm[0] / g.sp[2], sigma_mm[1] / g.sp[1], sigma_mm[2] / g.sp[0]))
