@@ -231,9 +231,9 @@ MEASURE_KEYS = (
     ("CALIBRATION_FILE", "", _ReadableFile()),
     # Which HU -> BMD calibration the classical BMD uses: "auto" (the phantom CALIBRATION_FILE when given, else the
     # internal calibration: the study's air, subcutaneous fat, paraspinal muscle and aortic blood fitted to the X-ray
-    # physics of its spectrum, K2HPO4-equivalent mg/cm^3 with an uncertainty; where it cannot be trusted the linear
-    # default with the flags calibration_fallback + uncalibrated), "file" (CALIBRATION_FILE, required) or "none" (the
-    # linear default above, every vertebra flagged uncalibrated). bmd_d2/measure/internal_calibration.py.
+    # physics of its spectrum, K2HPO4-equivalent mg/cm^3 with an uncertainty; where it cannot be trusted the nominal
+    # line of the scan's kVp with the flags calibration_fallback + uncalibrated), "file" (CALIBRATION_FILE, required)
+    # or "none" (the linear default above, every vertebra flagged uncalibrated). bmd_d2/measure/internal_calibration.py.
     ("CALIBRATION", "auto", _Choice("auto", "file", "none")),
     # Internal air/fat reference: measure air and fat in the scan and correct the HU scale to these nominal values
     # before the calibration (scanner drift correction; see bmd_d2/measure/classical.py). Applies to the file and
@@ -246,6 +246,12 @@ MEASURE_KEYS = (
     # Extra erosion along the sagittal rows (superior-inferior), as a fraction of the slice thickness: a thick slice
     # smears the dense endplates +-thickness/2 into the body. 0 gives a round (disk) erosion.
     ("EROSION_SLICE_FRACTION", 0.5, _NON_NEGATIVE),
+    # Dense rim of the ROI: pixels within RIM_TRIM_MM of the eroded ROI's edge whose smoothed HU (mean of the 3 slices)
+    # exceed the ROI interior's median by RIM_DENSE_HU, and connect to the edge through such pixels, are cortex or an
+    # endplate the mask took in (a mask reaching past the posterior wall): they and a 1-pixel margin leave the ROI
+    # (sagittal and 3-D). 0 mm turns it off.
+    ("RIM_TRIM_MM", 3.0, _NON_NEGATIVE),
+    ("RIM_DENSE_HU", 150.0, _NON_NEGATIVE),
     # Minimum pixels of the eroded ROI in one sagittal slice; fewer gives no classical value (flag roi_too_small).
     ("MIN_ROI_PIXELS", 20, _Number(0, integer=True)),
     # 3-D core: the eroded ROI extruded +-HALF_WIDTH mm perpendicular to the sagittal plane, sampled in the volume;

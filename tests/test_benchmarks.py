@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bmd_d2.evaluation import metrics
-from bmd_d2.evaluation.study_accuracy import (METHODS, rescan_groups, study_record, summarize_precision,
-                                              summarize_studies, truth_acr, truth_masks_on_sagittal)
+from bmd_d2.evaluation.study_accuracy import (METHODS, precision_detail, rescan_groups, study_record,
+                                              summarize_precision, summarize_studies, truth_acr,
+                                              truth_masks_on_sagittal)
 from bmd_d2.measure.result import StudyResult, VertebraResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +117,14 @@ def test_rescan_groups_and_precision():
     p = summarize_precision([scans])
     assert p["patients"] == 1 and p["scans_per_patient"] == [3]
     assert p["learned"]["n_subjects"] == 2 and p["learned"]["rms_sd"] == pytest.approx(math.sqrt(1.0 / 2))
+    # Glüer's RMS-CV pools each subject's SD/mean; CV-RMSSD divides the pooled RMS-SD by the subjects' mean BMD
+    assert p["learned"]["rms_cv_pct"] == pytest.approx(100 * math.sqrt((1.0 / 101.0) ** 2 / 2))
+    assert p["learned"]["cv_rmssd_pct"] == pytest.approx(100 * math.sqrt(1.0 / 2) / 125.5)
     assert set(METHODS) <= set(p)
+    detail = precision_detail([scans])
+    assert [(d["level"], d["values"]["learned"]) for d in detail] == [("L1", [100.0, 102.0, 101.0]),
+                                                                      ("L2", [150.0, 150.0, None])]
+    assert detail[0]["gt_bmd"] == pytest.approx(100.0) and detail[0]["study_id"] == scans[0]["study_id"]
 
 
 # ------------------------------------------------------------------------------------------ phantom, truth masks

@@ -16,8 +16,8 @@ from bmd_d2.data.datasets import params_from_cfg
 from bmd_d2.errors import BMDError
 from bmd_d2.levels import level_class
 from bmd_d2.measure.classical import Calibration, calibration_method, study_calibration
-from bmd_d2.measure.internal_calibration import (TISSUES, internal_calibration, physics_hu,
-                                                 water_equivalent_diameter)
+from bmd_d2.measure.internal_calibration import (MIN_VOXELS, TISSUES, internal_calibration, nominal_line,
+                                                 physics_hu, water_equivalent_diameter)
 from bmd_d2.measure.vertebrae import measure_detections
 from bmd_d2.phantoms import PhantomOptions, generate_study
 
@@ -120,6 +120,41 @@ def test_no_fat_in_view_falls_back():
     vol, spine, _ = _painted(150.0, 120.0, 7.0, 0.0, 1.0, no_fat=True)
     res = internal_calibration(vol, _affine(), kvp=120.0, spine_lps=spine)
     assert not res.ok and "fat" in res.reason and not res.roi("fat").used
+
+
+def test_a_failed_fit_falls_back_to_the_nominal_line_of_the_kvp():
+    vol, spine, water = _painted(150.0, 80.0, 7.5, 0.0, 1.0, no_fat=True)
+    volume = Volume(vol, _affine(), meta={"source": "test", "KVP": 80.0})
+    cal = study_calibration(get_bmd_cfg(), volume, spine)
+    assert cal.method == "nominal" and {"calibration_fallback", "uncalibrated"} <= set(cal.flags)
+    assert "fat" in cal.details["fallback_reason"] and cal.details["nominal"]["kvp_source"] == "tag"
+    # the priors' own line: 80 kVp, 7.5 mm Al, hardened by the patient's WED (found although the fit failed)
+    wed = cal.details["internal"]["info"]["wed_mm"]
+    assert wed == pytest.approx(water, rel=0.05)
+    slope, intercept = _rod_line(80.0, 7.5, wed, 0.0, 1.0)
+    assert cal.slope == pytest.approx(slope, rel=1e-6) and cal.intercept == pytest.approx(intercept, abs=1e-6)
+    assert 1.4 < cal.slope < 1.8 and 0.02 * cal.slope < cal.slope_sd < 0.2 * cal.slope  # far from the generic 1.0
+    # no KVP tag: the clinical kVp mix, lower (mostly 120 kVp) and looser than the 80 kVp line
+    line, cov, info = nominal_line(None, wed)
+    tagged, tagged_cov, _ = nominal_line(120.0, wed)
+    assert info["kvp_source"] == "prior" and line[0] < cal.slope and cov[0, 0] > tagged_cov[0, 0]
+    assert line[0] == pytest.approx(tagged[0], rel=0.1)
+    assert nominal_line(140.0, wed)[0][0] < tagged[0] < nominal_line(100.0, wed)[0][0]
+    with pytest.raises(ValueError, match="kVp 70"):
+        nominal_line(70.0, wed)
+
+
+def test_coarse_pixels_count_tissue_by_area():
+    # a 4 mm-pixel reconstruction of the same abdomen: few voxels of muscle, but as much area as a fine one
+    vol, spine, water = _painted(150.0, 120.0, 7.0, 0.0, 1.0, slices=2)
+    coarse = vol[:, 1::2, 1::2].reshape(vol.shape[0], N // 2, N // 2)
+    a = _affine()
+    a[:2, :2] *= 2.0
+    a[:2, 3] += PX / 2.0
+    res = internal_calibration(coarse, a, kvp=120.0, spine_lps=spine)
+    muscle = res.roi("muscle")
+    assert muscle.voxels < MIN_VOXELS["muscle"] and muscle.used, (muscle.voxels, muscle.reason)
+    assert res.ok and res.slope == pytest.approx(_rod_line(120.0, 7.0, water, 0.0, 1.0)[0], rel=0.04)
 
 
 def test_metal_slices_are_skipped_and_metal_everywhere_falls_back():

@@ -14,7 +14,8 @@ from bmd_d2.phantoms import PhantomOptions, generate_study
 from bmd_d2.data.datasets import params_from_cfg
 from bmd_d2.data.sagittal import SagittalPlane, make_sagittal, sample_volume_to_sagittal
 from bmd_d2.measure.classical import (Calibration, calibration_from_cfg, core_hu_3d, core_points_lps, erode_roi_ellipse,
-                                      internal_reference, load_calibration_file, sagittal_roi_hu)
+                                      internal_reference, load_calibration_file, measure_core_3d, sagittal_roi_hu,
+                                      trim_dense_rim)
 from bmd_d2.measure.predictor import measure_detections
 
 
@@ -149,6 +150,49 @@ def test_classical_hu_matches_phantom_truth(seed, noise):
     for v, t in zip(res.vertebrae, truth):
         assert v.learned_bmd == reference_bmd(t) and v.bmd == v.learned_bmd
         assert v.bmd_difference == pytest.approx(v.learned_bmd - v.classical_bmd)
+
+
+def test_dense_rim_is_trimmed_and_the_interior_kept():
+    rng = np.random.default_rng(0)
+    hu = 120.0 + rng.normal(0.0, 25.0, (3, 80, 80))
+    roi = np.zeros((80, 80), bool)
+    roi[20:60, 15:65] = True
+    # nothing dense: noise alone never trims
+    same, removed = trim_dense_rim(roi, hu, 0.8, 3.0, 150.0)
+    assert removed == 0 and np.array_equal(same, roi)
+    # a cortical wall (+700 HU, 1.6 mm) along the ROI's posterior edge, and a sclerotic island inside
+    wall = hu.copy()
+    wall[:, 20:60, 63:65] += 700.0
+    wall[:, 38:42, 38:42] += 300.0
+    out, removed = trim_dense_rim(roi, wall, 0.8, 3.0, 150.0)
+    # the wall, its smoothed edge and a 1-pixel margin go; the island and the rest stay
+    assert not out[:, 62:].any() and int(roi[:, 62:].sum()) <= removed <= int(roi[:, 60:].sum())
+    assert out[38:42, 38:42].all() and out[:, 15:60][roi[:, 15:60]].all()
+    assert sagittal_roi_hu(wall, out)[0] == pytest.approx(120.0 + 300.0 * 16 / out.sum(), abs=2.0)
+    # off (0 mm), or a trim that would leave too few pixels: the ROI unchanged
+    assert trim_dense_rim(roi, wall, 0.8, 0.0, 150.0)[1] == 0
+    assert trim_dense_rim(roi, wall, 0.8, 3.0, 150.0, min_pixels=int(roi.sum()))[1] == 0
+
+
+def test_core_layers_lose_a_dense_rim_off_the_sagittal_slices():
+    """A pedicle's base inside the posterior edge of the ROI, 3-5 mm lateral of the sagittal plane only (as at L5 of
+    held-out study 9000/74, whose mask reached past the posterior wall): each lateral layer of the 3-D core trims it."""
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    K, J, I = 60, 80, 40
+    rng = np.random.default_rng(1)
+    data = (120.0 + rng.normal(0.0, 25.0, (K, J, I))).astype(np.float32)
+    data[:, 49:52, :17] += 700.0   # y 49-51 (the ROI's posterior columns 29-31), x <= 16: 4-5 mm left of x = 20
+    data[:, 49:52, 24:] += 700.0   # and right of it
+    T = np.array([[0, 0, 1, 20.0], [1, 0, 0, 20.0], [0, 1, 0, 10.0], [0, 0, 0, 1]], float)  # col -> y, row -> z
+    roi = np.zeros((40, 40), bool)
+    roi[5:35, 2:32] = True
+    vol = Volume(data, aff, meta={"source": "test"})
+    plain = measure_core_3d(vol, T, roi, 5.0)
+    trimmed = measure_core_3d(vol, T, roi, 5.0, rim_mm=3.0, rim_dense_hu=150.0)
+    assert plain.hu > 140.0  # 4 of 11 layers carry the wall in 3 of 30 columns
+    assert trimmed.hu == pytest.approx(120.0, abs=2.0) and trimmed.n < plain.n == 11 * int(roi.sum())
+    # the sagittal layer itself is clean: its samples all stay
+    assert trimmed.n >= 7 * int(roi.sum())
 
 
 def test_synthetic_sanity_checks_reject_non_bone_and_withhold_metal():

@@ -94,11 +94,13 @@ def test_core_on_thick_slices_matches_truth(series, thickness, spacing, deeper):
                 continue
             assert v.trabecular_hu_3d is not None, (seed, v.level, v.core_3d_reason, v.core_3d_detail)
             assert v.core_3d_reason is None and v.core_3d_detail == "" and "no_3d_core" not in v.qc_flags
-            # up to 4 mm slices the core extrudes the sagittal ROI itself; 5 mm spacing needs a deeper one
+            # up to 4 mm slices the core extrudes the sagittal ROI itself (less, in a few lateral layers, the dense rim
+            # of an endplate the thick slices smear in: MEASURE.RIM_TRIM_MM); 5 mm spacing needs a deeper one
+            full = v.roi_pixels // 3 * lateral
             if deeper:
-                assert v.roi_voxels_3d < v.roi_pixels // 3 * lateral
+                assert v.roi_voxels_3d < full
             else:
-                assert v.roi_voxels_3d == v.roi_pixels // 3 * lateral
+                assert 0.98 * full <= v.roi_voxels_3d <= full
             errors.append(v.trabecular_hu_3d - t["trabecular_hu"])
     e = np.array(errors)
     assert e.size == len(LUMBAR) * len(SEEDS)

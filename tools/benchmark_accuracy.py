@@ -23,8 +23,9 @@ default is off by up to ±25 %. ``classical_true_cal`` applies the per-study tru
 phantom-calibrated scanner (what QCT requires). The learned BMD needs no calibration.
 
 Re-scan precision: the first ``--rescan-patients`` studies are scanned ``--rescans`` more times
-(``PhantomOptions.rescan_seed``: same patient, scanner and BMD; new noise, position and scan start); RMS-SD and RMS-CV %
-over vertebrae (Glüer 1995).
+(``PhantomOptions.rescan_seed``: same patient, scanner and BMD; new noise, position and scan start); RMS-SD, CV-RMSSD %
+(RMS-SD / the vertebrae's mean BMD, Wang et al. 2017: the re-scan CV target) and Glüer's RMS-CV % (1995; one vertebra
+near 0 mg/cm³ can decide it) over vertebrae.
 
 Targets (issue 7): per-level MAE ≤ 5 mg/cm³ (aim ≤ 3), r ≥ 0.97, Dice ≥ 0.9, level accuracy ≥ 99 %.
 

@@ -27,8 +27,12 @@ TARGETS = OrderedDict([
     ("max_per_level_mae_learned", ("≤", 5.0, "worst per-level MAE, learned BMD, T11–L5 (mg/cm³; aim ≤ 3)")),
     ("acr_classical_3d", ("≥", 0.95, "ACR category accuracy, classical 3-D (patients)")),
     ("acr_learned", ("≥", 0.95, "ACR category accuracy, learned (patients)")),
-    ("rescan_cv_classical_3d", ("≤", 2.0, "re-scan RMS-CV %, classical 3-D (configured calibration)")),
-    ("rescan_cv_learned", ("≤", 2.0, "re-scan RMS-CV %, learned")),
+    # the re-scan CV is the RMS-SD over the subjects' mean BMD ("CV-RMSSD", Wang et al. 2017, the asynchronous QCT
+    # study the issue quotes); Glüer's RMS-CV (the mean of each vertebra's squared CV) is reported beside it: one
+    # patient at 6-15 mg/cm³ (an SD of 0.6 mg/cm³ is a 10 % CV there) decides most of it
+    ("rescan_cv_classical_3d", ("≤", 2.0, "re-scan CV-RMSSD % (RMS-SD / mean BMD), classical 3-D (configured "
+                                          "calibration)")),
+    ("rescan_cv_learned", ("≤", 2.0, "re-scan CV-RMSSD % (RMS-SD / mean BMD), learned")),
     ("mae_classical_3d_true_cal", ("≤", 3.0, "MAE, classical 3-D through the study's rod line (phantom file)")),
     ("dice_vertebrae", ("≥", 0.90, "mean Dice of matched vertebral bodies (sagittal mid-plane)")),
     ("level_accuracy", ("≥", 0.99, "level label accuracy of matched vertebrae")),
@@ -132,8 +136,8 @@ def evaluate_targets(summary: Dict[str, Any], precision: Optional[Dict[str, Any]
         "max_per_level_mae_learned": max(maes) if maes else math.nan,
         "acr_classical_3d": acr.get("classical_3d", {}).get("accuracy", math.nan),
         "acr_learned": acr.get("learned", {}).get("accuracy", math.nan),
-        "rescan_cv_classical_3d": prec.get("classical_3d", {}).get("rms_cv_pct", math.nan),
-        "rescan_cv_learned": prec.get("learned", {}).get("rms_cv_pct", math.nan),
+        "rescan_cv_classical_3d": prec.get("classical_3d", {}).get("cv_rmssd_pct", math.nan),
+        "rescan_cv_learned": prec.get("learned", {}).get("cv_rmssd_pct", math.nan),
         "mae_classical_3d_true_cal": vb["classical_3d_true_cal"]["mae"],
         "dice_vertebrae": summary["dice"]["vertebrae_mean"],
         "level_accuracy": summary["levels"]["accuracy"],
@@ -165,7 +169,7 @@ def run(args) -> Dict[str, Any]:
 
     from bmd_d2.phantoms import generate_study, study_seed
     from bmd_d2.evaluation.benchmark_levels import summarize_accuracy_records
-    from bmd_d2.evaluation.study_accuracy import summarize_precision, summarize_studies
+    from bmd_d2.evaluation.study_accuracy import precision_detail, summarize_precision, summarize_studies
     from bmd_d2.measure import BMDStudyPredictor
     from bmd_d2.measure.classical import calibration_from_cfg, calibration_method
 
@@ -216,6 +220,7 @@ def run(args) -> Dict[str, Any]:
     rep["targets"] = evaluate_targets(summary, rep["precision"], rep["level_anchors"])
     rep["studies_detail"] = [{k: v for k, v in r.items() if k not in ("pairs", "by_label")} for r in records]
     rep["pairs"] = [dict(p, study_id=r["study_id"]) for r in records for p in r["pairs"]]
+    rep["precision_detail"] = precision_detail(patients)
     rep["elapsed_s"] = time.perf_counter() - t0
     rep["plots"] = save_method_plots(records, os.path.join(os.path.dirname(os.path.abspath(args.output)),
                                                            "accuracy_plots")) if not args.no_plots else {}
@@ -302,8 +307,9 @@ def format_report(rep: Dict[str, Any]) -> str:
     pr = rep["precision"]
     p(f"\nRe-scan precision ({pr['patients']} patients × {pr['scans_per_patient'] and pr['scans_per_patient'][0]} "
       f"scans, vertebral bodies):")
-    p(tabulate([_none([m, pr[m]["n_subjects"], pr[m]["rms_sd"], pr[m]["rms_cv_pct"]]) for m in METHODS],
-               headers=["method", "vertebrae", "RMS-SD mg/cm³", "RMS-CV %"], **fmt))
+    p(tabulate([_none([m, pr[m]["n_subjects"], pr[m]["rms_sd"], pr[m].get("cv_rmssd_pct"), pr[m]["rms_cv_pct"]])
+                for m in METHODS],
+               headers=["method", "vertebrae", "RMS-SD mg/cm³", "CV-RMSSD %", "RMS-CV % (Glüer)"], **fmt))
     p("\nTargets:")
     p(tabulate([_none([k, t["target"], t["value"], {True: "met", False: "MISSED", None: "n/a"}[t["met"]], t["margin"]])
                 for k, t in rep["targets"].items()],

@@ -106,10 +106,12 @@ def precision_rms(groups: Sequence[Sequence[float]]) -> Dict[str, float]:
 
     Returns:
         dict with ``n_subjects``, ``n_measurements``, ``rms_sd`` = sqrt(mean_j SD_j²) (SD with ddof=1, mg/cm³),
-        ``rms_cv_pct`` = 100·sqrt(mean_j (SD_j / mean_j)²) (%), and ``dof`` = Σ(n_j − 1). ``nan`` without a usable
-        group; subjects with a non-positive mean are left out of the CV.
+        ``rms_cv_pct`` = 100·sqrt(mean_j (SD_j / mean_j)²) (%, Glüer's RMS-CV: one subject near 0 mg/cm³ can
+        dominate it), ``cv_rmssd_pct`` = 100·rms_sd / mean_j(mean_j) (%, the RMS-SD relative to the subjects' mean
+        BMD: "CV-RMSSD", Wang et al., Sci Rep 2017;7:6284), ``mean`` = mean_j(mean_j) (mg/cm³) and ``dof`` =
+        Σ(n_j − 1). ``nan`` without a usable group; subjects with a non-positive mean are left out of the CVs.
     """
-    sds, cvs, n_meas, dof = [], [], 0, 0
+    sds, cvs, means, n_meas, dof = [], [], [], 0, 0
     for g in groups:
         v = np.asarray([x for x in g if x is not None], dtype=np.float64)
         v = v[np.isfinite(v)]
@@ -119,8 +121,11 @@ def precision_rms(groups: Sequence[Sequence[float]]) -> Dict[str, float]:
         sds.append(sd)
         if v.mean() > 0:
             cvs.append(sd / float(v.mean()))
+            means.append(float(v.mean()))
         n_meas += int(v.size)
         dof += int(v.size) - 1
-    return {"n_subjects": len(sds), "n_measurements": n_meas, "dof": dof,
-            "rms_sd": float(np.sqrt(np.mean(np.square(sds)))) if sds else math.nan,
-            "rms_cv_pct": 100.0 * float(np.sqrt(np.mean(np.square(cvs)))) if cvs else math.nan}
+    rms_sd = float(np.sqrt(np.mean(np.square(sds)))) if sds else math.nan
+    return {"n_subjects": len(sds), "n_measurements": n_meas, "dof": dof, "rms_sd": rms_sd,
+            "rms_cv_pct": 100.0 * float(np.sqrt(np.mean(np.square(cvs)))) if cvs else math.nan,
+            "cv_rmssd_pct": 100.0 * rms_sd / float(np.mean(means)) if means else math.nan,
+            "mean": float(np.mean(means)) if means else math.nan}

@@ -38,7 +38,7 @@ from . import metrics
 
 __all__ = [
     "METHODS", "reference_bmd", "truth_masks_on_sagittal", "truth_acr", "vertebra_values", "study_record",
-    "summarize_studies", "rescan_groups", "summarize_precision",
+    "summarize_studies", "rescan_groups", "summarize_precision", "precision_detail",
 ]
 
 METHODS = ("learned", "learned_true_cal", "classical", "classical_true_cal", "classical_3d", "classical_3d_true_cal")
@@ -265,6 +265,27 @@ def rescan_groups(scan_records: List[Dict], method: str) -> List[List[Optional[f
         for lv in by_level:
             by_level[lv].append(got.get(lv))
     return list(by_level.values())
+
+
+def precision_detail(patients: List[List[Dict]]) -> List[Dict[str, Any]]:
+    """Per re-scanned vertebral body: its truth and each method's values over the scans (None where not measured),
+    so the subjects that dominate the RMS-CV can be found.
+
+    Args:
+        patients: per patient, the records of its scans (the first is the study itself).
+    """
+    out = []
+    for scans in patients:
+        vb_scans = [{"pairs": [p for p in r["pairs"] if p["gt_class"] == VERTEBRAL_BODY_CLASS]} for r in scans]
+        truth = OrderedDict()
+        for r in vb_scans:
+            for p in r["pairs"]:
+                truth.setdefault(p["gt_level"], p["gt_bmd"])
+        values = {m: rescan_groups(vb_scans, m) for m in METHODS}
+        for j, (lv, bmd) in enumerate(truth.items()):
+            out.append(OrderedDict(study_id=scans[0]["study_id"], level=lv, gt_bmd=bmd,
+                                   values={m: values[m][j] for m in METHODS}))
+    return out
 
 
 def summarize_precision(patients: List[List[Dict]]) -> Dict[str, Any]:

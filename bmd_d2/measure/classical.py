@@ -28,8 +28,8 @@ Calibration (``HU = slope · BMD + intercept``, so ``BMD = (HU - intercept) / sl
 * **Internal calibration** (``MEASURE.CALIBRATION "auto"`` without a file, the default): the study's own air,
   subcutaneous fat, paraspinal muscle and aortic blood fitted to the X-ray physics of its spectrum
   (:mod:`bmd_d2.measure.internal_calibration`), giving K2HPO4-equivalent mg/cm³ with an uncertainty; a study where it
-  cannot be trusted falls back to the linear default with the flags ``calibration_fallback`` and ``uncalibrated``
-  (:func:`study_calibration`).
+  cannot be trusted falls back, with the flags ``calibration_fallback`` and ``uncalibrated``, to the nominal physics
+  line of its kVp (or, without a usable kVp, the linear default; :func:`study_calibration`).
 * **Internal air/fat reference** (``MEASURE.INTERNAL_REFERENCE``): the volume's air (< -850 HU, median) and
   subcutaneous/visceral fat (histogram mode in [-250, -30] HU) are measured and a linear HU correction maps them to
   their nominal values (``MEASURE.REFERENCE_AIR_HU``, ``MEASURE.REFERENCE_FAT_HU``) before the calibration: this
@@ -69,13 +69,15 @@ class Calibration:
     Attributes:
         slope: HU per mg/cm³.
         intercept: HU at 0 mg/cm³.
-        source: "default", "file:<name>", "internal", or with "+internal" appended (the air/fat HU correction).
+        source: "default", "file:<name>", "internal", "nominal", or with "+internal" appended (the air/fat HU
+            correction).
         hu_gain, hu_offset: internal-reference correction (identity by default).
         details: how it was obtained (fit residuals, measured air/fat; for the internal calibration its ROIs, fit and
             slices: :meth:`~bmd_d2.measure.internal_calibration.InternalCalibration.to_dict`; for a fallback
             ``fallback_reason``).
-        method: "default" (the generic linear line: BMD uncalibrated), "file" (a phantom calibration) or
-            "internal" (fitted to the study's reference tissues).
+        method: "default" (the generic linear line: BMD uncalibrated), "file" (a phantom calibration),
+            "internal" (fitted to the study's reference tissues) or "nominal" (the internal calibration's fallback:
+            the physics line of the scan's kVp with no tissue fitted, also uncalibrated).
         slope_sd, intercept_sd: 1-SD uncertainties (None when unknown).
         covariance: ``[[var slope, cov], [cov, var intercept]]`` or None.
         flags: QC flags the calibration raises for the study and every vertebra (``uncalibrated``,
@@ -244,15 +246,17 @@ def base_calibration(cfg) -> Calibration:
 
 def study_calibration(cfg, volume, spine_lps) -> Calibration:
     """The internal calibration of one study (:func:`bmd_d2.measure.internal_calibration.internal_calibration`) as a
-    :class:`Calibration`, or, where it cannot be trusted, the linear default with ``calibration_fallback`` (and
-    ``uncalibrated``) and the reason in ``details["fallback_reason"]``.
+    :class:`Calibration`, or, where it cannot be trusted, a fallback flagged ``calibration_fallback`` and
+    ``uncalibrated`` with the reason in ``details["fallback_reason"]``: the nominal physics line of the scan's kVp
+    (:func:`~bmd_d2.measure.internal_calibration.nominal_line`, ``method`` "nominal", with its SD), else (no volume,
+    a kVp outside 80–140 kV) the linear default.
 
     Args:
         cfg: the config (``MEASURE.METAL_HU``, ``CONTRAST_HU``, the linear default).
         volume: the study's ``Volume`` (``data``, ``affine``, ``meta["KVP"]``); None falls back.
         spine_lps: ``(N, 3)`` LPS centres of the measured vertebral bodies (None: the spine is searched for).
     """
-    from .internal_calibration import internal_calibration
+    from .internal_calibration import internal_calibration, nominal_line
 
     m = cfg.MEASURE
     if volume is None:
@@ -268,10 +272,26 @@ def study_calibration(cfg, volume, spine_lps) -> Calibration:
         return Calibration(ic.slope, ic.intercept, "internal", details=details, method="internal",
                            slope_sd=ic.slope_sd, intercept_sd=ic.intercept_sd, covariance=ic.covariance,
                            flags=list(ic.flags))
-    logger.warning("internal calibration not usable (%s): generic default calibration used", reason)
+    flags = ["calibration_fallback", "uncalibrated"] + (list(ic.flags) if ic is not None else [])
+    if ic is not None:
+        try:
+            line, cov, assumed = nominal_line(kvp, ic.info.get("wed_mm"))
+        except ValueError as e:
+            logger.warning("internal calibration not usable (%s), nor the nominal line (%s): generic default "
+                           "calibration used", reason, e)
+        else:
+            logger.warning("internal calibration not usable (%s): nominal line of the %s used", reason,
+                           f"{kvp:g} kVp tag" if kvp else "clinical kVp mix (no KVP tag)")
+            return Calibration(float(line[0]), float(line[1]), "nominal", method="nominal",
+                               slope_sd=float(math.sqrt(max(cov[0, 0], 0.0))),
+                               intercept_sd=float(math.sqrt(max(cov[1, 1], 0.0))), covariance=cov.tolist(),
+                               details={"fallback_reason": reason, "nominal": assumed, "internal": details},
+                               flags=flags)
+    else:
+        logger.warning("internal calibration not usable (%s): generic default calibration used", reason)
     cal = default_calibration(cfg)
     cal.details = {"fallback_reason": reason, "internal": details}
-    cal.flags = ["calibration_fallback", "uncalibrated"] + (list(ic.flags) if ic is not None else [])
+    cal.flags = flags
     return cal
 
 
@@ -298,7 +318,7 @@ def with_internal_reference(calibration: Calibration, cfg, volume_hu: Optional[n
     """
     m = cfg.MEASURE
     cal = copy.deepcopy(calibration)
-    if m.INTERNAL_REFERENCE and volume_hu is not None and cal.method != "internal":
+    if m.INTERNAL_REFERENCE and volume_hu is not None and cal.method not in ("internal", "nominal"):
         try:
             gain, offset, det = internal_reference(volume_hu, air_hu=m.REFERENCE_AIR_HU, fat_hu=m.REFERENCE_FAT_HU)
             cal.hu_gain, cal.hu_offset = gain, offset
@@ -350,6 +370,48 @@ def erode_roi_ellipse(mask: np.ndarray, radius_px: float, radius_rows_px: Option
         return mask.copy()
     se = disk(radius_px) if rows == radius_px else ellipse(rows, radius_px)
     return ndimage.binary_erosion(mask, structure=se, border_value=0)
+
+
+def trim_dense_rim(roi: np.ndarray, hu: np.ndarray, spacing_mm: float, rim_mm: float, dense_hu: float,
+                   min_pixels: int = 0) -> Tuple[np.ndarray, int]:
+    """The ROI less a dense rim: cortex or endplate bone that an over-reaching mask brought inside the eroded ROI.
+
+    A pixel is dense when its smoothed HU (mean of the sagittal slices, Gaussian σ 0.7 mm) exceeds the median of the
+    ROI's interior (the pixels deeper than ``rim_mm``) by ``dense_hu``; dense pixels within ``rim_mm`` of the ROI's
+    edge that connect to the edge through dense pixels leave the ROI with a 1-pixel margin. Trabecular bone, even a
+    sclerotic island (+150–400 mg/cm³ over a few mm), rarely reaches the threshold after smoothing; a cortical wall
+    (600–1000 mg/cm³) always does. Selection by position first, value second: the interior is never touched.
+
+    Args:
+        roi: bool ``(H, W)`` eroded ROI.
+        hu: float ``(S, H, W)`` or ``(H, W)`` sagittal HU.
+        spacing_mm: pixel spacing.
+        rim_mm: depth of the rim examined (0: nothing trimmed).
+        dense_hu: HU above the interior's median that make a rim pixel dense.
+        min_pixels: a trimmed ROI smaller than this is not used (the ROI is returned unchanged).
+
+    Returns:
+        ``(roi, removed)``: the trimmed ROI (a new array) and the number of pixels removed.
+    """
+    roi = np.asarray(roi, dtype=bool)
+    if rim_mm <= 0 or not roi.any():
+        return roi.copy(), 0
+    img = np.asarray(hu, dtype=np.float32)
+    img = img.mean(0) if img.ndim == 3 else img
+    depth = ndimage.distance_transform_edt(roi) * float(spacing_mm)
+    interior = roi & (depth > rim_mm)
+    if int(interior.sum()) < max(int(min_pixels), 10):
+        return roi.copy(), 0
+    g = ndimage.gaussian_filter(img, 0.7 / float(spacing_mm))
+    dense = roi & (depth <= rim_mm) & (g > float(np.median(img[interior])) + float(dense_hu))
+    seeds = dense & (depth <= 1.5 * float(spacing_mm))
+    if not seeds.any():
+        return roi.copy(), 0
+    leak = ndimage.binary_propagation(seeds, mask=dense)
+    out = roi & ~ndimage.binary_dilation(leak, structure=ndimage.generate_binary_structure(2, 1))
+    if int(out.sum()) < int(min_pixels):
+        return roi.copy(), 0
+    return out, int(roi.sum() - out.sum())
 
 
 def sagittal_roi_hu(hu: np.ndarray, roi: np.ndarray) -> Tuple[Optional[float], Optional[float], int]:
@@ -407,6 +469,21 @@ def _points_to_index(volume_affine: np.ndarray, points_lps: np.ndarray) -> np.nd
     return (np.c_[points_lps, np.ones(len(points_lps))] @ inv.T)[:, :3]
 
 
+def core_samples_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: np.ndarray,
+                    edge_tolerance=1e-3) -> Optional[np.ndarray]:
+    """The volume sampled (trilinear) at ``points_lps``: float32 ``(N,)``, or None when there are no points or any
+    point lies outside the volume by more than ``edge_tolerance`` (see :func:`core_hu_3d`)."""
+    if len(points_lps) == 0:
+        return None
+    ijk = _points_to_index(volume_affine, points_lps)
+    shape = np.asarray(volume_data.shape)[::-1]  # (I, J, K)
+    tol = np.asarray(edge_tolerance, dtype=np.float64)
+    if np.any(ijk < -tol) or np.any(ijk > shape - 1 + tol):
+        return None
+    coords = np.clip(ijk[:, [2, 1, 0]].T, 0, (shape[::-1] - 1)[:, None])
+    return map_coordinates_f32(volume_data, coords, order=1, mode="nearest")
+
+
 def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: np.ndarray,
                edge_tolerance=1e-3) -> Tuple[Optional[float], int]:
     """Mean HU of the volume sampled (trilinear) at ``points_lps``.
@@ -422,16 +499,28 @@ def core_hu_3d(volume_data: np.ndarray, volume_affine: np.ndarray, points_lps: n
         ``(mean_hu, n)``; ``(None, 0)`` when there are no points or any point lies outside the volume by more than
         ``edge_tolerance``.
     """
-    if len(points_lps) == 0:
+    vals = core_samples_3d(volume_data, volume_affine, points_lps, edge_tolerance)
+    if vals is None:
         return None, 0
-    ijk = _points_to_index(volume_affine, points_lps)
-    shape = np.asarray(volume_data.shape)[::-1]  # (I, J, K)
-    tol = np.asarray(edge_tolerance, dtype=np.float64)
-    if np.any(ijk < -tol) or np.any(ijk > shape - 1 + tol):
-        return None, 0
-    coords = np.clip(ijk[:, [2, 1, 0]].T, 0, (shape[::-1] - 1)[:, None])
-    vals = map_coordinates_f32(volume_data, coords, order=1, mode="nearest")
     return float(np.mean(vals)), int(vals.size)
+
+
+def _trimmed_layers(vals: np.ndarray, roi: np.ndarray, spacing_mm: float, rim_mm: float, dense_hu: float,
+                    min_pixels: int) -> Tuple[np.ndarray, int]:
+    """``vals`` (the core's samples, one ROI-sized layer per lateral offset, :func:`core_points_lps` order) with each
+    layer's dense rim (:func:`trim_dense_rim` on that layer) left out: the kept samples and the number dropped."""
+    n_roi = int(np.count_nonzero(roi))
+    layers = vals.reshape(-1, n_roi)
+    img = np.zeros(roi.shape, np.float32)
+    kept, dropped = [], 0
+    for layer in layers:
+        img[roi] = layer
+        # outside the ROI: the layer's median, so the smoothing at the ROI's edge sees no artificial step
+        img[~roi] = float(np.median(layer))
+        keep, removed = trim_dense_rim(roi, img, spacing_mm, rim_mm, dense_hu, min_pixels)
+        kept.append(layer[keep[roi]])
+        dropped += removed
+    return np.concatenate(kept), dropped
 
 
 #: Why a vertebra has no 3-D core value (``VertebraResult.core_3d_reason``; ``core_3d_detail`` gives the figures).
@@ -512,7 +601,7 @@ def _edge_name(past: np.ndarray) -> str:
 
 
 def measure_core_3d(volume, transform: np.ndarray, roi: np.ndarray, half_width_mm: float,
-                    min_roi_pixels: int = 1) -> Core3D:
+                    min_roi_pixels: int = 1, rim_mm: float = 0.0, rim_dense_hu: float = 150.0) -> Core3D:
     """Mean HU of the 3-D core: ``roi`` extruded ±``half_width_mm`` (:func:`core_points_lps`) and sampled in ``volume``.
 
     Samples beyond the outermost voxel centres by at most half a voxel (half the nominal slice thickness along the
@@ -525,6 +614,8 @@ def measure_core_3d(volume, transform: np.ndarray, roi: np.ndarray, half_width_m
         roi: bool ``(H, W)`` ROI of the core (eroded mask).
         half_width_mm: half thickness of the core perpendicular to the sagittal plane.
         min_roi_pixels: fewest ROI pixels for a core (fewer: ``no_roi``).
+        rim_mm, rim_dense_hu: each lateral layer of the core loses its dense rim (:func:`trim_dense_rim`; a pedicle's
+            base or the posterior wall the mask reached into, off the sagittal slices); 0 mm keeps every sample.
     """
     n_roi = int(np.count_nonzero(roi))
     if n_roi < max(1, int(min_roi_pixels)):
@@ -545,7 +636,11 @@ def measure_core_3d(volume, transform: np.ndarray, roi: np.ndarray, half_width_m
                              f"{float(beyond_mm[outside].max()):.1f} mm beyond its outermost voxel centre (half a "
                              f"voxel is tolerated: {tol_mm[2]:.2g} mm along the slices, {max(tol_mm[:2]):.2g} mm "
                              "in-plane)")
-    hu, n = core_hu_3d(volume.data, volume.affine, pts, edge_tolerance=tol + 1e-3)
+    vals = core_samples_3d(volume.data, volume.affine, pts, edge_tolerance=tol + 1e-3)
+    if rim_mm > 0:
+        spacing = float(np.linalg.norm(np.asarray(transform, dtype=np.float64)[:3, 0]))
+        vals, _ = _trimmed_layers(vals, np.asarray(roi, dtype=bool), spacing, rim_mm, rim_dense_hu, min_roi_pixels)
+    hu, n = float(np.mean(vals)), int(vals.size)
     clamped = np.any(beyond > 1e-3, axis=1)
     detail = ""
     if clamped.any():

@@ -54,8 +54,9 @@ Steps (:func:`internal_calibration`):
 A study where this cannot be trusted never yields a number without a flag: no fat, no muscle and no blood, too few
 voxels, metal in every slice, a fit off its tissues, or a spectrum outside the physical range (filtration at the
 edge of 0.5–20 mm Al, effective energy outside 45–100 keV, gain outside 0.85–1.15, offset beyond ±50 HU) give
-``ok = False`` with ``reason``; the measurement then uses the generic default with the flags ``calibration_fallback``
-and ``uncalibrated`` (:func:`bmd_d2.measure.classical.study_calibration`).
+``ok = False`` with ``reason``; the measurement then uses the *nominal* line of the scan's kVp (:func:`nominal_line`:
+the fit's priors, no tissue) with the flags ``calibration_fallback`` and ``uncalibrated``, or the generic default
+where not even that is possible (:func:`bmd_d2.measure.classical.study_calibration`).
 
 Costs: ~0.1–0.2 s CPU per 512² study on one core once the spectra are cached (the first study of a process adds
 the spekpy anode spectra, ~0.4 s per kVp; all seven without a KVP tag).
@@ -76,7 +77,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TISSUES", "TISSUE_SD_HU", "TissueROI", "SpectrumFit", "InternalCalibration", "find_spine_points",
     "find_reference_rois", "water_equivalent_diameter", "fit_reference_tissues", "internal_calibration",
-    "physics_hu",
+    "nominal_line", "physics_hu",
 ]
 
 #: Reference tissues of the fit (their materials: :func:`_materials`).
@@ -88,8 +89,13 @@ HEMATOCRIT = 0.42
 #: Biological / model spread of each tissue's HU about its physics value (HU, 1 SD): the weights of the fit (fat:
 #: adipose density ±0.6 %; muscle: fat infiltration ±8 %; blood: hematocrit ±0.05).
 TISSUE_SD_HU = {"air": 4.0, "fat": 6.0, "muscle": 12.0, "blood": 4.5}
-#: Fewest voxels (of the original grid) for a tissue to enter the fit.
+#: Fewest voxels (of the original grid) for a tissue to enter the fit ...
 MIN_VOXELS = {"air": 2000, "fat": 500, "muscle": 500, "blood": 100}
+#: ... or, on coarse pixels, the least area (mm², all slices: the voxel counts above at a 0.75 mm pixel), with at
+#: least :data:`MIN_BLOCK_VALUES` block means: a 2.6 mm reconstruction's paraspinal muscle of 289 voxels covers
+#: 1950 mm², more than 500 voxels of a 0.75 mm one.
+MIN_AREA_MM2 = {"air": 1125.0, "fat": 280.0, "muscle": 280.0, "blood": 56.0}
+MIN_BLOCK_VALUES = 30
 #: Tube potentials tried without a KVP tag and their prior weights (clinical practice: most abdominal CT at 120 kVp,
 #: dose-reduced protocols at 100 kVp, some at 80 or 140).
 _KVPS_UNKNOWN = {80.0: 0.08, 90.0: 0.04, 100.0: 0.18, 110.0: 0.08, 120.0: 0.42, 130.0: 0.08, 140.0: 0.12}
@@ -408,12 +414,18 @@ def _distinct(g: np.ndarray, blob: np.ndarray, px: float) -> bool:
     return float(np.mean(np.abs(g[ring] - np.median(g[blob])) >= 40.0)) >= 0.5
 
 
-def _round_blob(mask: np.ndarray, g: np.ndarray, px: float, X, Y, target_xy, r_range=(6.0, 20.0)
-                ) -> Optional[np.ndarray]:
+def _round_blob(mask: np.ndarray, g: np.ndarray, px: float, X, Y, target_xy, r_range=(6.0, 20.0),
+                cut: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """The roundest blob of ``mask`` (opened by 3 mm) with an inscribed radius within ``r_range`` mm, distinct from
     its surroundings in the smoothed HU ``g`` (:func:`_distinct`), nearest to ``target_xy``: bool mask of its pixels
-    ≥ 3 mm inside its edge (None when there is none)."""
+    ≥ 3 mm inside its edge (None when there is none). Blobs touching ``cut`` (the edge of the search window) are
+    pieces of something larger cut off by the window (a psoas muscle beside the body), never a vessel."""
     m = ndimage.binary_opening(mask, structure=_disk(3.0 / px))
+    if cut is not None and cut.any():
+        lab0, n0 = ndimage.label(m)
+        if n0:
+            touching = np.unique(lab0[cut & m])
+            m &= ~np.isin(lab0, touching[touching > 0])
     lab, n = ndimage.label(m)
     if n == 0:
         return None
@@ -554,14 +566,18 @@ def _slice_rois(a: np.ndarray, X: np.ndarray, Y: np.ndarray, px: float, spine_xy
         if vert is not None:  # the body's anterior edge at the midline (the aorta may lie against it)
             mid = vert & (np.abs(Xa - sx) <= 10.0)
             front = float(Ya[mid if mid.any() else vert].min())
-        region = ba & (Ya >= front - 80.0) & (Ya <= front + 5.0) & (Xa - sx >= -35.0) & (Xa - sx <= 50.0)
+        window = (Ya >= front - 80.0) & (Ya <= front + 5.0) & (Xa - sx >= -35.0) & (Xa - sx <= 50.0)
+        cut = window & ~ndimage.binary_erosion(window, structure=_CROSS, border_value=0)
+        region = ba & window
         if vert is not None:  # never the vertebral body itself (low-density trabecular bone reads like blood)
             region &= ~ndimage.binary_dilation(vert, structure=_CROSS)
         target = (sx + 12.0, sy - 35.0)
-        blood = _round_blob(region & (ga >= 0.0) & (ga <= 110.0), ga, px, Xa, Ya, target, r_range=(6.0, 16.0))
+        blood = _round_blob(region & (ga >= 0.0) & (ga <= 110.0), ga, px, Xa, Ya, target, r_range=(6.0, 16.0),
+                            cut=cut)
         if blood is not None:
             out["blood"] = aa[blood]
-        enh = _round_blob(region & (ga >= 130.0) & (ga <= 900.0), ga, px, Xa, Ya, target, r_range=(5.0, 20.0))
+        enh = _round_blob(region & (ga >= 130.0) & (ga <= 900.0), ga, px, Xa, Ya, target, r_range=(5.0, 20.0),
+                          cut=cut)
         if enh is not None:
             out["enhanced"] = aa[enh]
     return out
@@ -680,8 +696,11 @@ def find_reference_rois(volume_hu: np.ndarray, affine: np.ndarray, spine_lps: np
             if t == "air" and roi.median_hu <= vmin + 3.0:
                 roi.reason = f"clipped at the storage minimum ({vmin:.0f} HU)"
                 info["air_clipped"] = True
-        if roi.voxels < MIN_VOXELS[t] and not roi.reason:
-            roi.reason = f"too few voxels ({roi.voxels} < {MIN_VOXELS[t]})"
+        area = roi.voxels * ps * ps
+        enough_area = area >= MIN_AREA_MM2[t] and (parts and sum(x.size for x in parts) >= MIN_BLOCK_VALUES)
+        if roi.voxels < MIN_VOXELS[t] and not enough_area and not roi.reason:
+            roi.reason = (f"too few voxels ({roi.voxels} < {MIN_VOXELS[t]}; {area:.0f} mm² < "
+                          f"{MIN_AREA_MM2[t]:g} mm²)")
         rois.append(roi)
     enhanced = bool(chosen) and 2 * n_enh >= len(chosen) and n_enh > 0
     blood = next(r for r in rois if r.name == "blood")
@@ -810,6 +829,45 @@ def fit_reference_tissues(rois: Sequence[TissueROI], *, wed_mm: float, kvp: Opti
                       tissues=len(names),
                       kvp_weights={} if kvp else {f"{f[0]:g}": float(wi) for f, wi in zip(fits, w)})
     return fit, mean_line, line_cov
+
+
+#: Hardening thickness (mm water) of the nominal line when the patient outline was not found (an average adult
+#: abdomen's water-equivalent diameter).
+NOMINAL_WED_MM = 300.0
+
+
+def nominal_line(kvp: Optional[float], wed_mm: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """The rod line a typical scanner gives with no tissue to fit it to: the fit's priors themselves (offset 0 ± 4 HU,
+    gain 1 ± 0.01, filtration 7.5 ± 4 mm Al, hardening by the WED ± 12 %) at the tagged kVp, or averaged over
+    80–140 kV by the clinical prior without a tag. The fallback of a study whose reference tissues cannot be used:
+    far closer than a generic line (at 80 kVp the rod reads ~1.6 HU per mg/cm³, at 140 kVp ~1.0), and its SD says
+    how loose it is.
+
+    Args:
+        kvp: the DICOM KVP (None: unknown).
+        wed_mm: the patient's water-equivalent diameter (None: :data:`NOMINAL_WED_MM`).
+
+    Returns:
+        ``(line, line_cov, info)``: ``[slope, intercept]``, its ``(2, 2)`` covariance and what was assumed.
+
+    Raises:
+        ValueError: a kVp outside 80–140 kV.
+    """
+    water = max(float(wed_mm) if wed_mm else NOMINAL_WED_MM, 50.0)
+    kvps = {_kvp_ok(kvp): 1.0} if kvp else _KVPS_UNKNOWN
+    theta = np.array([_PRIOR_OFFSET[0], _PRIOR_GAIN[0], _PRIOR_AL[0], water])
+    prior_cov = np.diag(np.square([_PRIOR_OFFSET[1], _PRIOR_GAIN[1], _PRIOR_AL[1], max(_PRIOR_WATER_REL * water,
+                                                                                         10.0)]))
+    w = np.array(list(kvps.values()), dtype=np.float64)
+    w /= w.sum()
+    lines = np.array([_line(k, theta) for k in kvps])
+    mean = (w[:, None] * lines).sum(0)
+    cov = sum(wi * (_line_cov(k, theta, prior_cov) + np.outer(li - mean, li - mean))
+              for wi, k, li in zip(w, kvps, lines))
+    info = {"kvp": float(next(iter(kvps))) if kvp else None, "kvp_source": "tag" if kvp else "prior",
+            "al_mm": float(_PRIOR_AL[0]), "water_mm": float(water),
+            "water_source": "wed" if wed_mm else "nominal"}
+    return mean, cov, info
 
 
 def _implausible(fit: SpectrumFit) -> Optional[str]:

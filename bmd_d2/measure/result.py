@@ -50,10 +50,10 @@ QC_FLAGS: Dict[str, str] = {
     "acr_not_available": "fewer than two usable lumbar vertebrae: no ACR patient category",
     "internal_reference_failed": "air/fat internal reference not found: default calibration used",
     # calibration (bmd_d2.measure.classical, bmd_d2.measure.internal_calibration)
-    "uncalibrated": "classical BMD through the generic linear default (MEASURE.CALIBRATION_SLOPE/INTERCEPT), not a "
-                    "phantom or internal calibration: not QCT-grade",
+    "uncalibrated": "BMD through a line not fitted to this scan (the generic linear default MEASURE.CALIBRATION_SLOPE/"
+                    "INTERCEPT, or the nominal line of its kVp), not a phantom or internal calibration: not QCT-grade",
     "calibration_fallback": "the internal calibration could not be trusted (calibration.details.fallback_reason): "
-                            "the generic default was used",
+                            "the nominal line of the scan's kVp was used (the generic default without a usable kVp)",
     "calibration_contrast": "contrast in the aorta: blood left out of the internal calibration (iodine also raises "
                             "trabecular HU)",
     "calibration_metal": "metal (>= MEASURE.METAL_HU) in every slice within 10 mm of some vertebral levels: those "

@@ -32,7 +32,7 @@ from .anchors import (RibAnchor, SacrumAnchor, find_ribs, find_sacrum, plane_of_
 from .categories import acr_category
 from .classical import (Calibration, Core3D, calibration_from_cfg, calibration_method, core_min_rows_erosion_mm,
                         core_volume_reason, erode_roi_ellipse, measure_core_3d, sagittal_roi_hu, slice_thickness_mm,
-                        study_calibration, vertebral_heights)
+                        study_calibration, trim_dense_rim, vertebral_heights)
 from .patient import patient_values
 from .qc import contrast_check, genant_grade, height_loss, mask_has_bone, metal_in_mask, volume_flags
 from .result import StudyResult, VertebraResult
@@ -85,11 +85,13 @@ class Candidate:
         roi: bool ``(H, W)`` eroded ROI.
         hu, sd, n: mean and SD HU in the ROI over the sagittal slices and the pixels averaged (None, None, 0 for a
             too small ROI).
+        rim_trimmed: pixels of a dense rim taken out of the eroded ROI (:func:`trim_dense_rim`).
     """
 
     index: int
     flags: List[str] = field(default_factory=list)
     roi: Optional[np.ndarray] = None
+    rim_trimmed: int = 0
     hu: Optional[float] = None
     sd: Optional[float] = None
     n: int = 0
@@ -204,6 +206,8 @@ def screen_detection(mask: np.ndarray, score: float, category: int, hu3: np.ndar
     if reason is not None:
         return reason, cand
     cand.roi = erode_roi_ellipse(mask, geometry.radius_px, geometry.radius_rows_px)
+    cand.roi, cand.rim_trimmed = trim_dense_rim(cand.roi, hu3, geometry.spacing_mm, float(m.RIM_TRIM_MM),
+                                                float(m.RIM_DENSE_HU), int(m.MIN_ROI_PIXELS))
     if int(cand.roi.sum()) < int(m.MIN_ROI_PIXELS):
         cand.flags.append("roi_too_small")
     else:
@@ -316,8 +320,9 @@ def _core(cand: Candidate, mask: np.ndarray, geometry: RoiGeometry, volume, tran
         return Core3D(reason="no_roi", detail="the sagittal ROI is too small (roi_too_small)")
     # the sagittal ROI, unless the slice spacing asks for a deeper one (spacing 5 mm; up to 4 mm it never does)
     roi = cand.roi if geometry.core_rows_px <= geometry.radius_rows_px else \
-        erode_roi_ellipse(mask, geometry.radius_px, geometry.core_rows_px)
-    return measure_core_3d(volume, transform, roi, float(m.CORE_HALF_WIDTH_MM), int(m.MIN_ROI_PIXELS))
+        erode_roi_ellipse(mask, geometry.radius_px, geometry.core_rows_px) & cand.roi
+    return measure_core_3d(volume, transform, roi, float(m.CORE_HALF_WIDTH_MM), int(m.MIN_ROI_PIXELS),
+                           rim_mm=float(m.RIM_TRIM_MM), rim_dense_hu=float(m.RIM_DENSE_HU))
 
 
 def primary_value(v: VertebraResult, primary: str) -> Optional[float]:
