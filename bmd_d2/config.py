@@ -74,6 +74,11 @@ def add_bmd_config(cfg):
     # What the estimator learns: "bmd" (the vertebra's BMD, mg/cm³: blind to the scanner's HU <-> BMD line) or "hu"
     # (its trabecular CT number, HU, which the measurement converts with the study's calibration: MEASURE.CALIBRATION).
     _C.MODEL.ROI_BMD_HEAD.TARGET = "bmd"
+    # Also feed the estimator's FC layers the eroded ROI's mean input intensity per image channel and its area share
+    # of the ROI grid (ROIAligned from the normalised input image): the fused features are detection features that
+    # carry no calibrated intensity, which a HU target needs. Changes the FC's input size: weights trained without it
+    # do not load into a head with it (and the other way round).
+    _C.MODEL.ROI_BMD_HEAD.INTENSITY_INPUT = False
     # Targets are normalised as (value - MEAN) / STD (mg/cm³, or HU for TARGET "hu") for the loss; predictions are
     # de-normalised.
     _C.MODEL.ROI_BMD_HEAD.BMD_MEAN, _C.MODEL.ROI_BMD_HEAD.BMD_STD = 140.0, 50.0

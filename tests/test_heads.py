@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from _model_fixtures import synthetic_sample, tiny_cfg
+from _model_fixtures import RECTS, synthetic_sample, tiny_cfg
 from bmd_d2.modeling import MultiLevelROIPooler, MultiScaleFusionMaskHead, stacked_erosion, truncate_mask
 from detectron2.engine import DefaultPredictor
 from detectron2.layers import ShapeSpec
@@ -171,3 +171,67 @@ def test_eval_without_detections():
     with torch.no_grad():
         inst = model([synthetic_sample()])[0]["instances"]
     assert len(inst) == 0 and inst.pred_bmd.shape == (0,)
+
+
+def test_intensity_input_reads_the_eroded_roi_of_the_image():
+    from bmd_d2.modeling import BMDErosionEstimator
+
+    # ROI means per channel and the mask's share: a 4x4 image ROI, mask on its left half
+    rois = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    mask = torch.zeros(2, 4, 4)
+    mask[:, :, :2] = 1.0
+    mask[1] = 0.0  # an empty mask gives zero means, share 0
+    out = BMDErosionEstimator.roi_intensity(rois, mask)
+    assert out.shape == (2, 4)
+    assert torch.allclose(out[0, :3], rois[0][:, :, :2].mean(dim=(1, 2))) and float(out[0, 3]) == 0.5
+    assert torch.all(out[1] == 0)
+
+
+def test_intensity_input_trains_and_predicts_through_the_roi_heads():
+    on = {"MODEL.ROI_BMD_HEAD.INTENSITY_INPUT": True, "MODEL.ROI_BMD_HEAD.MASK_SOURCE": "gt"}
+    model = _model(**on)
+    head = model.roi_heads.bmd_head
+    assert head.needs_image_rois
+    plain = _model()
+    # the FC input grows by the image's 3 channel means and the mask share
+    assert head.fcs[0].in_features == plain.roi_heads.bmd_head.fcs[0].in_features + 4
+    with EventStorage(0):
+        losses = model([synthetic_sample()])
+    losses["loss_bmd"].backward()
+    assert head.fcs[0].weight.grad[:, -4:].abs().sum() > 0  # the intensity inputs reach the loss
+    assert model.roi_heads._images is None  # not kept after the call
+    model.eval()
+    with torch.no_grad():
+        inst = model([synthetic_sample()])[0]["instances"]
+    assert inst.pred_bmd.shape == (len(inst),) and torch.isfinite(inst.pred_bmd).all()
+    # the ROI heads called without the images (forward_with_given_boxes alone) cannot feed it: a clear error
+    sample = synthetic_sample()
+    images = model.preprocess_image([sample])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        given = Instances((128, 128), pred_boxes=Boxes(torch.tensor([[16.0, 12.0, 56.0, 44.0]])),
+                          pred_classes=torch.tensor([0]), scores=torch.tensor([1.0]))
+        with pytest.raises(ValueError, match="INTENSITY_INPUT needs the input image"):
+            model.roi_heads.forward_with_given_boxes(features, [given])
+    # and the estimator called without image ROIs says what it needs
+    with pytest.raises(ValueError, match="needs the image ROIs"):
+        head(torch.zeros(1, head.in_channels, head.size, head.size), torch.ones(1, head.size, head.size),
+             [Instances((128, 128), pred_boxes=Boxes(torch.zeros(1, 4)))])
+
+
+def test_image_rois_are_the_normalised_image_in_each_box():
+    model = _model(**{"MODEL.ROI_BMD_HEAD.INTENSITY_INPUT": True})
+    sample = synthetic_sample()
+    images = model.preprocess_image([sample])
+    mean, std = model.pixel_mean.view(-1)[0].item(), model.pixel_std.view(-1)[0].item()
+    boxes = Boxes(torch.tensor([r[:4] for r in RECTS], dtype=torch.float32))
+    model.roi_heads._images = images
+    try:
+        rois = model.roi_heads._image_rois([boxes], 56)
+    finally:
+        model.roi_heads._images = None
+    assert rois.shape == (len(RECTS), 3, 56, 56)
+    for roi, rect in zip(rois, RECTS):  # inside each box its rectangle's grey value (the edge samples blend)
+        inner = roi[:, 4:-4, 4:-4]
+        assert torch.allclose(inner, torch.full_like(inner, (rect[6] - mean) / std), atol=1e-4)
+        assert float(roi.min()) < (rect[6] - mean) / std  # the edge samples see the dark background

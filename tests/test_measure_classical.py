@@ -191,8 +191,37 @@ def test_core_layers_lose_a_dense_rim_off_the_sagittal_slices():
     trimmed = measure_core_3d(vol, T, roi, 5.0, rim_mm=3.0, rim_dense_hu=150.0)
     assert plain.hu > 140.0  # 4 of 11 layers carry the wall in 3 of 30 columns
     assert trimmed.hu == pytest.approx(120.0, abs=2.0) and trimmed.n < plain.n == 11 * int(roi.sum())
+    assert trimmed.trimmed == plain.n - trimmed.n and plain.trimmed == 0
     # the sagittal layer itself is clean: its samples all stay
     assert trimmed.n >= 7 * int(roi.sum())
+
+
+def test_cortex_inside_the_roi_is_trimmed_in_a_measurement():
+    """A 4 mm cortical wall (+700 HU) painted into the posterior edge of L3's trabecular core (what an over-reaching
+    mask brings in): the measurement trims it, says so, and reads the trabecular bone; without the trim it reads +60."""
+    path = "configs/quick_schedules/bmd_rcnn_MFEFPN_instant_test.yaml"
+    st = generate_study(4, PhantomOptions.tiny(metal=False, fracture=False, scoliosis=False))
+    hu = st.quantized_hu().astype(np.float32)
+    l3 = next(t for t in st.truth if t["level"] == "L3")
+    K, J, I = np.nonzero(st.cores == l3["label"])
+    y = st.affine[1, 1] * J + st.affine[1, 3]  # LPS y grows posteriorly
+    wall = y >= y.max() - 4.0
+    hu[K[wall], J[wall], I[wall]] += 700.0
+    vol = Volume(hu, st.affine, meta={"source": "phantom"})
+    cfg = get_bmd_cfg(path)
+    sag = truth_sagittal(st, vol, cfg)
+    dets, truth = _gt_detections(st, sag)
+    cal = Calibration(st.params["calib_b"], st.params["calib_a"], "phantom")
+    err = {}
+    for rim in ("3.0", "0.0"):
+        res = measure_detections(dets, sag, get_bmd_cfg(path, ["MEASURE.RIM_TRIM_MM", rim]), volume=vol,
+                                 calibration=cal, study_id=st.study_id)
+        v = next(v for v in res.vertebrae if v.level == "L3")
+        err[rim] = (v.trabecular_hu - l3["trabecular_hu"], v.trabecular_hu_3d - l3["trabecular_hu"])
+        assert (v.roi_rim_trimmed > 0) == (rim == "3.0")
+        others = [x for x in res.vertebrae if x.level != "L3"]
+        assert all(x.roi_rim_trimmed == 0 and x.roi_rim_trimmed_3d == 0 for x in others)  # nothing else trimmed
+    assert min(err["0.0"]) > 40.0 and max(abs(e) for e in err["3.0"]) < 8.0, err
 
 
 def test_synthetic_sanity_checks_reject_non_bone_and_withhold_metal():

@@ -542,6 +542,7 @@ class Core3D:
     Attributes:
         hu: mean HU, or None when not measured.
         n: samples averaged.
+        trimmed: samples left out as a dense rim (:func:`trim_dense_rim` per lateral layer).
         reason: None when measured, else a key of :data:`CORE_3D_REASONS`.
         detail: one line with the figures behind ``reason`` (or, when measured, the clamped edge samples); "" if none.
     """
@@ -550,6 +551,7 @@ class Core3D:
     n: int = 0
     reason: Optional[str] = None
     detail: str = ""
+    trimmed: int = 0
 
 
 def _nominal_slice_thickness(volume) -> float:
@@ -637,9 +639,11 @@ def measure_core_3d(volume, transform: np.ndarray, roi: np.ndarray, half_width_m
                              f"voxel is tolerated: {tol_mm[2]:.2g} mm along the slices, {max(tol_mm[:2]):.2g} mm "
                              "in-plane)")
     vals = core_samples_3d(volume.data, volume.affine, pts, edge_tolerance=tol + 1e-3)
+    trimmed = 0
     if rim_mm > 0:
         spacing = float(np.linalg.norm(np.asarray(transform, dtype=np.float64)[:3, 0]))
-        vals, _ = _trimmed_layers(vals, np.asarray(roi, dtype=bool), spacing, rim_mm, rim_dense_hu, min_roi_pixels)
+        vals, trimmed = _trimmed_layers(vals, np.asarray(roi, dtype=bool), spacing, rim_mm, rim_dense_hu,
+                                        min_roi_pixels)
     hu, n = float(np.mean(vals)), int(vals.size)
     clamped = np.any(beyond > 1e-3, axis=1)
     detail = ""
@@ -647,7 +651,7 @@ def measure_core_3d(volume, transform: np.ndarray, roi: np.ndarray, half_width_m
         detail = (f"{int(clamped.sum())} of {len(pts)} samples, up to {float(beyond_mm[clamped].max()):.1f} mm beyond "
                   f"the outermost voxel centre of the {_edge_name(beyond[clamped] > 1e-3)}, take the edge voxel's "
                   "value")
-    return Core3D(hu=hu, n=n, detail=detail)
+    return Core3D(hu=hu, n=n, detail=detail, trimmed=trimmed)
 
 
 def vertebral_heights(mask: np.ndarray, spacing_mm: float, anterior_is_low_column: bool = True

@@ -110,6 +110,8 @@ class VertebraResult:
         category: ACR QCT category of ``bmd`` for this vertebra alone (the diagnosis uses ``patient``).
         roi_pixels: pixels in the eroded sagittal ROI (summed over the 3 slices).
         roi_voxels_3d: samples in the 3-D core.
+        roi_rim_trimmed, roi_rim_trimmed_3d: sagittal ROI pixels (3 slices together) and 3-D core samples a dense
+            rim took out (``MEASURE.RIM_TRIM_MM``: cortex the mask took in; 0 when none).
         core_3d_reason: why ``trabecular_hu_3d`` is None (a key of ``bmd_d2.measure.classical.CORE_3D_REASONS``:
             ``slices_too_thick``, ``pixels_too_large``, ``outside_volume``, ``no_roi``, ``no_volume``); None when
             measured.
@@ -143,6 +145,8 @@ class VertebraResult:
     category: Optional[str] = None
     roi_pixels: int = 0
     roi_voxels_3d: int = 0
+    roi_rim_trimmed: int = 0
+    roi_rim_trimmed_3d: int = 0
     core_3d_reason: Optional[str] = None
     core_3d_detail: str = ""
     heights_mm: Dict[str, Optional[float]] = field(default_factory=dict)

@@ -355,8 +355,10 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
                        centroid_lps=(transform @ [cx, cy, 0.0, 1.0])[:3].tolist())
     v.qc_flags = list(level_flags) + cand.flags
     v.trabecular_hu, v.trabecular_hu_sd, v.roi_pixels = cand.hu, cand.sd, int(cand.n)
+    slices = int(cand.n) // int(cand.roi.sum()) if cand.n else 0  # cand.n counts the ROI on every sagittal slice
+    v.roi_rim_trimmed = int(cand.rim_trimmed) * slices
     core = _core(cand, mask, geometry, volume, transform, m)
-    v.trabecular_hu_3d, v.roi_voxels_3d = core.hu, core.n
+    v.trabecular_hu_3d, v.roi_voxels_3d, v.roi_rim_trimmed_3d = core.hu, core.n, core.trimmed
     v.core_3d_reason, v.core_3d_detail = core.reason, core.detail
     if v.trabecular_hu_3d is None:
         v.qc_flags.append("no_3d_core")

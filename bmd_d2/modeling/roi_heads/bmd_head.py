@@ -5,9 +5,11 @@
 * Mask branch: ``MultiScaleFusionMaskHead`` on per-level pools (``ROI_FUSION.MASK_POOLER_RESOLUTIONS``).
 * BMD branch (``ROI_BMD_HEAD_REGISTRY``, default ``BMDErosionEstimator``): mask probabilities → truncation
   (threshold → binary) → K stacked 3×3 erosions → eroded mask × fused 56×56 mask features → estimator
-  (3×3 conv, pool, flatten, FC…, FC→1) → BMD (mg/cm³), or with ``MODEL.ROI_BMD_HEAD.TARGET: "hu"`` the
-  trabecular CT number (HU), which the measurement turns into mg/cm³ with the study's own calibration (a value the
-  image alone cannot give: the HU ↔ BMD line differs between scanners). Neither truncation nor erosion passes
+  (3×3 conv, pool, flatten, FC…, FC→1; with ``MODEL.ROI_BMD_HEAD.INTENSITY_INPUT`` the FC layers also get the eroded
+  ROI's mean input intensity per channel and its area share, ROIAligned from the normalised image) → BMD (mg/cm³),
+  or with ``MODEL.ROI_BMD_HEAD.TARGET: "hu"`` the trabecular CT number (HU), which the measurement turns into mg/cm³
+  with the study's own calibration (a value the image alone cannot give: the HU ↔ BMD line differs between
+  scanners). Neither truncation nor erosion passes
   gradient.
 
 The BMD branch needs the mask head's fused features, so it runs inside ``_forward_mask`` (which
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, cat
+from detectron2.layers import Conv2d, ROIAlign, ShapeSpec, cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads, build_mask_head
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances
@@ -44,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 ROI_BMD_HEAD_REGISTRY = Registry("ROI_BMD_HEAD")
 ROI_BMD_HEAD_REGISTRY.__doc__ = """
-Registry for BMD branches: modules called as ``head(fused, mask_probs, instances)`` with fused ROI features
-``(R, C, S, S)`` and mask probabilities ``(R, S, S)``, returning ``{"loss_bmd": ...}`` in training and setting
+Registry for BMD branches: modules called as ``head(fused, mask_probs, instances, image_rois=None)`` with fused ROI
+features ``(R, C, S, S)``, mask probabilities ``(R, S, S)`` and the normalised input image ROIAligned on the same grid
+``(R, C_img, S, S)`` (given when the head's ``needs_image_rois`` is True), returning ``{"loss_bmd": ...}`` in training and setting
 ``pred_bmd`` (float32 ``(R_i,)``, mg/cm³) or, for a head trained on the trabecular CT number, ``pred_trabecular_hu``
 (float32 ``(R_i,)``, HU) on the instances at inference. Built as ``cls(cfg, input_shape)`` with
 ``input_shape = ShapeSpec(channels=C, height=S, width=S)``.
@@ -103,6 +106,8 @@ class BMDErosionEstimator(nn.Module):
 
     Estimator: 3×3 conv + ReLU (``conv_dim``) → adaptive average pool to ``pool_size``² → flatten →
     ``num_fc`` × (FC ``fc_dim`` + ReLU) → FC → 1 value, the target normalised as ``(value - bmd_mean) / bmd_std``.
+    With ``intensity_input`` the flattened features are joined by ``image_channels`` + 1 numbers per ROI: the mean of
+    each channel of the normalised input image over the eroded mask, and the eroded mask's share of the S×S grid.
 
     Targets (``target``): ``"bmd"`` — the vertebra's BMD (annotation ``bmd``, mg/cm³; instances get ``pred_bmd``);
     ``"hu"`` — its trabecular CT number (annotation ``trabecular_hu``, the noise-free mean HU of the trabecular core;
@@ -116,7 +121,8 @@ class BMDErosionEstimator(nn.Module):
     def __init__(self, input_shape: ShapeSpec, *, mask_threshold: float = 0.5, erosion_iters: int = 3,
                  conv_dim: int = 64, fc_dim: int = 1024, num_fc: int = 1, pool_size: int = 14,
                  bmd_mean: float = 140.0, bmd_std: float = 50.0, loss_type: str = "smooth_l1",
-                 smooth_l1_beta: float = 0.1, loss_weight: float = 1.0, target: str = "bmd"):
+                 smooth_l1_beta: float = 0.1, loss_weight: float = 1.0, target: str = "bmd",
+                 intensity_input: bool = False, image_channels: int = 3):
         """
         Args:
             input_shape: fused ROI features, ``ShapeSpec(channels=C, height=S, width=S)``.
@@ -132,6 +138,8 @@ class BMDErosionEstimator(nn.Module):
             smooth_l1_beta: beta of smooth-L1 (normalised units).
             loss_weight: multiplier of ``loss_bmd``.
             target: ``"bmd"`` or ``"hu"`` (see the class docstring).
+            intensity_input: join the eroded ROI's mean input intensity and area share to the FC input.
+            image_channels: channels of the input image (``len(MODEL.PIXEL_MEAN)``).
         """
         super().__init__()
         if target not in self.TARGETS:
@@ -157,8 +165,10 @@ class BMDErosionEstimator(nn.Module):
         self.conv = Conv2d(self.in_channels, conv_dim, kernel_size=3, padding=1, activation=nn.ReLU())
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.constant_(self.conv.bias, 0.0)
+        self.intensity_input = bool(intensity_input)
+        self.image_channels = int(image_channels)
         fcs: List[nn.Module] = []
-        dim = conv_dim * self.pool_size * self.pool_size
+        dim = conv_dim * self.pool_size * self.pool_size + (self.image_channels + 1 if self.intensity_input else 0)
         for _ in range(num_fc):
             fc = nn.Linear(dim, fc_dim)
             nn.init.kaiming_uniform_(fc.weight, a=1)
@@ -187,16 +197,40 @@ class BMDErosionEstimator(nn.Module):
             "smooth_l1_beta": c.SMOOTH_L1_BETA,
             "loss_weight": c.LOSS_WEIGHT,
             "target": c.TARGET,
+            "intensity_input": c.INTENSITY_INPUT,
+            "image_channels": len(cfg.MODEL.PIXEL_MEAN),
         }
 
-    def layers(self, masked: torch.Tensor) -> torch.Tensor:
-        """Estimator: masked features float ``(R, C, S, S)`` → normalised BMD float ``(R,)``."""
-        x = self.conv(masked)
-        x = F.adaptive_avg_pool2d(x, self.pool_size)
-        x = self.fcs(torch.flatten(x, start_dim=1))
-        return self.predictor(x)[:, 0]
+    @property
+    def needs_image_rois(self) -> bool:
+        """Whether :meth:`forward` needs ``image_rois`` (the caller ROIAligns the input image for it)."""
+        return self.intensity_input
 
-    def forward(self, fused: torch.Tensor, mask_probs: torch.Tensor, instances: List[Instances]):
+    @staticmethod
+    def roi_intensity(image_rois: torch.Tensor, eroded: torch.Tensor) -> torch.Tensor:
+        """Per ROI: the mean of each image channel over the eroded mask and the mask's share of the grid.
+
+        Args:
+            image_rois: float ``(R, C_img, S, S)``; eroded: float 0/1 ``(R, S, S)``.
+
+        Returns:
+            float ``(R, C_img + 1)``; an empty mask gives zero means.
+        """
+        area = eroded.sum(dim=(1, 2))
+        means = (image_rois * eroded[:, None]).sum(dim=(2, 3)) / area.clamp(min=1.0)[:, None]
+        return torch.cat([means, (area / float(eroded.shape[-1] * eroded.shape[-2]))[:, None]], dim=1)
+
+    def layers(self, masked: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Estimator: masked features float ``(R, C, S, S)`` (and with ``intensity_input`` the
+        :meth:`roi_intensity` values ``(R, C_img + 1)``) → normalised BMD float ``(R,)``."""
+        x = self.conv(masked)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, self.pool_size), start_dim=1)
+        if self.intensity_input:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        return self.predictor(self.fcs(x))[:, 0]
+
+    def forward(self, fused: torch.Tensor, mask_probs: torch.Tensor, instances: List[Instances],
+                image_rois: Optional[torch.Tensor] = None):
         """
         Args:
             fused: fused ROI features float ``(R, C, S, S)`` (R over all images).
@@ -204,6 +238,8 @@ class BMDErosionEstimator(nn.Module):
             instances: per image; training: foreground proposals with ``gt_bmd`` float32 ``(R_i,)`` mg/cm³
                 (``gt_trabecular_hu``, HU, for ``target="hu"``; non-finite values are ignored); inference:
                 predictions.
+            image_rois: the normalised input image ROIAligned on the S×S grid of each ROI, float
+                ``(R, C_img, S, S)``; required with ``intensity_input``.
 
         Returns:
             training: ``{"loss_bmd": scalar}`` (a graph-connected zero when there is no valid target);
@@ -213,7 +249,14 @@ class BMDErosionEstimator(nn.Module):
         assert fused.shape == (num, self.in_channels, self.size, self.size), (tuple(fused.shape), num)
         assert mask_probs.shape == (num, self.size, self.size), (tuple(mask_probs.shape), num)
         eroded = stacked_erosion(truncate_mask(mask_probs, self.mask_threshold), self.erosion_iters)
-        pred = self.layers(fused * eroded[:, None])
+        extra = None
+        if self.intensity_input:
+            if image_rois is None:
+                raise ValueError("MODEL.ROI_BMD_HEAD.INTENSITY_INPUT needs the image ROIs: call the BMD head through "
+                                 "BMDHead.forward (ROI heads given the images)")
+            assert image_rois.shape == (num, self.image_channels, self.size, self.size), tuple(image_rois.shape)
+            extra = self.roi_intensity(image_rois.to(fused.dtype), eroded)
+        pred = self.layers(fused * eroded[:, None], extra)
         assert pred.shape == (num,), tuple(pred.shape)
 
         if self.training:
@@ -266,6 +309,28 @@ class BMDHead(StandardROIHeads):
             raise ValueError("BMDHead needs a fusion mask head (MODEL.ROI_MASK_HEAD.NAME: MultiScaleFusionMaskHead)")
         self.bmd_head = bmd_head
         self.bmd_mask_source = bmd_mask_source
+        self._images = None  # the ImageList of the current forward, for heads that read the input image
+
+    def forward(self, images, features, proposals, targets=None):
+        """``StandardROIHeads.forward``, with the input images kept for the duration of the call so a BMD branch
+        that reads them (``needs_image_rois``) can ROIAlign them."""
+        self._images = images
+        try:
+            return super().forward(images, features, proposals, targets)
+        finally:
+            self._images = None
+
+    def _image_rois(self, boxes: List, size: int) -> Optional[torch.Tensor]:
+        """The normalised input image ROIAligned at ``size``² in each box, float ``(R, C_img, size, size)``; None when
+        the BMD branch does not read the image."""
+        if not getattr(self.bmd_head, "needs_image_rois", False):
+            return None
+        if self._images is None:
+            raise ValueError("MODEL.ROI_BMD_HEAD.INTENSITY_INPUT needs the input image: the ROI heads were called "
+                             "without it (forward_with_given_boxes alone)")
+        rois = cat([torch.cat([torch.full_like(b.tensor[:, :1], float(i)), b.tensor], dim=1)
+                    for i, b in enumerate(boxes)], dim=0)
+        return ROIAlign((size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)(self._images.tensor, rois)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -381,4 +446,8 @@ class BMDHead(StandardROIHeads):
                 assert probs.shape[-1] == factor * size, (tuple(probs.shape), size)
                 masks = F.avg_pool2d(probs[:, None], factor)[:, 0] if factor > 1 else probs
         assert masks.shape == (num, size, size), (tuple(masks.shape), num, size)
-        return self.bmd_head(fused, masks, instances)
+        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        image_rois = self._image_rois(boxes, size)
+        if image_rois is None:
+            return self.bmd_head(fused, masks, instances)
+        return self.bmd_head(fused, masks, instances, image_rois=image_rois)
