@@ -267,6 +267,11 @@ def rescan_groups(scan_records: List[Dict], method: str) -> List[List[Optional[f
     return list(by_level.values())
 
 
+def _body_scans(scans: List[Dict]) -> List[Dict]:
+    """The scan records with only their vertebral-body pairs (the re-scan precision's subjects)."""
+    return [{"pairs": [p for p in r["pairs"] if p["gt_class"] == VERTEBRAL_BODY_CLASS]} for r in scans]
+
+
 def precision_detail(patients: List[List[Dict]]) -> List[Dict[str, Any]]:
     """Per re-scanned vertebral body: its truth and each method's values over the scans (None where not measured),
     so the subjects that dominate the RMS-CV can be found.
@@ -276,7 +281,7 @@ def precision_detail(patients: List[List[Dict]]) -> List[Dict[str, Any]]:
     """
     out = []
     for scans in patients:
-        vb_scans = [{"pairs": [p for p in r["pairs"] if p["gt_class"] == VERTEBRAL_BODY_CLASS]} for r in scans]
+        vb_scans = _body_scans(scans)
         truth = OrderedDict()
         for r in vb_scans:
             for p in r["pairs"]:
@@ -301,7 +306,7 @@ def summarize_precision(patients: List[List[Dict]]) -> Dict[str, Any]:
     for m in METHODS:
         groups = []
         for scans in patients:
-            vb_scans = [{"pairs": [p for p in r["pairs"] if p["gt_class"] == VERTEBRAL_BODY_CLASS]} for r in scans]
+            vb_scans = _body_scans(scans)
             groups += rescan_groups(vb_scans, m)
         out[m] = metrics.precision_rms(groups)
     return out

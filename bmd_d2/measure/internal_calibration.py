@@ -421,14 +421,10 @@ def _round_blob(mask: np.ndarray, g: np.ndarray, px: float, X, Y, target_xy, r_r
     ≥ 3 mm inside its edge (None when there is none). Blobs touching ``cut`` (the edge of the search window) are
     pieces of something larger cut off by the window (a psoas muscle beside the body), never a vessel."""
     m = ndimage.binary_opening(mask, structure=_disk(3.0 / px))
-    if cut is not None and cut.any():
-        lab0, n0 = ndimage.label(m)
-        if n0:
-            touching = np.unique(lab0[cut & m])
-            m &= ~np.isin(lab0, touching[touching > 0])
     lab, n = ndimage.label(m)
     if n == 0:
         return None
+    cut_off = set(np.unique(lab[cut & m]).tolist()) if cut is not None else set()
     dist = ndimage.distance_transform_edt(m) * px
     idx = np.arange(1, n + 1)
     r_in = np.asarray(ndimage.maximum(dist, lab, idx), dtype=np.float64)
@@ -437,7 +433,7 @@ def _round_blob(mask: np.ndarray, g: np.ndarray, px: float, X, Y, target_xy, r_r
     cy = np.asarray(ndimage.mean(Y, lab, idx))
     best, best_score = None, None
     for t in range(n):
-        if not r_range[0] <= r_in[t] <= r_range[1]:
+        if t + 1 in cut_off or not r_range[0] <= r_in[t] <= r_range[1]:
             continue
         roundness = area[t] / (math.pi * r_in[t] ** 2)  # 1 for a disk (a little more: the pixelated maximum)
         if roundness > 2.2 or not _distinct(g, lab == t + 1, px):
@@ -697,7 +693,7 @@ def find_reference_rois(volume_hu: np.ndarray, affine: np.ndarray, spine_lps: np
                 roi.reason = f"clipped at the storage minimum ({vmin:.0f} HU)"
                 info["air_clipped"] = True
         area = roi.voxels * ps * ps
-        enough_area = area >= MIN_AREA_MM2[t] and (parts and sum(x.size for x in parts) >= MIN_BLOCK_VALUES)
+        enough_area = area >= MIN_AREA_MM2[t] and sum(x.size for x in parts) >= MIN_BLOCK_VALUES
         if roi.voxels < MIN_VOXELS[t] and not enough_area and not roi.reason:
             roi.reason = (f"too few voxels ({roi.voxels} < {MIN_VOXELS[t]}; {area:.0f} mm² < "
                           f"{MIN_AREA_MM2[t]:g} mm²)")
@@ -721,12 +717,25 @@ def _tissue_sd(name: str, contrast: bool) -> float:
     return TISSUE_SD_HU[name] * (2.0 if contrast and name == "muscle" else 1.0)
 
 
+def _priors(water_mm: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Prior means and SDs of (offset, gain, al_mm, water_mm) for a hardening thickness ``water_mm``."""
+    return (np.array([_PRIOR_OFFSET[0], _PRIOR_GAIN[0], _PRIOR_AL[0], water_mm]),
+            np.array([_PRIOR_OFFSET[1], _PRIOR_GAIN[1], _PRIOR_AL[1], max(_PRIOR_WATER_REL * water_mm, 10.0)]))
+
+
+def _mixture(weights: np.ndarray, lines: np.ndarray, covs: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean line and covariance of lines ``(n, 2)`` (covariances ``(2, 2)`` each) mixed with ``weights`` (sum 1):
+    the weighted mean, and the weighted covariances plus the spread of the lines about that mean."""
+    mean = (weights[:, None] * lines).sum(0)
+    cov = sum(wi * (c + np.outer(li - mean, li - mean)) for wi, c, li in zip(weights, covs, lines))
+    return mean, cov
+
+
 def _fit_one_kvp(kvp: float, meas: np.ndarray, sd: np.ndarray, names: Sequence[str], water0: float):
     """MAP fit of (offset, gain, al_mm, water_mm) at one kVp. Returns (theta, cov, chi2_data, model_fn)."""
     from scipy.optimize import least_squares
 
-    prior_mu = np.array([_PRIOR_OFFSET[0], _PRIOR_GAIN[0], _PRIOR_AL[0], water0])
-    prior_sd = np.array([_PRIOR_OFFSET[1], _PRIOR_GAIN[1], _PRIOR_AL[1], max(_PRIOR_WATER_REL * water0, 10.0)])
+    prior_mu, prior_sd = _priors(water0)
 
     def model(theta):
         ph = physics_hu(kvp, theta[2], theta[3])
@@ -808,9 +817,7 @@ def fit_reference_tissues(rois: Sequence[TissueROI], *, wed_mm: float, kvp: Opti
     for (k, theta, cov, chi2, _m) in fits:
         scale = max(1.0, chi2 / max(len(names) - 1, 1))  # a fit worse than its tissues' spread widens the errors
         covs.append(_line_cov(k, theta, cov * scale))
-    mean_line = (w[:, None] * lines).sum(0)
-    d = lines - mean_line
-    line_cov = sum(wi * (c + np.outer(di, di)) for wi, c, di in zip(w, covs, d))
+    mean_line, line_cov = _mixture(w, lines, covs)
     best = int(np.argmax(w))
     k, theta, cov, chi2, model = fits[best]
     pred, ph = model(theta)
@@ -836,7 +843,8 @@ def fit_reference_tissues(rois: Sequence[TissueROI], *, wed_mm: float, kvp: Opti
 NOMINAL_WED_MM = 300.0
 
 
-def nominal_line(kvp: Optional[float], wed_mm: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+def nominal_line(kvp: Optional[float], wed_mm: Optional[float] = None
+                 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """The rod line a typical scanner gives with no tissue to fit it to: the fit's priors themselves (offset 0 ± 4 HU,
     gain 1 ± 0.01, filtration 7.5 ± 4 mm Al, hardening by the WED ± 12 %) at the tagged kVp, or averaged over
     80–140 kV by the clinical prior without a tag. The fallback of a study whose reference tissues cannot be used:
@@ -855,15 +863,11 @@ def nominal_line(kvp: Optional[float], wed_mm: Optional[float] = None) -> Tuple[
     """
     water = max(float(wed_mm) if wed_mm else NOMINAL_WED_MM, 50.0)
     kvps = {_kvp_ok(kvp): 1.0} if kvp else _KVPS_UNKNOWN
-    theta = np.array([_PRIOR_OFFSET[0], _PRIOR_GAIN[0], _PRIOR_AL[0], water])
-    prior_cov = np.diag(np.square([_PRIOR_OFFSET[1], _PRIOR_GAIN[1], _PRIOR_AL[1], max(_PRIOR_WATER_REL * water,
-                                                                                         10.0)]))
+    theta, prior_sd = _priors(water)
+    prior_cov = np.diag(np.square(prior_sd))
     w = np.array(list(kvps.values()), dtype=np.float64)
     w /= w.sum()
-    lines = np.array([_line(k, theta) for k in kvps])
-    mean = (w[:, None] * lines).sum(0)
-    cov = sum(wi * (_line_cov(k, theta, prior_cov) + np.outer(li - mean, li - mean))
-              for wi, k, li in zip(w, kvps, lines))
+    mean, cov = _mixture(w, np.array([_line(k, theta) for k in kvps]), [_line_cov(k, theta, prior_cov) for k in kvps])
     info = {"kvp": float(next(iter(kvps))) if kvp else None, "kvp_source": "tag" if kvp else "prior",
             "al_mm": float(_PRIOR_AL[0]), "water_mm": float(water),
             "water_source": "wed" if wed_mm else "nominal"}

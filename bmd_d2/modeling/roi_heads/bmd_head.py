@@ -9,8 +9,7 @@
   ROI's mean input intensity per channel and its area share, ROIAligned from the normalised image) → BMD (mg/cm³),
   or with ``MODEL.ROI_BMD_HEAD.TARGET: "hu"`` the trabecular CT number (HU), which the measurement turns into mg/cm³
   with the study's own calibration (a value the image alone cannot give: the HU ↔ BMD line differs between
-  scanners). Neither truncation nor erosion passes
-  gradient.
+  scanners). Neither truncation nor erosion passes gradient.
 
 The BMD branch needs the mask head's fused features, so it runs inside ``_forward_mask`` (which
 ``StandardROIHeads.forward`` calls in training and ``forward_with_given_boxes`` at inference); nothing of Detectron2's
@@ -26,6 +25,7 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ROIAlign, ShapeSpec, cat
+from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads, build_mask_head
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances
@@ -48,7 +48,8 @@ ROI_BMD_HEAD_REGISTRY = Registry("ROI_BMD_HEAD")
 ROI_BMD_HEAD_REGISTRY.__doc__ = """
 Registry for BMD branches: modules called as ``head(fused, mask_probs, instances, image_rois=None)`` with fused ROI
 features ``(R, C, S, S)``, mask probabilities ``(R, S, S)`` and the normalised input image ROIAligned on the same grid
-``(R, C_img, S, S)`` (given when the head's ``needs_image_rois`` is True), returning ``{"loss_bmd": ...}`` in training and setting
+``(R, C_img, S, S)`` (given when the head's ``needs_image_rois`` is True), returning ``{"loss_bmd": ...}`` in
+training and setting
 ``pred_bmd`` (float32 ``(R_i,)``, mg/cm³) or, for a head trained on the trabecular CT number, ``pred_trabecular_hu``
 (float32 ``(R_i,)``, HU) on the instances at inference. Built as ``cls(cfg, input_shape)`` with
 ``input_shape = ShapeSpec(channels=C, height=S, width=S)``.
@@ -328,8 +329,7 @@ class BMDHead(StandardROIHeads):
         if self._images is None:
             raise ValueError("MODEL.ROI_BMD_HEAD.INTENSITY_INPUT needs the input image: the ROI heads were called "
                              "without it (forward_with_given_boxes alone)")
-        rois = cat([torch.cat([torch.full_like(b.tensor[:, :1], float(i)), b.tensor], dim=1)
-                    for i, b in enumerate(boxes)], dim=0)
+        rois = convert_boxes_to_pooler_format(boxes)
         return ROIAlign((size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)(self._images.tensor, rois)
 
     @classmethod
