@@ -72,7 +72,9 @@ def add_bmd_config(cfg):
     # Spatial size the masked features are pooled to before flattening (56 keeps full resolution).
     _C.MODEL.ROI_BMD_HEAD.POOL_SIZE = 14
     # What the estimator learns: "bmd" (the vertebra's BMD, mg/cm³: blind to the scanner's HU <-> BMD line) or "hu"
-    # (its trabecular CT number, HU, which the measurement converts with the study's calibration: MEASURE.CALIBRATION).
+    # (its trabecular CT number, HU, which the measurement converts with the study's calibration: MEASURE.CALIBRATION)
+    # or "hu_correction" (HU to add to the measured 3-D core HU: the measurement's partial-volume, rim and sampling
+    # bias; trained on datasets whose annotations carry the measured "core_hu", tools/annotate_core_hu.py).
     _C.MODEL.ROI_BMD_HEAD.TARGET = "bmd"
     # Also feed the estimator's FC layers the eroded ROI's mean input intensity per image channel and its area share
     # of the ROI grid (ROIAligned from the normalised input image): the fused features are detection features that

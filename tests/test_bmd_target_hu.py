@@ -68,7 +68,7 @@ def test_hu_target_loss_is_normalised_by_its_mean_and_std():
 
 
 def test_bad_target_is_a_clear_error():
-    with pytest.raises(ValueError, match="TARGET must be 'bmd' or 'hu'"):
+    with pytest.raises(ValueError, match="TARGET must be one of \\['bmd', 'hu', 'hu_correction'\\]"):
         build_model(tiny_cfg(**{"MODEL.ROI_BMD_HEAD.TARGET": "mg"}))
 
 

@@ -155,3 +155,28 @@ def test_mapper_hu_target_follows_the_intensity_augmentation(dataset):
     assert len(got) == len(want) and np.allclose(got, want, atol=1.0)  # 1 HU = 0.26 grey levels: the fit's rounding
     plain = BMDDatasetMapper(True, augmentations=[], sagittal_params=params)(d)
     assert np.allclose(plain["instances"].gt_trabecular_hu.numpy(), [_bone_hu(a) for a in d["annotations"]])
+
+
+def test_mapper_core_hu_follows_the_intensity_augmentation_like_the_target(dataset):
+    """An annotation's measured ``core_hu`` reaches the instances as ``gt_core_hu``, moved by the intensity
+    augmentation exactly as ``gt_trabecular_hu`` (their difference only scales); NaN where not annotated."""
+    from bmd_d2.data.mapper import BMDDatasetMapper, RandomIntensityNoise, _bone_hu
+
+    root, _ = dataset
+    params = make_sagittal_params(size=256)
+    d = load_bmd_dataset(prepare_sagittal_dataset(root, params=params))[0]
+    assert all(np.isnan(a["core_hu"]) for a in d["annotations"])  # not annotated yet
+    plain = BMDDatasetMapper(True, augmentations=[], sagittal_params=params)(d)
+    assert np.isnan(plain["instances"].gt_core_hu.numpy()).all()
+    for k, a in enumerate(d["annotations"]):
+        a["core_hu"] = _bone_hu(a) + 4.0 + k
+    plain = BMDDatasetMapper(True, augmentations=[], sagittal_params=params)(d)
+    np.testing.assert_allclose(plain["instances"].gt_core_hu.numpy(), [a["core_hu"] for a in d["annotations"]],
+                               atol=1e-3)
+    mapper = BMDDatasetMapper(True, augmentations=[RandomIntensityNoise(0.1, 10.0, 0.0)], sagittal_params=params)
+    np.random.seed(3)
+    out = mapper(d)
+    hu, core = out["instances"].gt_trabecular_hu.numpy(), out["instances"].gt_core_hu.numpy()
+    raw = np.array([a["core_hu"] - _bone_hu(a) for a in d["annotations"]])
+    ratio = (core - hu) / raw
+    assert np.allclose(ratio, ratio[0], atol=1e-3) and abs(ratio[0] - 1.0) > 1e-3  # the same scale, not 1

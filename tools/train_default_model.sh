@@ -20,6 +20,12 @@
 #           erosion on the ground-truth masks), batch 4, LR 0.002 to 600 iterations, then 0.0002 to 800, on the CPU
 #           (9 min on 2 cores; the shipped weights started from the exported, fp16 stage-2 weights). The measurement
 #           turns its HU into mg/cm3 with the scan's calibration.
+#   stage 4 from the exported stage 3 with the BMD head's last layer zeroed, on 160 generator-v7 phantoms (seed 7000)
+#           annotated with the 3-D core HU the stage-3 measurement reads in each vertebra (tools/annotate_core_hu.py):
+#           the BMD branch alone learns what to add to that HU (ROI_BMD_HEAD.TARGET hu_correction, 0 +- 10 HU), batch 4,
+#           LR 0.002 to 600 iterations, then 0.0002 to 800, no resolution augmentation, on the CPU (11 min on 2 cores;
+#           the shipped run had the 160 studies in two folders of 80, studies 0-79 and 80-159 of the same seed). The
+#           measurement adds it to the vertebra's 3-D core HU, then calibrates.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,15 +46,21 @@ STAGE3=(SEED 42 DATASETS.TRAIN '("bmd_phantoms_train_v5",)' SOLVER.ALTERNATING.M
   MODEL.ROI_BMD_HEAD.BMD_STD 75.0 SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.002 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)"
   SOLVER.WARMUP_ITERS 20)
 
+# stage 4: the BMD branch alone learns the measurement's own bias: what to add to the 3-D core HU it reads
+STAGE4=(SEED 42 DATASETS.TRAIN '("bmd_phantoms_train_v7",)' SOLVER.ALTERNATING.MODE bmd_head
+  MODEL.ROI_BMD_HEAD.TARGET hu_correction MODEL.ROI_BMD_HEAD.MASK_SOURCE gt MODEL.ROI_BMD_HEAD.BMD_MEAN 0.0
+  MODEL.ROI_BMD_HEAD.BMD_STD 10.0 SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.002 SOLVER.MAX_ITER 800 SOLVER.STEPS "(600,)"
+  SOLVER.WARMUP_ITERS 20 INPUT.BMD_AUG.RESOLUTION_PROB 0.0)
+
 prepare() {  # dataset folder
   "$PY" -c "from bmd_d2.data.datasets import prepare_sagittal_dataset as p; p('$1', skip_errors=True, workers=2)"
 }
 
-phantom_set() {  # name seed generator-version: 200 studies of this checkout's generator, extended where begun
-  local have
+phantom_set() {  # name seed generator-version [count]: count (200) studies of this checkout's generator, extended
+  local have n="${4:-200}"
   have=$(ls "$BMD_DATASETS/$1/studies" 2>/dev/null | wc -l)
-  if [ "$have" -lt 200 ]; then
-    "$PY" tools/make_phantoms.py -n $(( 200 - have )) --start "$have" --seed "$2" --name "$1" \
+  if [ "$have" -lt "$n" ]; then
+    "$PY" tools/make_phantoms.py -n $(( n - have )) --start "$have" --seed "$2" --name "$1" \
       --generator-version "$3" --no-preview --no-prepare
   fi
   [ -f "$BMD_DATASETS/$1/annotations.json" ] || prepare "$BMD_DATASETS/$1"
@@ -91,8 +103,40 @@ if [ ! -f "$OUT/stage3/model_final.pth" ]; then
     MODEL.WEIGHTS "$OUT/stage2/model_final.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.CHECKPOINT_PERIOD 200
 fi
 
-# 5. Export the final weights (fp16 + the training config).
+# 5. Export stage 3 (fp16 + its training config): stage 4 measures its training data with it.
 "$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage3/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE3[@]}" \
+  --output "$OUT/export/stage3.pth" "${STAGE3[@]}" \
   --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU)" \
   "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200"
+
+# 6. Data of stage 4: 160 generator-v7 studies (seed 7000), every annotation with the 3-D core HU that the stage-3
+#    model's measurement reads in it (tools/annotate_core_hu.py; stage 4 trains the BMD branch alone, so the
+#    detections and masks, hence that HU, are the same with the stage-4 model).
+V7="$BMD_DATASETS/bmd_phantoms_train_v7"
+phantom_set bmd_phantoms_train_v7 7000 7 160
+if ! grep -q '"core_hu"' "$V7/annotations.json"; then
+  "$PY" tools/annotate_core_hu.py "$V7/annotations.json" --config-file configs/bmd_default.yaml --workers 2 \
+    MODEL.WEIGHTS "$OUT/export/stage3.pth" "${STAGE3[@]}"
+fi
+
+# 7. Stage 4 on the CPU from stage 3 with the BMD head's last layer set to zero (it starts at "no correction"): the
+#    BMD branch alone learns what to add to the measured 3-D core HU (resumes from $OUT/stage4/last_checkpoint).
+if [ ! -f "$OUT/stage4/model_final.pth" ]; then
+  [ -f "$OUT/stage4_init.pth" ] || "$PY" - "$OUT/export/stage3.pth" "$OUT/stage4_init.pth" <<'PYEOF'
+import sys
+import torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["model"]
+state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+for k in ("roi_heads.bmd_head.predictor.weight", "roi_heads.bmd_head.predictor.bias"):
+    state[k].zero_()
+torch.save({"model": state}, sys.argv[2])
+PYEOF
+  "$PY" tools/train_net.py --config-file "$CFG" --resume "${STAGE4[@]}" MODEL.DEVICE cpu OUTPUT_DIR "$OUT/stage4" \
+    MODEL.WEIGHTS "$OUT/stage4_init.pth" DATASETS.TEST "()" TEST.EVAL_PERIOD 0 SOLVER.CHECKPOINT_PERIOD 200
+fi
+
+# 8. Export the final weights (fp16 + the training config).
+"$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage4/model_final.pth" \
+  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE4[@]}" \
+  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU) + 800 (stage 4, BMD branch, batch 4, CPU)" \
+  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200; stage 4: generator v7 seed 7000 x160 with the stage-3 measurement's core HU"

@@ -330,7 +330,9 @@ def load_bmd_dataset(json_file, image_root=None) -> List[dict]:
     Returns:
         list of dicts ``{"file_name", "height", "width", "image_id", "study_id", "series_dir", "label_file",
         "sagittal_file", "annotations": [{"bbox", "bbox_mode", "segmentation", "category_id", "level", "bmd",
-        "trabecular_hu", "calibrated_hu", "iscrowd"}]}`` (``calibrated_hu`` NaN in datasets prepared without it).
+        "trabecular_hu", "calibrated_hu", "core_hu", "iscrowd"}]}`` (``calibrated_hu`` NaN in datasets prepared
+        without it; ``core_hu``, the measurement's 3-D core HU written by ``tools/annotate_core_hu.py``, NaN where
+        not annotated).
     """
     from detectron2.structures import BoxMode
 
@@ -352,6 +354,7 @@ def load_bmd_dataset(json_file, image_root=None) -> List[dict]:
                          "bmd": float("nan") if a.get("bmd") is None else float(a["bmd"]),
                          "trabecular_hu": float("nan") if a.get("trabecular_hu") is None else float(a["trabecular_hu"]),
                          "calibrated_hu": float("nan") if a.get("calibrated_hu") is None else float(a["calibrated_hu"]),
+                         "core_hu": float("nan") if a.get("core_hu") is None else float(a["core_hu"]),
                          "iscrowd": int(a.get("iscrowd", 0))})
         dicts.append({"file_name": str(image_root / im["file_name"]), "height": im["height"], "width": im["width"],
                       "image_id": im["id"], "study_id": im.get("study_id"), "series_dir": im.get("series_dir"),

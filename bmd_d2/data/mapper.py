@@ -5,14 +5,15 @@ sagittal image is built once and cached by series content (``INPUT.DICOM.CACHE_D
 (uint8 → float tensor (3, H, W), 0…255; normalisation by ``MODEL.PIXEL_MEAN/STD`` happens in the model) and
 ``instances`` with ``gt_boxes``, ``gt_classes``, ``gt_masks`` (BitMasks), ``gt_bmd`` float32 (N,) mg/cm³ and
 ``gt_trabecular_hu`` float32 (N,) HU: the trabecular bone's own HU (the annotation's ``calibrated_hu``, without the
-cortex's partial volume; its ``trabecular_hu`` where that is unknown; NaN when both are) and ``gt_levels`` int64 (N,)
-(T11 = 1 … S1 = 8); inference returns ``image`` only.
+cortex's partial volume; its ``trabecular_hu`` where that is unknown; NaN when both are), ``gt_core_hu`` float32
+(N,) HU (the annotation's ``core_hu``: the measurement's 3-D core HU, NaN where not annotated) and ``gt_levels``
+int64 (N,) (T11 = 1 … S1 = 8); inference returns ``image`` only.
 
 Augmentations (training, ``INPUT.BMD_AUG``): random scale (``SCALE_RANGE``) with a fixed-size crop/pad back to the
 image size, a small in-plane rotation (``ROTATION`` degrees), resolution randomisation (``RESOLUTION_PROB``: down- and
 up-sampling per axis by up to ``RESOLUTION_MAX_MM``, as in CTs with 1.5–3 mm pixels or slices; the masks stay sharp)
-and intensity scale/shift plus Gaussian noise (``gt_trabecular_hu`` follows the scale and shift: the HU the augmented
-image shows, :meth:`IntensityNoiseTransform.apply_hu`). There is no
+and intensity scale/shift plus Gaussian noise (``gt_trabecular_hu`` and ``gt_core_hu`` follow the scale and shift:
+the HU the augmented image shows, :meth:`IntensityNoiseTransform.apply_hu`). There is no
 flip: a left-right flip of the *volume* would only swap channels 0 and 2, and a flip of the sagittal *image* would swap
 anterior/posterior or head/feet, which never occurs in real scans. Intensity changes alter apparent HU, which the BMD
 target depends on, so they are kept small (calibration varies between scanners anyway).
@@ -166,6 +167,11 @@ def _bone_hu(anno: dict) -> float:
     return float("nan")
 
 
+def _finite(value) -> float:
+    """``value`` as a float, NaN when it is None or not finite."""
+    return float(value) if value is not None and math.isfinite(float(value)) else float("nan")
+
+
 class BMDDatasetMapper:
     """Map a bmd_d2 dataset dict to ``{"image", "instances", ...}`` (see module docstring).
 
@@ -223,10 +229,13 @@ class BMDDatasetMapper:
         instances.gt_bmd = torch.tensor([float("nan") if a.get("bmd") is None else float(a["bmd"]) for a in annos],
                                         dtype=torch.float32)
         hu = np.array([_bone_hu(a) for a in annos], dtype=np.float64)
+        core = np.array([_finite(a.get("core_hu")) for a in annos], dtype=np.float64)
         for t in transforms.transforms:  # the intensity augmentation changes the HU the image shows
             if isinstance(t, IntensityNoiseTransform):
                 hu = t.apply_hu(hu, self.sagittal_params["window_width"], self.sagittal_params["window_level"])
+                core = t.apply_hu(core, self.sagittal_params["window_width"], self.sagittal_params["window_level"])
         instances.gt_trabecular_hu = torch.tensor(hu, dtype=torch.float32)
+        instances.gt_core_hu = torch.tensor(core, dtype=torch.float32)
         from bmd_d2.levels import LEVEL_TO_LABEL
 
         instances.gt_levels = torch.tensor([LEVEL_TO_LABEL.get(a.get("level") or "", 0) for a in annos],

@@ -97,7 +97,11 @@ class VertebraResult:
         centroid_lps: ``(x, y, z)`` mm, patient coordinates (DICOM LPS).
         learned_bmd: model estimate, mg/cm³ (for a model that learned the trabecular HU: ``learned_hu`` through the
             study's calibration).
-        learned_hu: the model's trabecular HU estimate (models with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``), else None.
+        learned_hu: the model's trabecular HU estimate (models with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``; with
+            ``"hu_correction"`` the measured HU, ``trabecular_hu_3d`` or else ``trabecular_hu``, plus
+            ``learned_hu_correction``), else None.
+        learned_hu_correction: the model's correction of the measured core HU (TARGET ``"hu_correction"``), else
+            None.
         trabecular_hu: mean HU in the eroded mask over the 3 sagittal slices.
         trabecular_hu_sd: SD of those HU values.
         trabecular_hu_3d: mean HU in the 3-D core, or None when the geometry does not allow it.
@@ -133,6 +137,7 @@ class VertebraResult:
     centroid_lps: Optional[List[float]] = None
     learned_bmd: Optional[float] = None
     learned_hu: Optional[float] = None
+    learned_hu_correction: Optional[float] = None
     trabecular_hu: Optional[float] = None
     trabecular_hu_sd: Optional[float] = None
     trabecular_hu_3d: Optional[float] = None

@@ -111,7 +111,8 @@ def _rejection(dets: Dict[str, Any], r: int, reason: str) -> Dict[str, Any]:
 
 def detection_arrays(detections: Dict[str, Any], image_hw: Tuple[int, int]) -> Dict[str, Any]:
     """The detections as arrays of fixed types: ``boxes`` float64 ``(R, 4)``, ``scores`` ``(R,)``, ``classes`` int64
-    ``(R,)``, ``masks`` bool ``(R, H, W)``, ``bmd`` and ``hu`` (the learned trabecular HU) as given (or None).
+    ``(R,)``, ``masks`` bool ``(R, H, W)``, ``bmd``, ``hu`` (the learned trabecular HU) and ``hu_correction`` (the
+    learned correction of the measured core HU) as given (or None).
 
     Raises:
         ValueError: no ``masks`` (the model was built without ``MODEL.MASK_ON``).
@@ -125,7 +126,7 @@ def detection_arrays(detections: Dict[str, Any], image_hw: Tuple[int, int]) -> D
     return {"boxes": np.asarray(detections["boxes"], dtype=np.float64).reshape(-1, 4), "scores": scores,
             "classes": np.asarray(detections["classes"], dtype=np.int64).reshape(-1),
             "masks": np.asarray(masks, dtype=bool).reshape(R, H, W), "bmd": detections.get("bmd"),
-            "hu": detections.get("hu")}
+            "hu": detections.get("hu"), "hu_correction": detections.get("hu_correction")}
 
 
 def fov_rows(sagittal) -> Optional[tuple]:
@@ -363,7 +364,13 @@ def measure_vertebra(dets: Dict[str, Any], cand: Candidate, found: Detection, le
     if v.trabecular_hu_3d is None:
         v.qc_flags.append("no_3d_core")
     withhold = any(f in v.qc_flags for f in WITHHOLDING_FLAGS)
-    if dets.get("hu") is not None:  # a head that learned the trabecular HU: converted by the study's calibration
+    if dets.get("hu_correction") is not None:  # a head that learned the measurement's bias: measured HU corrected
+        v.learned_hu_correction = _float(dets["hu_correction"][r])
+        measured = v.trabecular_hu_3d if v.trabecular_hu_3d is not None else v.trabecular_hu
+        if measured is not None and v.learned_hu_correction is not None:
+            v.learned_hu = measured + v.learned_hu_correction
+        v.learned_bmd = _float(calibration.hu_to_bmd(v.learned_hu))
+    elif dets.get("hu") is not None:  # a head that learned the trabecular HU: converted by the study's calibration
         v.learned_hu = _float(dets["hu"][r])
         v.learned_bmd = _float(calibration.hu_to_bmd(v.learned_hu))
     else:

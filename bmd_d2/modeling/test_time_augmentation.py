@@ -81,7 +81,9 @@ def instances_to_arrays(instances) -> Detections:
         ``boxes`` float ``(R, 4)`` XYXY, ``scores`` ``(R,)``, ``classes`` int ``(R,)``, ``masks`` ``(R, H, W)`` as
         the instances hold them (bool after ``detector_postprocess``; None without ``pred_masks``), ``bmd`` float
         ``(R,)`` mg/cm³ (None without ``pred_bmd``), ``hu`` float ``(R,)`` the learned trabecular HU (None without
-        ``pred_trabecular_hu``: a BMD head trained with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``).
+        ``pred_trabecular_hu``: a BMD head trained with ``MODEL.ROI_BMD_HEAD.TARGET "hu"``), ``hu_correction``
+        float ``(R,)`` HU to add to the measured 3-D core HU (None without ``pred_hu_correction``: TARGET
+        ``"hu_correction"``).
     """
     inst = instances.to("cpu")
     return {
@@ -92,11 +94,13 @@ def instances_to_arrays(instances) -> Detections:
         "bmd": inst.pred_bmd.numpy().astype(np.float64).reshape(-1) if inst.has("pred_bmd") else None,
         "hu": inst.pred_trabecular_hu.numpy().astype(np.float64).reshape(-1) if inst.has("pred_trabecular_hu")
         else None,
+        "hu_correction": inst.pred_hu_correction.numpy().astype(np.float64).reshape(-1)
+        if inst.has("pred_hu_correction") else None,
     }
 
 
-#: The learned per-vertebra values of a pass (``bmd`` mg/cm³, ``hu`` HU), merged alike.
-LEARNED_KEYS = ("bmd", "hu")
+#: The learned per-vertebra values of a pass (``bmd`` mg/cm³, ``hu`` and ``hu_correction`` HU), merged alike.
+LEARNED_KEYS = ("bmd", "hu", "hu_correction")
 
 
 def shift_image(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -151,9 +155,9 @@ def merge_tta_passes(passes: Sequence[Detections], min_iou: float = 0.5) -> Dete
     Every other pass is matched to it one to one by box IoU ≥ ``min_iou`` between detections of the same class
     (:func:`~bmd_d2.utils.matching.box_iou`, :func:`~bmd_d2.utils.matching.match_greedy`: highest IoU first). Per
     reference detection: the mask is the mean probability of the matched passes thresholded at 0.5, box and learned
-    values (``bmd``, ``hu``: :data:`LEARNED_KEYS`) are the matched passes' means, and the score is the mean over *all*
-    passes (a pass that missed it counts 0, so an unstable detection loses confidence). A pass whose learned values are
-    None (e.g. one at another input size) contributes to everything but them.
+    values (``bmd``, ``hu``, ``hu_correction``: :data:`LEARNED_KEYS`) are the matched passes' means, and the score
+    is the mean over *all* passes (a pass that missed it counts 0, so an unstable detection loses confidence). A pass
+    whose learned values are None (e.g. one at another input size) contributes to everything but them.
 
     Returns:
         as :func:`instances_to_arrays` (``masks`` bool).
@@ -302,5 +306,5 @@ class BMDRCNNWithTTA(nn.Module):
         found = [self.soft_detections(inst, H, W) for inst in self.inference_batch(same)]
         passes = [found[0]] + [unshift_pass(d, dy, dx) for d, (dy, dx) in zip(found[1:], self.shifts)]
         for size in self.sizes:
-            passes.append(dict(self.soft_pass(image, size), bmd=None, hu=None))
+            passes.append(dict(self.soft_pass(image, size), **dict.fromkeys(LEARNED_KEYS)))
         return merge_tta_passes(passes)

@@ -9,7 +9,8 @@
   ROI's mean input intensity per channel and its area share, ROIAligned from the normalised image) → BMD (mg/cm³),
   or with ``MODEL.ROI_BMD_HEAD.TARGET: "hu"`` the trabecular CT number (HU), which the measurement turns into mg/cm³
   with the study's own calibration (a value the image alone cannot give: the HU ↔ BMD line differs between
-  scanners). Neither truncation nor erosion passes gradient.
+  scanners), or with ``"hu_correction"`` the HU to add to the measured 3-D core HU (the measurement's own bias).
+  Neither truncation nor erosion passes gradient.
 
 The BMD branch needs the mask head's fused features, so it runs inside ``_forward_mask`` (which
 ``StandardROIHeads.forward`` calls in training and ``forward_with_given_boxes`` at inference); nothing of Detectron2's
@@ -51,7 +52,8 @@ features ``(R, C, S, S)``, mask probabilities ``(R, S, S)`` and the normalised i
 ``(R, C_img, S, S)`` (given when the head's ``needs_image_rois`` is True), returning ``{"loss_bmd": ...}`` in
 training and setting
 ``pred_bmd`` (float32 ``(R_i,)``, mg/cm³) or, for a head trained on the trabecular CT number, ``pred_trabecular_hu``
-(float32 ``(R_i,)``, HU) on the instances at inference. Built as ``cls(cfg, input_shape)`` with
+(float32 ``(R_i,)``, HU) or ``pred_hu_correction`` (HU to add to the measured 3-D core HU) on the instances at
+inference. Built as ``cls(cfg, input_shape)`` with
 ``input_shape = ShapeSpec(channels=C, height=S, width=S)``.
 """
 
@@ -113,10 +115,17 @@ class BMDErosionEstimator(nn.Module):
     Targets (``target``): ``"bmd"`` — the vertebra's BMD (annotation ``bmd``, mg/cm³; instances get ``pred_bmd``);
     ``"hu"`` — its trabecular CT number (annotation ``trabecular_hu``, the noise-free mean HU of the trabecular core;
     instances get ``pred_trabecular_hu``), for a learned value that knows the scan: the measurement converts it with
-    the study's calibration (:mod:`bmd_d2.measure.classical`).
+    the study's calibration (:mod:`bmd_d2.measure.classical`); ``"hu_correction"`` — what to add to the
+    vertebra's *measured* trabecular HU (annotation ``core_hu``: the classical 3-D core's mean HU, as the measurement
+    reads it with the predicted mask) to reach its own HU (``trabecular_hu`` target minus ``core_hu``; instances get
+    ``pred_hu_correction``): a learned correction of the measurement's partial volume, rim and sampling bias, which
+    the measurement adds to the 3-D core HU before its calibration.
     """
 
-    TARGETS = {"bmd": ("gt_bmd", "pred_bmd"), "hu": ("gt_trabecular_hu", "pred_trabecular_hu")}
+    TARGETS = {"bmd": ("gt_bmd", "pred_bmd"), "hu": ("gt_trabecular_hu", "pred_trabecular_hu"),
+               "hu_correction": ("gt_trabecular_hu", "pred_hu_correction")}
+    #: targets learned as a difference: the field subtracted from the target field in training
+    BASE_FIELDS = {"hu_correction": "gt_core_hu"}
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, mask_threshold: float = 0.5, erosion_iters: int = 3,
@@ -144,9 +153,10 @@ class BMDErosionEstimator(nn.Module):
         """
         super().__init__()
         if target not in self.TARGETS:
-            raise ValueError(f"MODEL.ROI_BMD_HEAD.TARGET must be 'bmd' or 'hu', got {target!r}")
+            raise ValueError(f"MODEL.ROI_BMD_HEAD.TARGET must be one of {sorted(self.TARGETS)}, got {target!r}")
         self.target = target
         self.gt_field, self.pred_field = self.TARGETS[target]
+        self.base_field = self.BASE_FIELDS.get(target)
         if loss_type not in ("smooth_l1", "l1"):
             raise ValueError(f"MODEL.ROI_BMD_HEAD.LOSS_TYPE must be 'smooth_l1' or 'l1', got {loss_type!r}")
         if bmd_std <= 0:
@@ -261,12 +271,15 @@ class BMDErosionEstimator(nn.Module):
         assert pred.shape == (num,), tuple(pred.shape)
 
         if self.training:
+            fields = [self.gt_field] + ([self.base_field] if self.base_field else [])
             for x in instances:
-                if not x.has(self.gt_field):
-                    raise KeyError(f"BMD branch needs '{self.gt_field}' on the training instances (see "
-                                   "BMDDatasetMapper)")
+                for f in fields:
+                    if not x.has(f):
+                        raise KeyError(f"BMD branch needs '{f}' on the training instances (see BMDDatasetMapper)")
             gt = cat([x.get(self.gt_field) for x in instances], dim=0).to(pred.dtype) if num else \
                 pred.new_zeros((0,))
+            if self.base_field and num:  # a NaN base (no measured core) makes the target NaN: ignored below
+                gt = gt - cat([x.get(self.base_field) for x in instances], dim=0).to(pred.dtype)
             assert gt.shape == pred.shape, (tuple(gt.shape), tuple(pred.shape))
             valid = torch.isfinite(gt)
             if not bool(valid.any()):
