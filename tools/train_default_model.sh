@@ -104,10 +104,15 @@ if [ ! -f "$OUT/stage3/model_final.pth" ]; then
 fi
 
 # 5. Export stage 3 (fp16 + its training config): stage 4 measures its training data with it.
-"$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage3/model_final.pth" \
-  --output "$OUT/export/stage3.pth" "${STAGE3[@]}" \
-  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU)" \
-  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200"
+ITERS="550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU)"
+DATA="stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200"
+export_stage() {  # stage output-file settings...: fp16 weights + the stage's training settings, $ITERS and $DATA
+  local stage="$1" output="$2"
+  shift 2
+  "$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/$stage/model_final.pth" --output "$output" \
+    "$@" --info "iterations=$ITERS" "data=$DATA"
+}
+export_stage stage3 "$OUT/export/stage3.pth" "${STAGE3[@]}"
 
 # 6. Data of stage 4: 160 generator-v7 studies (seed 7000), every annotation with the 3-D core HU that the stage-3
 #    model's measurement reads in it (tools/annotate_core_hu.py; stage 4 trains the BMD branch alone, so the
@@ -136,7 +141,6 @@ PYEOF
 fi
 
 # 8. Export the final weights (fp16 + the training config).
-"$PY" tools/export_model.py --config-file "$CFG" --checkpoint "$OUT/stage4/model_final.pth" \
-  --output "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE4[@]}" \
-  --info "iterations=550 (stage 1, batch 16, GPU) + 800 (stage 2, batch 4, CPU) + 800 (stage 3, BMD branch, batch 4, CPU) + 800 (stage 4, BMD branch, batch 4, CPU)" \
-  "data=stage 1: phantoms generator v1 seed 1000 x200 + generator v4 seed 3000 x200; stage 2: generator v4 seed 3000 x200; stage 3: generator v5 seed 5000 x200; stage 4: generator v7 seed 7000 x160 with the stage-3 measurement's core HU"
+ITERS="$ITERS + 800 (stage 4, BMD branch, batch 4, CPU)"
+DATA="$DATA; stage 4: generator v7 seed 7000 x160 with the stage-3 measurement's core HU"
+export_stage stage4 "$OUT/export/bmd_rcnn_MFEFPN_R18_cpu.pth" "${STAGE4[@]}"

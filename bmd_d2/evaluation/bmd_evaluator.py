@@ -34,7 +34,7 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 
-def _decode(segm, h: int, w: int) -> np.ndarray:
+def decode_segmentation(segm, h: int, w: int) -> np.ndarray:
     """A COCO segmentation (RLE dict, possibly with str counts, or polygons) → bool ``(h, w)``."""
     from pycocotools import mask as mask_util
 
@@ -96,7 +96,7 @@ class BMDEvaluator(DatasetEvaluator):
         """Compact, picklable per-image record: matched pairs and counts (no masks)."""
         h, w = int(gt.get("height") or instances.image_size[0]), int(gt.get("width") or instances.image_size[1])
         anns = [a for a in gt.get("annotations", []) if not a.get("iscrowd", 0)]
-        gt_masks = np.stack([_decode(a["segmentation"], h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
+        gt_masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
         inst = instances[instances.scores >= self.score_threshold] if len(instances) else instances
         if inst.has("pred_masks"):
             pm = inst.pred_masks.numpy().astype(bool)

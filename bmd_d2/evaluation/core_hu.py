@@ -19,20 +19,11 @@ import numpy as np
 
 from bmd_d2.errors import BMDError
 
+from .bmd_evaluator import decode_segmentation
+
 __all__ = ["annotate_core_hu", "match_core_hu"]
 
 logger = logging.getLogger(__name__)
-
-
-def _decode(segmentation, height: int, width: int) -> np.ndarray:
-    from pycocotools import mask as mask_util
-
-    rle = dict(segmentation)
-    if isinstance(rle.get("counts"), str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    m = mask_util.decode(rle).astype(bool)
-    assert m.shape == (height, width), (m.shape, height, width)
-    return m
 
 
 def match_core_hu(annotation_masks: Sequence[np.ndarray], annotation_classes: Sequence[int], vertebrae,
@@ -45,18 +36,15 @@ def match_core_hu(annotation_masks: Sequence[np.ndarray], annotation_classes: Se
         vertebrae: :class:`~bmd_d2.measure.result.VertebraResult` list (``mask``, ``category_id``,
             ``trabecular_hu_3d``).
     """
-    from bmd_d2.utils.matching import match_greedy
+    from bmd_d2.utils.matching import mask_iou_matrix, match_greedy
 
     out: List[Optional[float]] = [None] * len(annotation_masks)
     if not len(annotation_masks) or not len(vertebrae):
         return out
-    iou = np.zeros((len(annotation_masks), len(vertebrae)))
-    for i, (a, ca) in enumerate(zip(annotation_masks, annotation_classes)):
-        for j, v in enumerate(vertebrae):
-            if v.mask is None or int(v.category_id) != int(ca):
-                continue
-            union = np.logical_or(a, v.mask).sum()
-            iou[i, j] = np.logical_and(a, v.mask).sum() / union if union else 0.0
+    shape = np.shape(annotation_masks[0])
+    measured = np.stack([v.mask if v.mask is not None else np.zeros(shape, bool) for v in vertebrae])
+    iou = mask_iou_matrix(np.stack(annotation_masks), measured)
+    iou[np.asarray(annotation_classes)[:, None] != np.array([int(v.category_id) for v in vertebrae])[None, :]] = 0.0
     for i, j in match_greedy(iou, min_iou):
         hu = vertebrae[j].trabecular_hu_3d
         out[i] = None if hu is None else round(float(hu), 3)
@@ -84,7 +72,8 @@ def _measure_images(job) -> Dict[int, List[Optional[float]]]:
             logger.warning("%s: not measured (%s)", im["series_dir"], e)
             done[im["id"]] = [None] * len(anns)
             continue
-        masks = [_decode(a["segmentation"], im["height"], im["width"]) for a in anns]
+        masks = [decode_segmentation(a["segmentation"], im["height"], im["width"]) for a in anns]
+        assert all(m.shape == (im["height"], im["width"]) for m in masks), im["id"]
         classes = [int(a["category_id"]) - 1 for a in anns]
         done[im["id"]] = match_core_hu(masks, classes, result.vertebrae, min_iou)
         if len(done) % 10 == 0:
